@@ -1,0 +1,136 @@
+"""Relevance maps for a :class:`~baselines.ViT.ViT_LRP.VisionTransformer`.
+
+``explain(model, images, method)`` implements every method of
+../shared/METHODS.md section 2 for a batch, on the images' device.  Method
+names come from :mod:`modules.methods`.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modules.aggregation import (add_identity, head_mean, minmax_normalize, positive_head_mean, rollout_row,
+                                 row_normalize)
+from modules.layers import explanation_state
+from modules.methods import METHOD_CHOICES, METHOD_NAMES, resolve_method
+
+__all__ = ["explain", "resolve_index", "upsample", "normalize", "METHOD_CHOICES", "METHOD_NAMES"]
+
+Index = Union[None, int, Sequence[int], Tensor]
+
+
+def resolve_index(index: Index, logits: Tensor) -> Tensor:
+    """The explained class per sample, (B,) long: argmax of ``logits`` when
+    ``index`` is None, else ``index`` (an int for every sample, or one per
+    sample).  Out-of-range classes raise ValueError."""
+    B, C = logits.shape
+    if index is None:
+        return logits.argmax(dim=-1)
+    target = torch.as_tensor(index, device=logits.device).long().reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(B)
+    if target.numel() != B:
+        raise ValueError(f"index holds {target.numel()} classes for a batch of {B}")
+    if bool(((target < 0) | (target >= C)).any()):
+        raise ValueError(f"class index {target.tolist()} out of range: the model has {C} classes (0..{C - 1})")
+    return target
+
+
+def explain(model, images: Tensor, method: str, index: Index = None, start_layer: int = 0) -> Tensor:
+    """Relevance of each image patch (or pixel, for ``lrp``) for class ``index``.
+
+    Parameters
+    ----------
+    model:
+        A :class:`~baselines.ViT.ViT_LRP.VisionTransformer` in eval mode.
+    images:
+        (B, C, H, W), normalised as the model expects; H and W multiples of
+        the patch size.
+    method:
+        A name from :data:`modules.methods.METHOD_CHOICES`.
+    index:
+        None (each sample's predicted class), an int, or one class per sample.
+    start_layer:
+        First block of the rollout (transformer_attribution,
+        generic_attribution, rollout); the evaluation scripts use 1.
+
+    Returns
+    -------
+    Tensor
+        Raw (unnormalised) relevance, (B, gh, gw); (B, H, W) for ``lrp``.
+        ``attn_gradcam`` is min-max normalised per sample, as specified.
+    """
+    m = resolve_method(method)
+    depth = len(model.blocks)
+    if not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer={start_layer} outside 0..{depth - 1}")
+    B = images.shape[0]
+    gh, gw = model.grid_size(images)
+    p = model.num_prefix_tokens  # patch columns start here (2 for distilled DeiT)
+    last = depth - 1
+
+    with explanation_state(rule_set=m.rule_set or "TA", save_inputs=m.rule_set is not None) as state:
+        x = images.detach()
+        if m.needs_grad:
+            x = x.requires_grad_(True)  # so the graph exists even for frozen parameters
+        with torch.set_grad_enabled(m.needs_grad):
+            logits = model(x)
+        target = resolve_index(index, logits)
+        one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+        attn = state.attentions
+        if len(attn) != depth:
+            raise RuntimeError(f"recorded {len(attn)} attention maps for {depth} blocks")
+
+        grads: dict = {}
+        if m.needs_grad:
+            layers = [last] if m.name == "attn_gradcam" else list(range(start_layer, depth))
+            # per-sample seed: one-hot(c_b) in row b, so sample b gets d y_{b,c_b} / d A
+            g = torch.autograd.grad((logits * one_hot).sum(), [attn[i] for i in layers])
+            grads = dict(zip(layers, g))
+
+        rel: dict = {}
+        if m.rule_set is not None:
+            stop = {"transformer_attribution": start_layer, "lrp_last_layer": last, "lrp": None}[m.name]
+            with torch.no_grad():
+                pixels = model.relprop(one_hot, stop_block=stop, image_size=tuple(images.shape[-2:]))
+            rel = {i: state.attention_relevance[mod] for i, mod in enumerate(state.attention_modules)
+                   if mod in state.attention_relevance}
+
+        with torch.no_grad():
+            if m.name == "transformer_attribution":
+                mats = [add_identity(positive_head_mean(grads[i] * rel[i])) for i in range(depth)
+                        if i >= start_layer]
+                cam = rollout_row(mats, row=0)[:, p:]
+            elif m.name == "generic_attribution":
+                mats = [add_identity(positive_head_mean(grads[i] * attn[i].detach())) for i in range(start_layer, depth)]
+                cam = rollout_row(mats, row=0)[:, p:]
+            elif m.name == "rollout":
+                mats = [row_normalize(add_identity(head_mean(attn[i]))) for i in range(start_layer, depth)]
+                cam = rollout_row(mats, row=0)[:, p:]
+            elif m.name == "attn_last_layer":
+                cam = attn[last].clamp(min=0).mean(dim=1)[:, 0, p:]
+            elif m.name == "attn_gradcam":
+                a = attn[last].detach()[:, :, 0, p:]  # (B, H, patches)
+                w = grads[last][:, :, 0, p:].mean(dim=-1, keepdim=True)  # (B, H, 1)
+                cam = minmax_normalize((w * a).mean(dim=1).clamp(min=0))
+            elif m.name == "lrp_last_layer":
+                cam = rel[last].clamp(min=0).mean(dim=1)[:, 0, p:]
+            elif m.name == "lrp":
+                return pixels.sum(dim=1).detach()
+            else:  # pragma: no cover - the registry and this table move together
+                raise NotImplementedError(m.name)
+    return cam.reshape(B, gh, gw).detach()
+
+
+def upsample(maps: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of (B, h, w) maps to (B, *size)."""
+    return F.interpolate(maps.unsqueeze(1).float(), size=tuple(size), mode="bilinear",
+                         align_corners=False).squeeze(1)
+
+
+def normalize(maps: Tensor) -> Tensor:
+    """Per-sample min-max normalisation to [0, 1] (constant maps become 0)."""
+    return minmax_normalize(maps)

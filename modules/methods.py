@@ -1,0 +1,76 @@
+"""The one registry of explanation methods, shared by every model and CLI.
+
+A CLI offers ``METHOD_CHOICES`` as ``--method`` choices; code calls
+:func:`resolve_method` to turn a name or alias into a :class:`Method`.
+What each method computes is in ../shared/METHODS.md sections 2 and 3; the
+model-specific ``explain`` functions implement it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+__all__ = ["Method", "METHODS", "ALIASES", "METHOD_NAMES", "METHOD_CHOICES", "resolve_method", "UnknownMethodError"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method and what it needs from the model.
+
+    Attributes
+    ----------
+    name:
+        Canonical name (the ``--method`` value).
+    label:
+        Name used in the papers' tables.
+    rule_set:
+        LRP rule set of its relevance pass (``"TA"``/``"LRP"``), or None
+        when it needs no relevance pass.
+    needs_grad:
+        Whether it needs the attention gradients d y_c / d A.
+    class_specific:
+        False for methods whose map ignores the explained class.
+    """
+
+    name: str
+    label: str
+    rule_set: Optional[str]
+    needs_grad: bool
+    class_specific: bool
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("transformer_attribution", "Transformer attribution (ours)", "TA", True, True),
+    Method("generic_attribution", "Generic attention attribution", None, True, True),
+    Method("rollout", "Rollout", None, False, False),
+    Method("attn_last_layer", "Raw attention", None, False, False),
+    Method("attn_gradcam", "GradCAM", None, True, True),
+    Method("lrp_last_layer", "Partial LRP", "LRP", False, True),
+    Method("lrp", "LRP", "LRP", False, True),
+)}
+
+ALIASES: Dict[str, str] = {
+    "full_lrp": "lrp",
+    "partial_lrp": "lrp_last_layer",
+    "last_attn": "attn_last_layer",
+}
+
+METHOD_NAMES: Tuple[str, ...] = tuple(METHODS)
+METHOD_CHOICES: Tuple[str, ...] = METHOD_NAMES + tuple(ALIASES)
+
+
+class UnknownMethodError(ValueError):
+    pass
+
+
+def resolve_method(name: str) -> Method:
+    """The :class:`Method` for a canonical name or alias; an unknown name
+    raises :class:`UnknownMethodError` listing the valid ones."""
+    key = ALIASES.get(name, name)
+    try:
+        return METHODS[key]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; valid: {', '.join(METHOD_NAMES)} "
+            f"(aliases: {', '.join(f'{a}={t}' for a, t in ALIASES.items())})"
+        ) from None

