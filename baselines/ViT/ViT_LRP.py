@@ -26,6 +26,9 @@ __all__ = [
     "create_model",
     "from_timm",
     "load_checkpoint",
+    "load_model",
+    "load_model_dir",
+    "save_model_dir",
     "vit_small_patch16_224",
     "vit_base_patch16_224",
     "vit_large_patch16_224",
@@ -442,9 +445,13 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load a checkpoint into ``model``; a mismatch names every key and shape
-    that did not fit (position embeddings of another grid are resampled)."""
-    state = read_state_dict(path)
+    """Load a checkpoint file into ``model``; a mismatch names every key and
+    shape that did not fit (position embeddings of another grid are resampled)."""
+    return load_checkpoint_state(model, read_state_dict(path), path, strict)
+
+
+def load_checkpoint_state(model: nn.Module, state: Dict[str, Tensor], path: str, strict: bool = True) -> nn.Module:
+    """:func:`load_checkpoint` for a state dict already read from ``path``."""
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape \
             and isinstance(model, VisionTransformer):
@@ -473,3 +480,79 @@ def _resample_checkpoint_pos_embed(pos: Tensor, model: VisionTransformer) -> Ten
     if side * side != pos.shape[1] - n or pos.shape[-1] != model.embed_dim:
         return pos  # left for load_checkpoint to report as a shape mismatch
     return resample_pos_embed(pos, (side, side), model.patch_embed.grid_size, n)
+
+
+# --------------------------------------------------------------------------
+# Model directories (config.json + model.safetensors) and one loading entry
+# --------------------------------------------------------------------------
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+           "mlp_ratio", "qkv_bias", "distilled", "eps")
+
+
+def model_config(model: VisionTransformer) -> dict:
+    """Constructor arguments (and preprocessing) that rebuild ``model``."""
+    blk = model.blocks[0]
+    kwargs = dict(img_size=list(model.patch_embed.img_size), patch_size=list(model.patch_embed.patch_size),
+                  in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes,
+                  embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=blk.attn.num_heads,
+                  mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
+                  distilled=model.distilled, eps=blk.norm1.eps)
+    cfg = getattr(model, "default_cfg", {}) or {}
+    return {"model_kwargs": kwargs, "mean": list(cfg.get("mean", HALF)), "std": list(cfg.get("std", HALF)),
+            "architecture": cfg.get("architecture", "VisionTransformer")}
+
+
+def save_model_dir(model: VisionTransformer, directory: str, extra: Optional[dict] = None,
+                   half: bool = False) -> str:
+    """Write ``config.json`` and ``model.safetensors`` (fp16 with ``half``)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    cfg = model_config(model)
+    cfg.update(extra or {})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+    return directory
+
+
+def load_model_dir(directory: str) -> VisionTransformer:
+    """Rebuild a model written by :func:`save_model_dir` (weights cast to fp32)."""
+    import json
+
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME} (a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        kwargs = {k: v for k, v in cfg["model_kwargs"].items() if k in _KWARGS}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a model config ({exc})") from None
+    model = VisionTransformer(**kwargs)
+    state = read_state_dict(os.path.join(directory, WEIGHTS_NAME))
+    own = model.state_dict()
+    load_checkpoint_state(model, {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()},
+                          os.path.join(directory, WEIGHTS_NAME))
+    model.default_cfg = {"architecture": cfg.get("architecture", "VisionTransformer"),
+                         "input_size": (kwargs.get("in_chans", 3), *model.patch_embed.img_size),
+                         "mean": tuple(cfg.get("mean", HALF)), "std": tuple(cfg.get("std", HALF))}
+    return model.eval()
+
+
+def load_model(name: str, weights: Optional[str] = None) -> VisionTransformer:
+    """The one way scripts get a model: a model directory (``weights`` holds
+    config.json), or factory ``name`` plus an optional checkpoint file.
+    Without weights the model is randomly initialised."""
+    if weights is not None and os.path.isdir(weights):
+        return load_model_dir(weights)
+    model = create_model(name)
+    if weights is not None:
+        load_checkpoint(model, weights)
+    return model.eval()

@@ -1,0 +1,119 @@
+"""Speed of each explanation method beside the forward+backward floor.
+
+For each batch size: images/s of every method, of a forward pass, and of a
+forward+backward pass of the same model (the floor any gradient-based
+explanation pays), plus peak memory.  Results go to a JSON file.
+
+    python benchmarks/explain_speed.py --model vit_base_patch16_224 --batch-sizes 1 --device cpu
+    python benchmarks/explain_speed.py --batch-sizes 1 32 --device cuda
+
+Random weights: speed does not depend on them.  This is not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from baselines.ViT.ViT_explanation_generator import explain
+from baselines.ViT.ViT_LRP import MODEL_FACTORIES, create_model
+from modules.methods import METHOD_NAMES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, and peak memory."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {"seconds": statistics.median(times), "seconds_min": min(times)}
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES))
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="outputs/benchmarks/explain_speed.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = create_model(args.model).to(device).eval()
+    size = model.default_cfg["input_size"]
+    info = {
+        "model": args.model, "device": str(device), "dtype": "float32", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "date": time.strftime("%Y-%m-%d"), "results": [],
+    }
+    print(f"{args.model} on {info['gpu'] or info['machine']} ({device}), torch {torch.__version__}, "
+          f"{info['threads']} threads", flush=True)
+    for bs in args.batch_sizes:
+        x = torch.randn(bs, *size, device=device)
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        def forward_backward():
+            """A training-style step: gradients for the input and every parameter."""
+            model.zero_grad(set_to_none=True)
+            logits = model(x.requires_grad_(True))
+            logits.gather(1, logits.argmax(-1, keepdim=True)).sum().backward()
+
+        rows: Dict[str, Dict[str, float]] = {}
+        rows["forward"] = time_fn(forward, device, args.warmup, args.repeats)
+        rows["forward+backward"] = time_fn(forward_backward, device, args.warmup, args.repeats)
+        model.zero_grad(set_to_none=True)
+        for method in args.methods:
+            rows[method] = time_fn(lambda: explain(model, x, method), device, args.warmup, args.repeats)
+        floor = rows["forward+backward"]["seconds"]
+        print(f"\nbatch {bs}:  {'what':<26}{'images/s':>10}{'s/batch':>10}{'x fwd+bwd':>11}", flush=True)
+        for name, r in rows.items():
+            r["images_per_second"] = bs / r["seconds"]
+            r["ratio_to_forward_backward"] = r["seconds"] / floor
+            info["results"].append({"batch_size": bs, "what": name, **r})
+            print(f"{'':12}{name:<26}{r['images_per_second']:>10.2f}{r['seconds']:>10.4f}"
+                  f"{r['ratio_to_forward_backward']:>11.2f}", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:  # rewritten after each batch size: partial runs keep their rows
+            json.dump(info, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
