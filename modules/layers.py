@@ -269,8 +269,7 @@ class RelProp(nn.Module):
     def _record(self, *tensors: Tensor) -> None:
         state = _STATE.get()
         if state is not None and state.save_inputs:
-            self_key: nn.Module = self
-            state.inputs[self_key] = tensors
+            state.inputs[self] = tensors
 
     def relprop(self, R):  # noqa: D401 - identity by default
         """Relevance of the input given relevance ``R`` of the output."""

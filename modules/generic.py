@@ -1,0 +1,612 @@
+"""Generic attention explainability for unmodified timm and Hugging Face models.
+
+The method is ``generic_attribution`` of ../shared/METHODS.md section 2
+(Chefer et al., ICCV 2021): with ``A_l`` the attention probabilities of block
+l (B, H, N, N) and ``grad_l = d score / d A_l`` (per-sample one-hot seed),
+
+    Abar_l = mean over heads of max(grad_l * A_l, 0)
+    R = I;  for l >= start_layer:  R = R + Abar_l @ R
+
+and the result is one row of R: row 0 ([CLS]) for classifiers (image: the
+patch columns after the prefix tokens, reshaped to (B, gh, gw); text: all N
+columns), the pooled EOS token's row for CLIP's causal text tower.  It needs
+no LRP pass and no model copy: :mod:`modules.attention_capture` records
+``A_l`` from the model as its library built it.
+
+:func:`explain_any` is the entry point; :func:`load_generic_model` builds or
+loads a model for the command-line tools.  Supported models:
+
+* timm ``VisionTransformer`` / DeiT (``VisionTransformerDistilled``) with
+  class-token pooling: image tensor in, (B, gh, gw) out;
+* Hugging Face ``ViTForImageClassification``, ``DeiTForImageClassification``,
+  ``DeiTForImageClassificationWithTeacher``: image tensor or image-processor
+  dict in, (B, gh, gw) out (patch columns start at 1 for ViT, 2 for DeiT);
+* Hugging Face ``BertForSequenceClassification``,
+  ``RobertaForSequenceClassification``,
+  ``DistilBertForSequenceClassification``: tokenizer dict in, (B, N) out;
+* Hugging Face ``CLIPModel``: processor dict (``pixel_values``,
+  ``input_ids``, ``attention_mask``) in, :class:`CLIPRelevance` (image
+  (B, gh, gw), text (B, N)) out.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from baselines.ViT.ViT_explanation_generator import resolve_index
+from modules.aggregation import add_identity, positive_head_mean, rollout, rollout_row
+from modules.attention_capture import UnsupportedModelError, capture_attention, find_attention_layers
+
+__all__ = [
+    "generic_layer_maps",
+    "generic_relevance",
+    "generic_relevance_row",
+    "explain_any",
+    "generic_explanation",
+    "GenericExplanation",
+    "CLIPRelevance",
+    "model_kind",
+    "clip_pooled_index",
+    "SUPPORTED_HF_CLASSES",
+    "load_generic_model",
+    "LoadedModel",
+    "GenericModelError",
+]
+
+Index = Union[None, int, Sequence[int], Tensor]
+Inputs = Union[Tensor, Mapping]
+
+
+# --------------------------------------------------------------------------
+# The method: pure, batched tensor functions
+# --------------------------------------------------------------------------
+def _check_layers(attentions: Sequence[Tensor], gradients: Sequence[Tensor], start_layer: int) -> None:
+    if len(attentions) != len(gradients):
+        raise ValueError(f"{len(attentions)} attention maps but {len(gradients)} gradients")
+    if not 0 <= start_layer < len(attentions):
+        raise ValueError(f"start_layer={start_layer} outside 0..{len(attentions) - 1}")
+
+
+def generic_layer_maps(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> List[Tensor]:
+    """Abar_l = mean over heads of max(grad_l * A_l, 0), per layer:
+    (B, H, N, N) pairs -> (B, N, N) (METHODS.md section 2, ``generic_attribution``)."""
+    return [positive_head_mean(g * a) for a, g in zip(attentions, gradients)]
+
+
+def generic_relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor], start_layer: int = 0) -> Tensor:
+    """The full relevance matrix R (B, N, N): R = I; for l >= s: R = R + Abar_l @ R.
+
+    That is (I + Abar_{L-1}) ... (I + Abar_s), computed with
+    :func:`modules.aggregation.rollout`.
+    """
+    _check_layers(attentions, gradients, start_layer)
+    maps = generic_layer_maps(attentions[start_layer:], gradients[start_layer:])
+    return rollout([add_identity(m) for m in maps])
+
+
+def generic_relevance_row(attentions: Sequence[Tensor], gradients: Sequence[Tensor],
+                          row: Union[int, Tensor] = 0, start_layer: int = 0) -> Tensor:
+    """One row of :func:`generic_relevance` per sample, (B, N).
+
+    ``row`` is one token index for every sample (row 0 = [CLS]; evaluated in
+    O(L N^2) with :func:`modules.aggregation.rollout_row`) or a (B,) tensor of
+    per-sample rows (CLIP's pooled EOS token).
+    """
+    _check_layers(attentions, gradients, start_layer)
+    if isinstance(row, Tensor) and row.dim() > 0:
+        full = generic_relevance(attentions, gradients, start_layer)
+        rows = row.to(device=full.device, dtype=torch.long)
+        if rows.shape != (full.shape[0],):
+            raise ValueError(f"row holds {tuple(rows.shape)} indices for a batch of {full.shape[0]}")
+        return full[torch.arange(full.shape[0], device=full.device), rows]
+    maps = generic_layer_maps(attentions[start_layer:], gradients[start_layer:])
+    return rollout_row([add_identity(m) for m in maps], row=int(row))
+
+
+# --------------------------------------------------------------------------
+# Which models, and how their score is computed
+# --------------------------------------------------------------------------
+_HF_KINDS: Dict[str, str] = {
+    "ViTForImageClassification": "hf-image",
+    "DeiTForImageClassification": "hf-image",
+    "DeiTForImageClassificationWithTeacher": "hf-image",
+    "BertForSequenceClassification": "hf-text",
+    "RobertaForSequenceClassification": "hf-text",
+    "DistilBertForSequenceClassification": "hf-text",
+    "CLIPModel": "clip",
+}
+SUPPORTED_HF_CLASSES: Tuple[str, ...] = tuple(_HF_KINDS)
+"""Hugging Face classes :func:`explain_any` explains (subclasses included)."""
+
+_SUPPORTED = ("timm VisionTransformer/DeiT with class-token pooling and a classification head, or Hugging Face "
+              + ", ".join(SUPPORTED_HF_CLASSES))
+
+
+class CLIPRelevance(NamedTuple):
+    """Relevance of a CLIP (image, text) pair: ``image`` (B, gh, gw) patches,
+    ``text`` (B, N) tokens of the paired text."""
+
+    image: Tensor
+    text: Tensor
+
+
+@dataclass
+class GenericExplanation:
+    """Everything one :func:`generic_explanation` call computed.
+
+    Attributes
+    ----------
+    relevance:
+        Raw relevance: (B, gh, gw) patches for images, (B, N) tokens for
+        text; for CLIP the image's patch map.
+    score:
+        (B,) the explained value exactly as the model returned it: the chosen
+        logit, or CLIP's ``logits_per_image`` entry of the pair.
+    target:
+        (B,) the explained class; for CLIP the index of the text paired with
+        each image (into the texts that were passed in).
+    kind:
+        ``"image"``, ``"text"`` or ``"image-text"``.
+    text_relevance:
+        CLIP only: (B, N) relevance of the paired text's tokens.
+    text_row:
+        CLIP only: (B,) the pooled (EOS) token whose row of R is the text map.
+    """
+
+    relevance: Tensor
+    score: Tensor
+    target: Tensor
+    kind: str
+    text_relevance: Optional[Tensor] = None
+    text_row: Optional[Tensor] = None
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"timm-image"``, ``"hf-image"``, ``"hf-text"`` or ``"clip"``; anything
+    else raises :class:`~modules.attention_capture.UnsupportedModelError`."""
+    family, _ = find_attention_layers(model)  # raises for models without recordable attention
+    name = type(model).__name__
+    if family == "timm":
+        problems = []
+        if getattr(model, "global_pool", "token") != "token" or getattr(model, "attn_pool", None) is not None:
+            problems.append(f"global_pool={getattr(model, 'global_pool', None)!r} (the method explains the class "
+                            "token's row, so only 'token' pooling)")
+        if not isinstance(getattr(model, "head", None), nn.Linear):
+            problems.append("no classification head (num_classes=0)")
+        if problems:
+            raise UnsupportedModelError(f"{name}: unsupported " + "; ".join(problems))
+        return "timm-image"
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_KINDS:
+            return _HF_KINDS[cls.__name__]
+    raise UnsupportedModelError(f"unsupported model {name}: explain_any handles {_SUPPORTED}")
+
+
+def clip_pooled_index(text_model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B,) position of the token a Hugging Face ``CLIPTextModel`` pools (the
+    EOS token), with the model's own rule: the highest token id when
+    ``eos_token_id == 2`` (configs from before transformers PR #24773), else the
+    first position of ``eos_token_id``."""
+    ids = input_ids.to(torch.int)
+    if text_model.eos_token_id == 2:
+        return ids.argmax(dim=-1).long()
+    return (ids == text_model.eos_token_id).int().argmax(dim=-1).long()
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _feed(inputs: Inputs, main_key: str, device: torch.device) -> Dict[str, Any]:
+    """The model's keyword arguments: a tensor becomes ``{main_key: tensor}``;
+    tensors move to the model's device."""
+    if isinstance(inputs, Tensor):
+        feed = {main_key: inputs}
+    elif isinstance(inputs, Mapping):
+        feed = dict(inputs)
+    else:
+        raise TypeError(f"inputs must be a tensor or the dict a Hugging Face processor/tokenizer returns, "
+                        f"got {type(inputs).__name__}")
+    if main_key not in feed:
+        raise ValueError(f"inputs hold no {main_key!r} (keys: {', '.join(map(str, feed)) or 'none'})")
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in feed.items()}
+
+
+def _grid(images: Tensor, patch: Any) -> Tuple[int, int]:
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return images.shape[-2] // ph, images.shape[-1] // pw
+
+
+def _patch_map(row: Tensor, grid: Tuple[int, int], prefix: Optional[int], what: str) -> Tensor:
+    """Patch columns of a (B, N) row as (B, gh, gw); ``prefix`` None: every
+    column before the gh*gw patch columns is a prefix token."""
+    n, patches = row.shape[-1], grid[0] * grid[1]
+    prefix = n - patches if prefix is None else prefix
+    if prefix < 1 or prefix + patches != n:
+        raise RuntimeError(f"{what}: {n} tokens do not split into {prefix} prefix tokens and a "
+                           f"{grid[0]}x{grid[1]} patch grid")
+    return row[:, prefix:].reshape(row.shape[0], *grid)
+
+
+def _layer_stack(cap, prefix: Optional[str], what: str):
+    recs = cap.select(prefix)
+    expected = sum(1 for layer in cap.layers if prefix is None or layer.name.startswith(prefix))
+    if len(recs) != expected:
+        raise RuntimeError(f"{what}: recorded {len(recs)} attention maps for {expected} attention layers")
+    return [r.probs.detach() for r in recs], [r.grad for r in recs]
+
+
+def generic_explanation(model: nn.Module, inputs: Inputs, index: Index = None, start_layer: int = 0) -> GenericExplanation:
+    """Run :func:`explain_any` and return everything it computed (maps, the
+    explained score and target); see :class:`GenericExplanation`."""
+    kind = model_kind(model)
+    device = _device(model)
+    with torch.enable_grad(), capture_attention(model) as cap:
+        if kind == "clip":
+            return _explain_clip(model, cap, inputs, index, start_layer, device)
+        if kind == "timm-image":
+            feed = _feed(inputs, "pixel_values", device)
+            images = feed["pixel_values"]
+            logits = model(images)
+        else:
+            feed = _feed(inputs, "pixel_values" if kind == "hf-image" else "input_ids", device)
+            logits = model(**feed, return_dict=True).logits
+        if logits.dim() != 2:
+            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)}, not (B, classes)")
+        target = resolve_index(index, logits)
+        score = logits.gather(1, target[:, None]).squeeze(1)  # one-hot seed per row
+        cap.compute_gradients(score.sum())
+        attentions, gradients = _layer_stack(cap, None, type(model).__name__)
+        with torch.no_grad():
+            row = generic_relevance_row(attentions, gradients, row=0, start_layer=start_layer)
+            if kind == "timm-image":
+                rel = _patch_map(row, _grid(images, model.patch_embed.patch_size), model.num_prefix_tokens,
+                                 type(model).__name__)
+            elif kind == "hf-image":
+                rel = _patch_map(row, _grid(feed["pixel_values"], model.config.patch_size), None, type(model).__name__)
+            else:
+                rel = row
+        return GenericExplanation(rel.detach(), score.detach(), target, "text" if kind == "hf-text" else "image")
+
+
+def _clip_pairs(n_images: int, n_texts: int, index: Index, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(image, text) index of every explained pair."""
+    if index is not None:
+        texts = torch.as_tensor(index, device=device).long().reshape(-1)
+        if texts.numel() == 1:
+            texts = texts.expand(n_images)
+        if texts.numel() != n_images:
+            raise ValueError(f"index names {texts.numel()} texts for {n_images} images (one text per image)")
+        if bool(((texts < 0) | (texts >= n_texts)).any()):
+            raise ValueError(f"text index {texts.tolist()} out of range: {n_texts} texts (0..{n_texts - 1})")
+        return torch.arange(n_images, device=device), texts
+    if n_images == n_texts:
+        return torch.arange(n_images, device=device), torch.arange(n_texts, device=device)
+    if n_images == 1:
+        return torch.zeros(n_texts, dtype=torch.long, device=device), torch.arange(n_texts, device=device)
+    if n_texts == 1:
+        return torch.arange(n_images, device=device), torch.zeros(n_images, dtype=torch.long, device=device)
+    raise ValueError(f"CLIP explains (image i, text i) pairs: got {n_images} images and {n_texts} texts; "
+                     "pass index= (the text for each image)")
+
+
+def _explain_clip(model: nn.Module, cap, inputs: Inputs, index: Index, start_layer: int,
+                  device: torch.device) -> GenericExplanation:
+    if not isinstance(inputs, Mapping):
+        raise TypeError("CLIP needs the dict a CLIPProcessor returns (pixel_values, input_ids, attention_mask)")
+    feed = _feed(inputs, "pixel_values", device)
+    if "input_ids" not in feed:
+        raise ValueError("inputs hold no 'input_ids': CLIP explains image-text pairs")
+    img, txt = _clip_pairs(feed["pixel_values"].shape[0], feed["input_ids"].shape[0], index, device)
+    feed["pixel_values"] = feed["pixel_values"][img]
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        if isinstance(feed.get(key), Tensor) and feed[key].dim() == 2:
+            feed[key] = feed[key][txt]
+    out = model(**feed, return_dict=True)
+    # pair b is (image img[b], text txt[b]); the pairs' similarities are the
+    # diagonal of the similarity matrix the model returns for them
+    score = out.logits_per_image.diagonal()
+    cap.compute_gradients(score.sum())
+    name = type(model).__name__
+    vis_a, vis_g = _layer_stack(cap, "vision_model.", f"{name}.vision_model")
+    txt_a, txt_g = _layer_stack(cap, "text_model.", f"{name}.text_model")
+    eos = clip_pooled_index(model.text_model, feed["input_ids"])
+    with torch.no_grad():
+        image_row = generic_relevance_row(vis_a, vis_g, row=0, start_layer=start_layer)
+        image_rel = _patch_map(image_row, _grid(feed["pixel_values"], model.config.vision_config.patch_size), 1,
+                               f"{name}.vision_model")
+        text_rel = generic_relevance_row(txt_a, txt_g, row=eos, start_layer=start_layer)
+    return GenericExplanation(image_rel.detach(), score.detach(), txt, "image-text", text_rel.detach(), eos)
+
+
+def explain_any(model: nn.Module, inputs: Inputs, index: Index = None,
+                start_layer: int = 0) -> Union[Tensor, CLIPRelevance]:
+    """Generic attention relevance (METHODS.md section 2, ``generic_attribution``)
+    of an unmodified timm or Hugging Face model.
+
+    Parameters
+    ----------
+    model:
+        A supported model (see the module docstring); it is run in eval mode
+        and left exactly as it was.
+    inputs:
+        Images (B, C, H, W), normalised as the model expects (timm, or Hugging
+        Face image classifiers), or the dict a Hugging Face image processor /
+        tokenizer / CLIPProcessor returns.  Tensors follow the model's device.
+    index:
+        Classifiers: None (each sample's predicted class), an int, or one class
+        per sample; the chosen logit is explained with a one-hot seed per
+        sample (a DeiT-with-teacher model: the averaged logits it outputs).
+        CLIP: None pairs image i with text i (one image or one text is paired
+        with every text or image); otherwise the text index for each image.
+        The explained value is the pair's entry of ``logits_per_image``
+        (scaled cosine similarity) as the model returns it.
+    start_layer:
+        First block of the update R <- R + Abar_l R.
+
+    Returns
+    -------
+    Tensor or CLIPRelevance
+        Raw relevance: (B, gh, gw) for images (patch columns after the 1 or 2
+        prefix tokens), (B, N) for text (row of [CLS], all N columns); for CLIP
+        ``CLIPRelevance(image=(B, gh, gw), text=(B, N))``, the text map being
+        the row of the pooled EOS token (the causal text tower's summary token,
+        which is what CLIP projects), so tokens after it get 0.
+    """
+    exp = generic_explanation(model, inputs, index=index, start_layer=start_layer)
+    if exp.kind == "image-text":
+        return CLIPRelevance(exp.relevance, exp.text_relevance)
+    return exp.relevance
+
+
+# --------------------------------------------------------------------------
+# Loading a model for the command-line tools
+# --------------------------------------------------------------------------
+class GenericModelError(ValueError):
+    """A model name/directory/weights file that cannot be loaded (one-line message)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for :func:`explain_any`, with what a CLI needs to feed it.
+
+    Attributes
+    ----------
+    model:
+        The model, in eval mode.
+    source:
+        ``"timm"`` or ``"huggingface"``.
+    architecture:
+        timm model name or Hugging Face class name.
+    modality:
+        ``"image"``, ``"text"`` or ``"image-text"`` (CLIP).
+    description:
+        One line saying what was built/loaded and from where.
+    mean, std, input_size, interpolation, crop_pct:
+        Image preprocessing (None for text models): normalise with mean/std
+        after resizing to ``input_size`` (C, H, W) (timm: resize to
+        H / crop_pct, then centre crop).
+    processor:
+        The Hugging Face processor, image processor or tokenizer found in the
+        directory, else None.
+    labels:
+        Class index -> name, where the model knows them.
+    """
+
+    model: nn.Module
+    source: str
+    architecture: str
+    modality: str
+    description: str
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
+    input_size: Optional[Tuple[int, int, int]] = None
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    processor: Any = None
+    labels: Optional[Dict[int, str]] = None
+
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def load_generic_model(name_or_dir: str, weights: Optional[str] = None) -> LoadedModel:
+    """Build a timm model by name, or load a local Hugging Face directory.
+
+    Parameters
+    ----------
+    name_or_dir:
+        A local directory (a Hugging Face ``save_pretrained`` directory, loaded
+        with ``local_files_only=True``; or a timm ``push_to_hub``-style
+        directory with ``config.json`` naming an ``architecture``), else a timm
+        model name, built with ``pretrained=False``.  Nothing is downloaded.
+    weights:
+        Optional ``.safetensors`` file or ``.pth``/``.pt``/``.bin`` checkpoint
+        (read with ``torch.load(weights_only=True)``) loaded strictly on top;
+        for a timm name the number of classes follows the checkpoint's head.
+
+    Returns
+    -------
+    LoadedModel
+        Its ``description`` says which of these happened; a timm model without
+        weights keeps its random initialisation and says so.
+
+    Raises
+    ------
+    GenericModelError
+        Unknown name, missing directory/file, unreadable or mismatching
+        weights, or a model :func:`explain_any` does not support.
+    """
+    if weights is not None and not os.path.isfile(weights):
+        raise GenericModelError(f"weights file not found: {weights}")
+    if os.path.isdir(name_or_dir):
+        cfg_path = os.path.join(name_or_dir, "config.json")
+        cfg = _read_json(cfg_path)
+        if "architecture" in cfg and "model_type" not in cfg:
+            loaded = _load_timm_dir(name_or_dir, cfg, weights)
+        else:
+            loaded = _load_hf_dir(name_or_dir, weights)
+    else:
+        if os.sep in name_or_dir or name_or_dir.startswith("."):
+            raise GenericModelError(f"{name_or_dir!r} is no local directory (and nothing is downloaded: save a "
+                                    "Hugging Face model with save_pretrained, or give a timm model name)")
+        loaded = _load_timm_name(name_or_dir, weights)
+    try:
+        model_kind(loaded.model)
+    except UnsupportedModelError as exc:
+        raise GenericModelError(str(exc)) from None
+    return loaded
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise GenericModelError(f"{os.path.dirname(path)} holds no config.json: not a Hugging Face or timm model directory")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise GenericModelError(f"{path}: unreadable ({exc})") from None
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    from baselines.ViT.ViT_LRP import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(model, path, strict=True)
+    except CheckpointError as exc:
+        raise GenericModelError(str(exc)) from None
+
+
+def _timm_create(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise GenericModelError(f"{name!r} is neither a local directory nor a timm model name{hint}")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as exc:  # timm raises assorted errors for bad arguments
+        raise GenericModelError(f"cannot build timm model {name!r}: {exc}") from None
+
+
+def _timm_loaded(model: nn.Module, name: str, description: str, pretrained_cfg: Optional[dict] = None) -> LoadedModel:
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config(pretrained_cfg=pretrained_cfg, model=model) if pretrained_cfg else \
+        resolve_data_config(model=model)
+    return LoadedModel(model.eval(), "timm", name, "image", description, mean=tuple(data["mean"]),
+                       std=tuple(data["std"]), input_size=tuple(data["input_size"]),
+                       interpolation=data.get("interpolation", "bilinear"), crop_pct=float(data.get("crop_pct", 1.0)))
+
+
+def _load_timm_name(name: str, weights: Optional[str]) -> LoadedModel:
+    kwargs = {}
+    if weights is not None:
+        from baselines.ViT.ViT_LRP import CheckpointError, read_state_dict
+
+        try:
+            state = read_state_dict(weights)
+        except CheckpointError as exc:
+            raise GenericModelError(str(exc)) from None
+        if isinstance(state.get("head.weight"), Tensor):
+            kwargs["num_classes"] = state["head.weight"].shape[0]
+    model = _timm_create(name, **kwargs)
+    if weights is None:
+        description = (f"timm model {name} built with pretrained=False and NO weights (random initialisation; "
+                       "give a weights file for meaningful explanations)")
+    else:
+        _load_weights(model, weights)
+        description = f"timm model {name} built with pretrained=False, weights loaded from {weights}"
+    return _timm_loaded(model, name, description)
+
+
+def _load_timm_dir(path: str, cfg: dict, weights: Optional[str]) -> LoadedModel:
+    name = cfg["architecture"]
+    kwargs = dict(cfg.get("model_args") or {})
+    if "num_classes" in cfg:
+        kwargs.setdefault("num_classes", cfg["num_classes"])
+    model = _timm_create(name, **kwargs)
+    if weights is None:
+        for candidate in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(path, candidate)):
+                weights = os.path.join(path, candidate)
+                break
+        else:
+            raise GenericModelError(f"{path}: timm directory without model.safetensors or pytorch_model.bin")
+    _load_weights(model, weights)
+    return _timm_loaded(model, name, f"timm model {name} (pretrained=False) from local directory {path}, "
+                        f"weights {weights}", cfg.get("pretrained_cfg"))
+
+
+def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises several error types for bad directories
+        raise GenericModelError(f"{path}: not a loadable Hugging Face directory ({exc})") from None
+    arch = next((a for a in (getattr(config, "architectures", None) or []) if a in _HF_KINDS), None)
+    if arch is None and getattr(config, "model_type", None) == "clip":
+        arch = "CLIPModel"
+    if arch is None:
+        raise GenericModelError(f"{path} holds {', '.join(getattr(config, 'architectures', None) or [config.model_type])}; "
+                                f"supported: {', '.join(SUPPORTED_HF_CLASSES)}")
+    try:
+        model = getattr(transformers, arch).from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise GenericModelError(f"{path}: cannot load {arch} ({exc})") from None
+    description = f"Hugging Face {arch} from local directory {path}"
+    if weights is not None:
+        _load_weights(model, weights)
+        description += f", weights replaced from {weights}"
+    kind = _HF_KINDS[arch]
+    modality = {"hf-image": "image", "hf-text": "text", "clip": "image-text"}[kind]
+    loader = {"hf-image": transformers.AutoImageProcessor, "hf-text": transformers.AutoTokenizer,
+              "clip": transformers.AutoProcessor}[kind]
+    try:
+        processor = loader.from_pretrained(path, local_files_only=True)
+    except Exception:  # no processor files in the directory: the CLI falls back to the numbers below
+        processor = None
+        description += " (no processor/tokenizer files found there)"
+    labels = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()} if kind != "clip" else None
+    loaded = LoadedModel(model.eval(), "huggingface", arch, modality, description, processor=processor, labels=labels)
+    if modality != "text":
+        _hf_image_preprocessing(loaded, config, processor)
+    return loaded
+
+
+def _hf_image_preprocessing(loaded: LoadedModel, config: Any, processor: Any) -> None:
+    """mean/std/input size from the image processor, else from the config
+    with the library's defaults (ViT: 0.5, DeiT: ImageNet, CLIP: OpenAI)."""
+    vision = getattr(config, "vision_config", None) or config
+    image_proc = getattr(processor, "image_processor", processor)
+    defaults = {"ViT": ((0.5,) * 3, (0.5,) * 3),
+                "DeiT": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                "CLIP": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
+    family = next((k for k in ("DeiT", "CLIP", "ViT") if loaded.architecture.startswith(k)), "ViT")
+    mean, std = defaults[family]
+    size = getattr(vision, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    interpolation = "bicubic" if family != "ViT" else "bilinear"
+    if image_proc is not None and getattr(image_proc, "image_mean", None) is not None:
+        mean, std = tuple(image_proc.image_mean), tuple(image_proc.image_std)
+        crop = getattr(image_proc, "crop_size", None) if getattr(image_proc, "do_center_crop", False) else None
+        box = crop or getattr(image_proc, "size", None) or {}
+        box = dict(box) if not isinstance(box, dict) else box
+        if box.get("height") and box.get("width"):
+            height, width = box["height"], box["width"]
+        elif box.get("shortest_edge"):
+            height = width = box["shortest_edge"]
+        resample = getattr(image_proc, "resample", None)
+        interpolation = _PIL_RESAMPLE.get(int(resample), interpolation) if resample is not None else interpolation
+    loaded.mean, loaded.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    loaded.input_size = (getattr(vision, "num_channels", 3), int(height), int(width))
+    loaded.interpolation = interpolation
