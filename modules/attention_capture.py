@@ -16,7 +16,8 @@ them from a model exactly as its library built it:
   with eager attention ``weights`` is the probability tensor that multiplies
   the values.  The attention implementation of every config the model holds
   is set to ``"eager"`` inside the context.  ``output_attentions`` is **not**
-  used: it makes transformers install permanent hooks of its own.
+  used (and switched off in the configs inside the context): it makes
+  transformers install permanent hooks of its own.
 
 Inside the context the model is in eval mode and every parameter requires
 grad (so a graph exists even for a frozen model; gradients are taken with
@@ -243,7 +244,8 @@ def find_attention_layers(model: nn.Module) -> Tuple[str, List[AttentionLayer]]:
         if layers is None:
             continue
         if not layers:
-            raise UnsupportedModelError(f"{type(model).__name__}: no self-attention layers found (looked for {_LOOKED_FOR})")
+            raise UnsupportedModelError(f"{type(model).__name__}: no self-attention layers found "
+                                        f"(looked for {_LOOKED_FOR})")
         return family, layers
     raise UnsupportedModelError(f"unsupported model {type(model).__name__}: looked for {_LOOKED_FOR}")
 
@@ -318,8 +320,14 @@ def capture_attention(model: nn.Module, eval_mode: bool = True) -> Iterator[Atte
             _set_and_restore(stack, [layer.module for layer in layers], lambda m: m.fused_attn,
                              lambda m, v: setattr(m, "fused_attn", v), False)
         else:
-            _set_and_restore(stack, _hf_configs(model), lambda c: c._attn_implementation_internal,
+            configs = _hf_configs(model)
+            _set_and_restore(stack, configs, lambda c: c._attn_implementation_internal,
                              lambda c, v: setattr(c, "_attn_implementation_internal", v), "eager")
+            # a config asking for attentions/hidden states would make transformers
+            # install its own (permanent) capturing hooks during the forward pass
+            for attr in ("_output_attentions", "output_hidden_states"):
+                _set_and_restore(stack, [c for c in configs if hasattr(c, attr)], lambda c, a=attr: getattr(c, a),
+                                 lambda c, v, a=attr: setattr(c, a, v), False)
         for layer in layers:
             handle = layer.hook_module.register_forward_hook(_recorder(capture, layer))
             stack.callback(handle.remove)

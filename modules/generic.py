@@ -39,7 +39,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from baselines.ViT.ViT_explanation_generator import resolve_index
+from modules.methods import resolve_index
 from modules.aggregation import add_identity, positive_head_mean, rollout, rollout_row
 from modules.attention_capture import UnsupportedModelError, capture_attention, find_attention_layers
 
@@ -243,10 +243,16 @@ def _layer_stack(cap, prefix: Optional[str], what: str):
     return [r.probs.detach() for r in recs], [r.grad for r in recs]
 
 
-def generic_explanation(model: nn.Module, inputs: Inputs, index: Index = None, start_layer: int = 0) -> GenericExplanation:
+def generic_explanation(model: nn.Module, inputs: Inputs, index: Index = None,
+                        start_layer: int = 0) -> GenericExplanation:
     """Run :func:`explain_any` and return everything it computed (maps, the
     explained score and target); see :class:`GenericExplanation`."""
     kind = model_kind(model)
+    _, layers = find_attention_layers(model)
+    towers = ("vision_model.", "text_model.") if kind == "clip" else ("",)
+    depth = min(sum(layer.name.startswith(t) for layer in layers) for t in towers)
+    if not 0 <= start_layer < depth:  # checked before any forward pass
+        raise ValueError(f"start_layer={start_layer} outside 0..{depth - 1}")
     device = _device(model)
     with torch.enable_grad(), capture_attention(model) as cap:
         if kind == "clip":
@@ -259,7 +265,8 @@ def generic_explanation(model: nn.Module, inputs: Inputs, index: Index = None, s
             feed = _feed(inputs, "pixel_values" if kind == "hf-image" else "input_ids", device)
             logits = model(**feed, return_dict=True).logits
         if logits.dim() != 2:
-            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)}, not (B, classes)")
+            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)}, "
+                               "not (B, classes)")
         target = resolve_index(index, logits)
         score = logits.gather(1, target[:, None]).squeeze(1)  # one-hot seed per row
         cap.compute_gradients(score.sum())
@@ -414,6 +421,8 @@ class LoadedModel:
     labels: Optional[Dict[int, str]] = None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
@@ -467,7 +476,8 @@ def load_generic_model(name_or_dir: str, weights: Optional[str] = None) -> Loade
 
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
-        raise GenericModelError(f"{os.path.dirname(path)} holds no config.json: not a Hugging Face or timm model directory")
+        raise GenericModelError(f"{os.path.dirname(path)} holds no config.json: "
+                                "not a Hugging Face or timm model directory")
     try:
         with open(path) as f:
             return json.load(f)
@@ -557,8 +567,8 @@ def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
     if arch is None and getattr(config, "model_type", None) == "clip":
         arch = "CLIPModel"
     if arch is None:
-        raise GenericModelError(f"{path} holds {', '.join(getattr(config, 'architectures', None) or [config.model_type])}; "
-                                f"supported: {', '.join(SUPPORTED_HF_CLASSES)}")
+        held = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise GenericModelError(f"{path} holds {held}; supported: {', '.join(SUPPORTED_HF_CLASSES)}")
     try:
         model = getattr(transformers, arch).from_pretrained(path, local_files_only=True)
     except Exception as exc:
@@ -571,23 +581,36 @@ def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
     modality = {"hf-image": "image", "hf-text": "text", "clip": "image-text"}[kind]
     loader = {"hf-image": transformers.AutoImageProcessor, "hf-text": transformers.AutoTokenizer,
               "clip": transformers.AutoProcessor}[kind]
-    try:
-        processor = loader.from_pretrained(path, local_files_only=True)
-    except Exception:  # no processor files in the directory: the CLI falls back to the numbers below
-        processor = None
-        description += " (no processor/tokenizer files found there)"
+    # transformers 5 builds an empty tokenizer from a directory without
+    # tokenizer files, so only load what the directory actually holds
+    needed = {"hf-image": _IMAGE_PROCESSOR_FILES, "hf-text": _TOKENIZER_FILES,
+              "clip": _IMAGE_PROCESSOR_FILES}[kind]
+    processor = None
+    if any(os.path.isfile(os.path.join(path, f)) for f in needed) and \
+            (kind != "clip" or any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)):
+        try:
+            processor = loader.from_pretrained(path, local_files_only=True)
+        except Exception:  # unreadable processor files: the CLI falls back to the numbers below
+            processor = None
+    if processor is None:
+        description += " (no usable processor/tokenizer files found there)"
     labels = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()} if kind != "clip" else None
     loaded = LoadedModel(model.eval(), "huggingface", arch, modality, description, processor=processor, labels=labels)
     if modality != "text":
-        _hf_image_preprocessing(loaded, config, processor)
+        image_proc = getattr(processor, "image_processor", processor)
+        if image_proc is None and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            try:  # a CLIP directory with image settings but no tokenizer
+                image_proc = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            except Exception:
+                image_proc = None
+        _hf_image_preprocessing(loaded, config, image_proc)
     return loaded
 
 
-def _hf_image_preprocessing(loaded: LoadedModel, config: Any, processor: Any) -> None:
+def _hf_image_preprocessing(loaded: LoadedModel, config: Any, image_proc: Any) -> None:
     """mean/std/input size from the image processor, else from the config
     with the library's defaults (ViT: 0.5, DeiT: ImageNet, CLIP: OpenAI)."""
     vision = getattr(config, "vision_config", None) or config
-    image_proc = getattr(processor, "image_processor", processor)
     defaults = {"ViT": ((0.5,) * 3, (0.5,) * 3),
                 "DeiT": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                 "CLIP": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}

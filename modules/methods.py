@@ -8,9 +8,12 @@ model-specific ``explain`` functions implement it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
-__all__ = ["Method", "METHODS", "ALIASES", "METHOD_NAMES", "METHOD_CHOICES", "resolve_method", "UnknownMethodError"]
+import torch
+from torch import Tensor
+
+__all__ = ["Index", "resolve_index", "Method", "METHODS", "ALIASES", "METHOD_NAMES", "METHOD_CHOICES", "resolve_method", "UnknownMethodError"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,23 @@ def resolve_method(name: str) -> Method:
             f"unknown method {name!r}; valid: {', '.join(METHOD_NAMES)} "
             f"(aliases: {', '.join(f'{a}={t}' for a, t in ALIASES.items())})"
         ) from None
+
+
+Index = Union[None, int, Sequence[int], Tensor]
+
+
+def resolve_index(index: Index, logits: Tensor) -> Tensor:
+    """The explained class per sample, (B,) long: argmax of ``logits`` when
+    ``index`` is None, else ``index`` (an int for every sample, or one per
+    sample).  Out-of-range classes raise ValueError."""
+    B, C = logits.shape
+    if index is None:
+        return logits.argmax(dim=-1)
+    target = torch.as_tensor(index, device=logits.device).long().reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(B)
+    if target.numel() != B:
+        raise ValueError(f"index holds {target.numel()} classes for a batch of {B}")
+    if bool(((target < 0) | (target >= C)).any()):
+        raise ValueError(f"class index {target.tolist()} out of range: the model has {C} classes (0..{C - 1})")
+    return target

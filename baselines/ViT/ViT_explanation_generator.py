@@ -15,29 +15,9 @@ from torch import Tensor
 from modules.aggregation import (add_identity, head_mean, minmax_normalize, positive_head_mean, rollout_row,
                                  row_normalize)
 from modules.layers import explanation_state
-from modules.methods import METHOD_CHOICES, METHOD_NAMES, resolve_method
+from modules.methods import METHOD_CHOICES, METHOD_NAMES, Index, resolve_index, resolve_method
 
 __all__ = ["explain", "resolve_index", "upsample", "normalize", "METHOD_CHOICES", "METHOD_NAMES"]
-
-Index = Union[None, int, Sequence[int], Tensor]
-
-
-def resolve_index(index: Index, logits: Tensor) -> Tensor:
-    """The explained class per sample, (B,) long: argmax of ``logits`` when
-    ``index`` is None, else ``index`` (an int for every sample, or one per
-    sample).  Out-of-range classes raise ValueError."""
-    B, C = logits.shape
-    if index is None:
-        return logits.argmax(dim=-1)
-    target = torch.as_tensor(index, device=logits.device).long().reshape(-1)
-    if target.numel() == 1:
-        target = target.expand(B)
-    if target.numel() != B:
-        raise ValueError(f"index holds {target.numel()} classes for a batch of {B}")
-    if bool(((target < 0) | (target >= C)).any()):
-        raise ValueError(f"class index {target.tolist()} out of range: the model has {C} classes (0..{C - 1})")
-    return target
-
 
 def explain(model, images: Tensor, method: str, index: Index = None, start_layer: int = 0) -> Tensor:
     """Relevance of each image patch (or pixel, for ``lrp``) for class ``index``.
