@@ -63,3 +63,14 @@ def test_random_model_is_announced(tmp_path):
                   "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "randomly initialised" in res.stderr
+
+
+def test_generic_path_for_an_unmodified_timm_model(tmp_path):
+    """A timm name outside our copies is explained unmodified with generic_attribution only."""
+    out = tmp_path / "g.png"
+    rc = visualize.main(["--image", "samples/china.jpg", "--model", "test_vit", "--method", "generic_attribution",
+                         "--out", str(out), "--device", "cpu"])
+    assert rc == 0 and is_png(out)
+    res = run_cli("--image", "samples/china.jpg", "--model", "test_vit", "--method", "rollout",
+                  "--out", str(tmp_path / "r.png"), "--device", "cpu")
+    assert res.returncode == 2 and "generic_attribution" in res.stderr
