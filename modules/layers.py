@@ -310,7 +310,7 @@ class Linear(nn.Linear, RelProp):
         if state.rule_set != "TA":
             state.inputs[self] = (x,)
             return F.linear(x, self.weight, self.bias)
-        # LRP: keep x W^T as well, which the TA rule reuses (see alpha_beta)
+        # rule set TA: keep x W^T as well, which alpha_beta reuses
         z = F.linear(x, self.weight)
         state.inputs[self] = (x, z)
         return z if self.bias is None else z + self.bias

@@ -1,0 +1,1 @@
+"""BERT built from the shared LRP layers, and its explanations."""

@@ -1,0 +1,1 @@
+"""Model code of :mod:`BERT_explainability` (the LRP rules live in the top-level :mod:`modules.layers`)."""
