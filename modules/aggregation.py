@@ -5,7 +5,7 @@ Pure, batched tensor functions over lists of per-layer (B, H, N, N) or
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor

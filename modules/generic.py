@@ -520,7 +520,7 @@ def _timm_loaded(model: nn.Module, name: str, description: str, pretrained_cfg: 
 def _load_timm_name(name: str, weights: Optional[str]) -> LoadedModel:
     kwargs = {}
     if weights is not None:
-        from baselines.ViT.ViT_LRP import CheckpointError, read_state_dict
+        from modules.checkpoints import CheckpointError, read_state_dict
 
         try:
             state = read_state_dict(weights)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules import layers as L
+from modules.checkpoints import CheckpointError, mismatch_report, read_state_dict
 
 __all__ = [
     "VisionTransformer",
@@ -26,6 +27,8 @@ __all__ = [
     "create_model",
     "from_timm",
     "load_checkpoint",
+    "CheckpointError",
+    "read_state_dict",
     "load_model",
     "load_model_dir",
     "save_model_dir",
@@ -415,35 +418,6 @@ def from_timm(timm_model: nn.Module) -> VisionTransformer:
     return model.to(next(timm_model.parameters()).device).eval()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
-
-
-def read_state_dict(path: str) -> Dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` read
-    with ``torch.load(weights_only=True)``; unwraps ``{"model": ...}`` and
-    ``{"state_dict": ...}`` (DeiT releases, training scripts)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({exc})") from None
-    for key in ("model", "state_dict", "model_state"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors")
-    return obj
-
-
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a checkpoint file into ``model``; a mismatch names every key and
     shape that did not fit (position embeddings of another grid are resampled)."""
@@ -457,19 +431,9 @@ def load_checkpoint_state(model: nn.Module, state: Dict[str, Tensor], path: str,
             and isinstance(model, VisionTransformer):
         state = dict(state)
         state["pos_embed"] = _resample_checkpoint_pos_embed(state["pos_embed"], model)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if strict and (missing or unexpected or shapes):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:5]))
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(parts))
+    problems = mismatch_report(own, state)
+    if strict and problems:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {problems}")
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     return model
 

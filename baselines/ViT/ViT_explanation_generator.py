@@ -6,7 +6,7 @@ names come from :mod:`modules.methods`.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,8 @@ from torch import Tensor
 
 from modules.aggregation import (add_identity, head_mean, minmax_normalize, positive_head_mean, rollout_row,
                                  row_normalize)
-from modules.layers import explanation_state
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, Index, resolve_index, resolve_method
+from modules.recording import record
 
 __all__ = ["explain", "resolve_index", "upsample", "normalize", "METHOD_CHOICES", "METHOD_NAMES"]
 
@@ -52,63 +52,46 @@ def explain(model, images: Tensor, method: str, index: Index = None, start_layer
     p = model.num_prefix_tokens  # patch columns start here (2 for distilled DeiT)
     last = depth - 1
 
-    with explanation_state(rule_set=m.rule_set or "TA", save_inputs=m.rule_set is not None) as state:
+    def forward() -> Tensor:
         x = images.detach()
-        if m.needs_grad:
-            x = x.requires_grad_(True)  # so the graph exists even for frozen parameters
-        with torch.set_grad_enabled(m.needs_grad):
-            logits = model(x)
-        target = resolve_index(index, logits)
-        one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-        attn = state.attentions
-        if len(attn) != depth:
-            raise RuntimeError(f"recorded {len(attn)} attention maps for {depth} blocks")
+        return model(x.requires_grad_(True) if m.needs_grad else x)  # a leaf: frozen models work too
 
-        grads: dict = {}
-        if m.needs_grad:
-            layers = [last] if m.name == "attn_gradcam" else list(range(start_layer, depth))
-            # per-sample seed: one-hot(c_b) in row b, so sample b gets d y_{b,c_b} / d A
-            g = torch.autograd.grad((logits * one_hot).sum(), [attn[i] for i in layers])
-            grads = dict(zip(layers, g))
+    def relprop(R: Tensor, stop: Optional[int]) -> Optional[Tensor]:
+        return model.relprop(R, stop_block=stop, image_size=tuple(images.shape[-2:]))
 
-        rel: dict = {}
-        if m.rule_set is not None:
-            stop = {"transformer_attribution": start_layer, "lrp_last_layer": last, "lrp": None}[m.name]
-            with torch.no_grad():
-                pixels = model.relprop(one_hot, stop_block=stop, image_size=tuple(images.shape[-2:]))
-            rel = {i: state.attention_relevance[mod] for i, mod in enumerate(state.attention_modules)
-                   if mod in state.attention_relevance}
-
-        with torch.no_grad():
-            if m.name == "transformer_attribution":
-                mats = [add_identity(positive_head_mean(grads[i] * rel[i])) for i in range(depth)
-                        if i >= start_layer]
-                cam = rollout_row(mats, row=0)[:, p:]
-            elif m.name == "generic_attribution":
-                mats = [add_identity(positive_head_mean(grads[i] * attn[i].detach())) for i in range(start_layer, depth)]
-                cam = rollout_row(mats, row=0)[:, p:]
-            elif m.name == "rollout":
-                mats = [row_normalize(add_identity(head_mean(attn[i]))) for i in range(start_layer, depth)]
-                cam = rollout_row(mats, row=0)[:, p:]
-            elif m.name == "attn_last_layer":
-                cam = attn[last].clamp(min=0).mean(dim=1)[:, 0, p:]
-            elif m.name == "attn_gradcam":
-                a = attn[last].detach()[:, :, 0, p:]  # (B, H, patches)
-                w = grads[last][:, :, 0, p:].mean(dim=-1, keepdim=True)  # (B, H, 1)
-                cam = minmax_normalize((w * a).mean(dim=1).clamp(min=0))
-            elif m.name == "lrp_last_layer":
-                cam = rel[last].clamp(min=0).mean(dim=1)[:, 0, p:]
-            elif m.name == "lrp":
-                return pixels.sum(dim=1).detach()
-            else:  # pragma: no cover - the registry and this table move together
-                raise NotImplementedError(m.name)
+    rec = record(m, forward, relprop, depth, start_layer, index)
+    attn, grads, rel = rec.attentions, rec.grads, rec.relevance
+    with torch.no_grad():
+        if m.name == "transformer_attribution":
+            mats = [add_identity(positive_head_mean(grads[i] * rel[i])) for i in range(start_layer, depth)]
+            cam = rollout_row(mats, row=0)[:, p:]
+        elif m.name == "generic_attribution":
+            mats = [add_identity(positive_head_mean(grads[i] * attn[i])) for i in range(start_layer, depth)]
+            cam = rollout_row(mats, row=0)[:, p:]
+        elif m.name == "rollout":
+            mats = [row_normalize(add_identity(head_mean(attn[i]))) for i in range(start_layer, depth)]
+            cam = rollout_row(mats, row=0)[:, p:]
+        elif m.name == "attn_last_layer":
+            cam = attn[last].clamp(min=0).mean(dim=1)[:, 0, p:]
+        elif m.name == "attn_gradcam":
+            a = attn[last][:, :, 0, p:]  # (B, H, patches)
+            w = grads[last][:, :, 0, p:].mean(dim=-1, keepdim=True)  # (B, H, 1)
+            cam = minmax_normalize((w * a).mean(dim=1).clamp(min=0))
+        elif m.name == "lrp_last_layer":
+            cam = rel[last].clamp(min=0).mean(dim=1)[:, 0, p:]
+        elif m.name == "lrp":
+            return rec.input_relevance.sum(dim=1)
+        else:  # pragma: no cover - the registry and this table move together
+            raise NotImplementedError(m.name)
     return cam.reshape(B, gh, gw).detach()
 
 
 def upsample(maps: Tensor, size: Tuple[int, int]) -> Tensor:
     """Bilinear upsampling of (B, h, w) maps to (B, *size)."""
-    return F.interpolate(maps.unsqueeze(1).float(), size=tuple(size), mode="bilinear",
-                         align_corners=False).squeeze(1)
+    maps = maps.unsqueeze(1)
+    if not maps.is_floating_point():
+        maps = maps.float()
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
 
 
 def normalize(maps: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from baselines.ViT.ViT_LRP import CheckpointError, read_state_dict
+from modules.checkpoints import CheckpointError, mismatch_report, read_state_dict
 from BERT_explainability.modules.BERT.BERT import BertModel
 from modules import layers as L
 
@@ -116,19 +116,9 @@ class BertForSequenceClassification(nn.Module):
             raise CheckpointError(
                 f"{local_dir}: its classifier has {state['classifier.weight'].shape[0]} labels, "
                 f"num_labels={config.num_labels} was asked for")
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} keys ({_first(missing)})")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys ({_first(unexpected)})")
-            if shapes:
-                parts.append("shape mismatch " + "; ".join(shapes[:5]))
-            raise CheckpointError(f"{local_dir} does not fit BertForSequenceClassification: " + "; ".join(parts))
+        problems = mismatch_report(own, state)
+        if problems:
+            raise CheckpointError(f"{local_dir} does not fit BertForSequenceClassification: {problems}")
         model.load_state_dict(state, strict=True)
         if fresh:
             warnings.warn(f"{local_dir} holds no weights for the {' and '.join(fresh)}: freshly initialised "
@@ -199,10 +189,6 @@ def read_hf_weights(local_dir: str) -> Dict[str, Tensor]:
                 state.update(read_state_dict(os.path.join(local_dir, shard)))
             return state
     raise FileNotFoundError(f"{local_dir} holds none of {', '.join(WEIGHT_FILES + INDEX_FILES)}")
-
-
-def _first(keys, n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
 _DROP = re.compile(r"^(cls\.|bert\.embeddings\.(position_ids|token_type_ids)$)")

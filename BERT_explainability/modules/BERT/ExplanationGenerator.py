@@ -17,12 +17,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from modules.aggregation import add_identity, head_mean, positive_head_mean, rollout_row, row_normalize
-from modules.layers import explanation_state
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, Index, resolve_index, resolve_method
+from modules.recording import record
 
 __all__ = ["explain", "default_start_layer", "resolve_index", "METHOD_CHOICES", "METHOD_NAMES"]
 
@@ -100,66 +99,49 @@ def explain(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, m
     if not bool(real.any(dim=1).all()):
         raise ValueError("a sample has no token with attention_mask = 1")
 
-    with explanation_state(rule_set=m.rule_set or "TA", save_inputs=m.rule_set is not None) as state:
-        with torch.set_grad_enabled(m.needs_grad):
-            # the word embeddings as a leaf, so the attention maps have a
-            # graph even when every parameter is frozen
-            embeds = model.bert.embeddings.word_embeddings(input_ids).detach()
-            if m.needs_grad:
-                embeds.requires_grad_(True)
-            logits = model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-        target = resolve_index(index, logits)
-        one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-        attn = state.attentions
-        if len(attn) != depth:
-            raise RuntimeError(f"recorded {len(attn)} attention maps for {depth} layers")
-
-        grads: dict = {}
+    def forward() -> Tensor:
+        # the word embeddings as a leaf, so the attention maps have a graph
+        # even when every parameter is frozen
+        embeds = model.bert.embeddings.word_embeddings(input_ids).detach()
         if m.needs_grad:
-            layers = [last] if m.name == "attn_gradcam" else list(range(s, depth))
-            # per-sample seed: one-hot(c_b) in row b, so sample b gets d y_{b,c_b} / d A
-            g = torch.autograd.grad((logits * one_hot).sum(), [attn[i] for i in layers])
-            grads = dict(zip(layers, g))
+            embeds.requires_grad_(True)
+        return model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
-        rel: dict = {}
-        r_input = None
-        if m.rule_set is not None:
-            stop = {"transformer_attribution": s, "lrp_last_layer": last, "lrp": None}[m.name]
-            with torch.no_grad():
-                r_input = model.relprop(one_hot, stop_layer=stop)
-            rel = {i: state.attention_relevance[mod] for i, mod in enumerate(state.attention_modules)
-                   if mod in state.attention_relevance}
+    def relprop(R: Tensor, stop: Optional[int]) -> Optional[Tensor]:
+        return model.relprop(R, stop_layer=stop)
 
-        with torch.no_grad():
-            if m.name == "transformer_attribution":
-                mats = [row_normalize(add_identity(positive_head_mean(grads[i] * rel[i]))) for i in range(s, depth)]
-                cam = rollout_row(mats, row=0)
-                cam[:, 0] = _masked_min(cam, real)
-            elif m.name == "generic_attribution":
-                mats = [add_identity(positive_head_mean(grads[i] * attn[i].detach())) for i in range(s, depth)]
-                cam = rollout_row(mats, row=0)
-            elif m.name == "rollout":
-                mats = [row_normalize(add_identity(head_mean(attn[i].detach()))) for i in range(s, depth)]
-                cam = rollout_row(mats, row=0)
-                cam[:, 0] = 0
-            elif m.name == "attn_last_layer":
-                cam = head_mean(attn[last].detach())[:, 0].clone()
-                cam[:, 0] = 0
-            elif m.name == "attn_gradcam":
-                pair = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, N, N): real rows x real columns
-                n_pairs = pair.flatten(1).sum(dim=1).reshape(-1, 1, 1, 1)
-                w = (grads[last] * pair).sum(dim=(2, 3), keepdim=True) / n_pairs  # (B, H, 1, 1)
-                full = (w * attn[last].detach()).mean(dim=1).clamp(min=0)  # (B, N, N)
-                full = _masked_minmax(full, pair[:, 0])
-                full[:, 0, 0] = 0
-                cam = full[:, 0]
-            elif m.name == "lrp_last_layer":
-                cam = rel[last].clamp(min=0).mean(dim=1)[:, 0].clone()
-                cam[:, 0] = 0
-            elif m.name == "lrp":
-                cam = r_input.sum(dim=-1)
-                cam[:, 0] = 0
-            else:  # pragma: no cover - the registry and this table move together
-                raise NotImplementedError(m.name)
-            cam = cam.masked_fill(~real, 0.0)
+    rec = record(m, forward, relprop, depth, s, index)
+    attn, grads, rel, r_input = rec.attentions, rec.grads, rec.relevance, rec.input_relevance
+    with torch.no_grad():
+        if m.name == "transformer_attribution":
+            mats = [row_normalize(add_identity(positive_head_mean(grads[i] * rel[i]))) for i in range(s, depth)]
+            cam = rollout_row(mats, row=0)
+            cam[:, 0] = _masked_min(cam, real)
+        elif m.name == "generic_attribution":
+            mats = [add_identity(positive_head_mean(grads[i] * attn[i])) for i in range(s, depth)]
+            cam = rollout_row(mats, row=0)
+        elif m.name == "rollout":
+            mats = [row_normalize(add_identity(head_mean(attn[i]))) for i in range(s, depth)]
+            cam = rollout_row(mats, row=0)
+            cam[:, 0] = 0
+        elif m.name == "attn_last_layer":
+            cam = head_mean(attn[last])[:, 0].clone()
+            cam[:, 0] = 0
+        elif m.name == "attn_gradcam":
+            pair = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, N, N): real rows x real columns
+            n_pairs = pair.flatten(1).sum(dim=1).reshape(-1, 1, 1, 1)
+            w = (grads[last] * pair).sum(dim=(2, 3), keepdim=True) / n_pairs  # (B, H, 1, 1)
+            full = (w * attn[last]).mean(dim=1).clamp(min=0)  # (B, N, N)
+            full = _masked_minmax(full, pair[:, 0])
+            full[:, 0, 0] = 0
+            cam = full[:, 0]
+        elif m.name == "lrp_last_layer":
+            cam = rel[last].clamp(min=0).mean(dim=1)[:, 0].clone()
+            cam[:, 0] = 0
+        elif m.name == "lrp":
+            cam = r_input.sum(dim=-1)
+            cam[:, 0] = 0
+        else:  # pragma: no cover - the registry and this table move together
+            raise NotImplementedError(m.name)
+        cam = cam.masked_fill(~real, 0.0)
     return cam.detach()

@@ -1,0 +1,64 @@
+"""Reading checkpoints safely, and saying exactly what did not fit.
+
+Nothing here unpickles arbitrary objects: ``.safetensors`` files, or
+``torch.load(weights_only=True)`` for ``.pth``/``.pt``/``.bin``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["CheckpointError", "read_state_dict", "mismatch_report"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_state_dict(path: str) -> Dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` read
+    with ``torch.load(weights_only=True)``; unwraps ``{"model": ...}`` and
+    ``{"state_dict": ...}`` (DeiT releases, training scripts)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({exc})") from None
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return obj
+
+
+def _first(keys: Sequence[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def mismatch_report(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
+    """'' when ``state`` fits a model whose state dict is ``own``; otherwise
+    one line naming the missing and unexpected keys and the shape mismatches."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys ({_first(unexpected)})")
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    return "; ".join(parts)
