@@ -1,0 +1,289 @@
+"""Positive / negative perturbation test on stored relevance maps
+(../shared/METHODS.md section 5).
+
+    python baselines/ViT/perturbation_eval.py --results outputs/perturbation/rollout/top --neg
+
+reads ``results.hdf5`` (from ``generate_visualizations.py``) and the images it
+names, upsamples and min-max normalises each map, and for p = 0.1 ... 0.9
+sets the top (``--pos``) or bottom (``--neg``) k = int(H*W*p) pixels to 0
+before normalisation.  Writes to ``--output-dir`` (default: next to
+results.hdf5): ``results.json`` (accuracy at p = 0, 0.1, ..., 0.9 and the
+AUC of each direction run so far), ``<direction>/model_hits.npy`` and
+``<direction>/perturbations_hits.npy`` (per-image hits, as the published
+script) and ``perturbation.png`` (accuracy against the removed fraction,
+both directions when both were run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from baselines.ViT.perturbation_data import (RESULTS_NAME, InputError, RobustImageDataset, decode_maps,
+                                             open_image_tree, read_results, set_tf32, weights_sha256)
+from baselines.ViT.perturbation_metrics import (DIRECTIONS, PERTURBATION_STEPS, auc, normalize_input,
+                                                pixels_to_remove, prepare_maps, removal_ranks, remove_pixels)
+from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
+from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
+
+__all__ = ["perturbation_hits", "evaluate", "update_results", "plot_results", "build_parser", "main", "run"]
+
+FRACTIONS: Tuple[float, ...] = (0.0,) + PERTURBATION_STEPS
+JSON_NAME = "results.json"
+PLOT_NAME = "perturbation.png"
+
+
+def perturbation_hits(model, images: Tensor, maps: Tensor, targets: Tensor, mean: Sequence[float],
+                      std: Sequence[float], direction: str,
+                      steps: Sequence[float] = PERTURBATION_STEPS) -> Tuple[Tensor, Tensor]:
+    """Hits of one batch before and after each perturbation step.
+
+    Parameters
+    ----------
+    model:
+        Classifier taking normalised (B, C, H, W) images.
+    images:
+        (B, C, H, W) in [0, 1], on the model's device.
+    maps:
+        (B, h, w) relevance as stored (any scale); upsampled and normalised here.
+    targets:
+        (B,) ground-truth labels.
+    mean, std:
+        The model's input normalisation.
+    direction:
+        ``positive`` (remove the most relevant pixels first) or ``negative``.
+
+    Returns
+    -------
+    (hits0, hits)
+        (B,) bool: prediction == target on the unperturbed images; (S, B)
+        bool: the same after removing ``int(H*W*p)`` pixels for each p.
+    """
+    H, W = images.shape[-2:]
+    ranks = removal_ranks(prepare_maps(maps.to(images.device), (H, W)), direction)
+    with torch.no_grad():
+        hits0 = model(normalize_input(images, mean, std)).argmax(dim=-1) == targets
+        hits = []
+        for p in steps:
+            perturbed = remove_pixels(images, ranks, pixels_to_remove(H, W, p))
+            hits.append(model(normalize_input(perturbed, mean, std)).argmax(dim=-1) == targets)
+    return hits0, torch.stack(hits)
+
+
+def evaluate(model, results_path: str, images, mean: Sequence[float], std: Sequence[float], direction: str,
+             batch_size: int, device: torch.device, num_workers: int = 0,
+             input_size: Optional[Tuple[int, int]] = None) -> Dict:
+    """Run :func:`perturbation_hits` over every row of ``results_path``.
+
+    Returns a dict with ``model_hits`` (n,), ``perturbations_hits`` (S, n)
+    (float, NaN for an image unreadable now, which is left out of the
+    accuracies), ``accuracy`` (acc_0, acc_0.1, ..., acc_0.9), ``auc`` and
+    ``num_images``.
+    """
+    with h5py.File(results_path, "r") as f:
+        index, target = f["index"][()], f["target"][()]
+        if input_size is None:
+            input_size = tuple(int(v) for v in f.attrs["input_size"])
+        vis, vis_scale = f["vis"], f["vis_scale"][()]
+        n = len(index)
+        model_hits = np.full(n, np.nan)
+        pert_hits = np.full((len(PERTURBATION_STEPS), n), np.nan)
+        starts = list(range(0, n, batch_size))
+        dataset = RobustImageDataset(images, input_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index[a:a + batch_size].tolist() for a in starts],
+                                             num_workers=num_workers)
+        for a, (idx, batch, labels, errors) in tqdm(zip(starts, loader), total=len(starts), desc=direction):
+            b = a + len(idx)
+            if not np.array_equal(labels.numpy(), target[a:b]):
+                raise InputError(f"labels of images {idx.tolist()} differ from those in {results_path}")
+            ok = np.array([e == "" for e in errors], dtype=bool)
+            for i in np.flatnonzero(~ok):
+                tqdm.write(f"warning: left out unreadable image {images.samples[int(idx[i])][0]}: {errors[i]}",
+                           file=sys.stderr)
+            if not ok.any():
+                continue
+            keep = torch.from_numpy(ok)
+            maps = torch.from_numpy(decode_maps(vis[a:b], vis_scale[a:b])[ok])
+            h0, h = perturbation_hits(model, batch[keep].to(device), maps, labels[keep].to(device), mean, std,
+                                      direction)
+            rows = np.arange(a, b)[ok]
+            model_hits[rows] = h0.cpu().numpy()
+            pert_hits[:, rows] = h.cpu().numpy()
+    counted = ~np.isnan(model_hits)
+    if not counted.any():
+        raise InputError("no readable image to evaluate")
+    accuracy = [float(model_hits[counted].mean())] + [float(v) for v in pert_hits[:, counted].mean(axis=1)]
+    return {"model_hits": model_hits, "perturbations_hits": pert_hits, "accuracy": accuracy,
+            "auc": auc(accuracy, FRACTIONS), "num_images": int(counted.sum()), "num_left_out": int((~counted).sum())}
+
+
+def update_results(output_dir: str, header: Dict, direction: str, result: Dict) -> Dict:
+    """Add one direction's accuracies and AUC to ``results.json`` (written
+    atomically); entries of other maps (another header) are dropped."""
+    path = os.path.join(output_dir, JSON_NAME)
+    data: Dict = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        if data.get("maps") != header.get("maps"):
+            stale = [d for d in DIRECTIONS if d in data]
+            if stale:
+                tqdm.write(f"warning: {path} held results of other maps; dropping {', '.join(stale)}", file=sys.stderr)
+            data = {}
+    data.update(header)
+    data["fractions"] = list(FRACTIONS)
+    data[direction] = {"accuracy": result["accuracy"], "auc": result["auc"], "num_images": result["num_images"],
+                       "num_left_out": result["num_left_out"]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return data
+
+
+def plot_results(data: Dict, path: str) -> str:
+    """Accuracy (%) against the removed fraction, one line per direction run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for direction, style in zip(DIRECTIONS, ("o-", "s--")):
+        if direction in data:
+            r = data[direction]
+            ax.plot(data["fractions"], [100 * a for a in r["accuracy"]], style,
+                    label=f"{direction} (AUC {r['auc']:.2f})")
+    ax.set_xlabel("fraction of pixels removed")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{data.get('method_label', data.get('method'))} ({data.get('vis_class')})")
+    ax.set_xlim(0, max(FRACTIONS))
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y"):
+        return True
+    if value in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results", default=None,
+                   help="results.hdf5 or its directory; None: outputs/perturbation/METHOD/VIS_CLASS, "
+                        "as generate_visualizations.py writes it")
+    p.add_argument("--method", default=None, choices=METHOD_CHOICES,
+                   help="expected method of the maps (checked; locates the default --results)")
+    p.add_argument("--vis-class", default=None, choices=("top", "target"),
+                   help="expected vis-class of the maps (checked; locates the default --results)")
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument("--pos", action="store_true", help="positive perturbation: remove the most relevant first")
+    direction.add_argument("--neg", nargs="?", const=True, default=None, type=_bool,
+                           help="negative perturbation: remove the least relevant first; the direction when neither "
+                                "flag is given, as in the published script; '--neg false' means --pos")
+    p.add_argument("--imagenet-validation-path", default=None,
+                   help="the images; None: the tree recorded in results.hdf5 (must be the same images)")
+    p.add_argument("--model", default=None, choices=sorted(MODEL_FACTORIES),
+                   help="architecture; None: the one recorded in results.hdf5")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint or model directory; None: the one recorded (its hash must match)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--num-workers", type=int, default=4, help="image-loading worker processes")
+    p.add_argument("--output-dir", default=None, help="where results go; None: the directory of results.hdf5")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TensorFloat-32 on CUDA (faster; predictions may then differ from the stored ones)")
+    return p
+
+
+def run(args: argparse.Namespace) -> Dict:
+    """Evaluate one direction; returns the updated results.json contents."""
+    direction = "positive" if args.pos or args.neg is False else "negative"
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be positive, not {args.batch_size}")
+    results = args.results
+    if results is None:
+        if args.method is None:
+            raise InputError("give --results, or --method (and --vis-class) to find the default one")
+        results = os.path.join("outputs", "perturbation", resolve_method(args.method).name, args.vis_class or "top")
+    if os.path.isdir(results):
+        results = os.path.join(results, RESULTS_NAME)
+    identity, info = read_results(results)
+    if args.method is not None and resolve_method(args.method).name != identity["method"]:
+        raise InputError(f"{results} holds maps of method {identity['method']!r}, not "
+                         f"{resolve_method(args.method).name!r}")
+    if args.vis_class is not None and args.vis_class != identity["vis_class"]:
+        raise InputError(f"{results} holds maps of vis-class {identity['vis_class']!r}, not {args.vis_class!r}")
+
+    images = open_image_tree(args.imagenet_validation_path or info["dataset_root"])
+    if images.sha256() != identity["dataset_sha256"]:
+        raise InputError(f"{images.root} is not the image tree {results} was made from "
+                         f"(its file list differs from {info.get('dataset_root')})")
+    weights = args.weights or info.get("weights")
+    if weights is None or not os.path.exists(weights):
+        raise InputError(f"weights {weights} not found; pass --weights")
+    if weights_sha256(weights) != identity["weights_sha256"]:
+        raise InputError(f"{weights} is not the model {results} was made with (weights hash differs)")
+    name = args.model or (identity["model"] if identity["model"] in MODEL_FACTORIES else "vit_base_patch16_224")
+    set_tf32(args.tf32)
+    try:
+        device = torch.device(args.device)
+        model = load_model(name, weights).to(device).eval()
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None
+    except RuntimeError as exc:
+        raise InputError(f"device {args.device!r}: {exc}".splitlines()[0]) from None
+
+    out = args.output_dir or os.path.dirname(os.path.abspath(results))
+    os.makedirs(os.path.join(out, direction), exist_ok=True)
+    result = evaluate(model, results, images, identity["mean"], identity["std"], direction, args.batch_size,
+                      device, args.num_workers, tuple(identity["input_size"]))
+    np.save(os.path.join(out, direction, "model_hits.npy"), result["model_hits"])
+    np.save(os.path.join(out, direction, "perturbations_hits.npy"), result["perturbations_hits"])
+    header = {"method": identity["method"], "method_label": info.get("method_label", identity["method"]),
+              "vis_class": identity["vis_class"], "model": identity["model"], "results_hdf5": os.path.abspath(results),
+              "maps": identity}
+    data = update_results(out, header, direction, result)
+    plot_results(data, os.path.join(out, PLOT_NAME))
+    acc = " ".join(f"{100 * a:.1f}" for a in result["accuracy"])
+    print(f"{identity['method']} {identity['vis_class']} {direction}: accuracy (%) at p=0..0.9: {acc}; "
+          f"AUC {result['auc']:.2f} over {result['num_images']} images")
+    return data
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command-line entry point; bad input exits with status 2 and one line."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (InputError, UnknownMethodError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
