@@ -1,0 +1,344 @@
+"""Token-level precision, recall and F1 of hard rationale predictions (../shared/METHODS.md section 6).
+
+A results file is ERASER's JSON lines format, one line per document::
+
+    {"annotation_id": ..., "rationales": [{"docid": ...,
+        "hard_rationale_predictions": [{"start_token": i, "end_token": j}, ...]}],
+     "classification": "POS", "classification_scores": {"NEG": 0.1, "POS": 0.9}}
+
+Scoring follows the ERASER reference code's token-level ("token_prf")
+figures: every span is expanded into its tokens; for each (annotation,
+document) pair present in the truth or the prediction, precision = |T & P| / |P|
+(0 when P is empty), recall = |T & P| / |T| (0 when T is empty) and
+F1 = 2PR / (P + R) (0 when either is 0).  **Macro** figures are the means of the
+per-document precision, recall and F1; **micro** figures pool the counts of all
+documents, and micro F1 is the F1 of micro precision and recall.
+
+Usage::
+
+    python BERT_rationale_benchmark/metrics.py --data-dir DIR --split test --results FILE
+    python BERT_rationale_benchmark/metrics.py --data-dir DIR --split test --results-dir OUT
+
+The second form scores ``OUT/<method>/identifier_results_<k>.json`` for every
+method folder and k, prints the table and writes ``token_f1.{md,csv,json,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from BERT_rationale_benchmark.utils import (SPLITS, Annotation, ERASERFormatError, PathLike,  # noqa: E402
+                                            annotation_docid, check_evidence_offsets, load_flattened_documents,
+                                            load_jsonl, load_split)
+
+__all__ = [
+    "PRF", "TokenScores", "f1", "prf", "score_token_sets", "truth_token_sets", "predicted_token_sets",
+    "load_results", "score_results", "find_result_files", "score_results_dir", "format_table",
+    "write_table", "plot_f1", "main",
+]
+
+Key = Tuple[str, str]  # (annotation_id, docid)
+RESULT_FILE = re.compile(r"^identifier_results_(\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class PRF:
+    """Precision, recall and F1 (fractions in [0, 1])."""
+
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Token-level scores of one results file."""
+
+    macro: PRF
+    micro: PRF
+    documents: int
+    per_document: Dict[Key, PRF]
+    accuracy: Optional[float] = None
+
+
+def f1(precision: float, recall: float) -> float:
+    """Harmonic mean 2PR / (P + R); 0 when either is 0 (ERASER's ``_f1``)."""
+    if precision == 0 or recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def prf(truth: Set[int], pred: Set[int]) -> PRF:
+    """Token precision |T & P| / |P|, recall |T & P| / |T| and their F1 for
+    one document; an empty P (or T) gives precision (recall) 0."""
+    hit = len(truth & pred)
+    p = hit / len(pred) if pred else 0.0
+    r = hit / len(truth) if truth else 0.0
+    return PRF(p, r, f1(p, r))
+
+
+def score_token_sets(truth: Mapping[Key, Set[int]], pred: Mapping[Key, Set[int]]) -> TokenScores:
+    """Macro and micro token-level scores over every key of ``truth`` or ``pred``.
+
+    Macro: means of the per-key precision, recall and F1. Micro: precision =
+    sum |T & P| / sum |P|, recall = sum |T & P| / sum |T|, F1 of the two.
+    """
+    keys = sorted(set(truth) | set(pred))
+    per_doc = {k: prf(truth.get(k, set()), pred.get(k, set())) for k in keys}
+    n = len(keys)
+    if n == 0:
+        zero = PRF(0.0, 0.0, 0.0)
+        return TokenScores(zero, zero, 0, {})
+    macro = PRF(sum(s.precision for s in per_doc.values()) / n,
+                sum(s.recall for s in per_doc.values()) / n,
+                sum(s.f1 for s in per_doc.values()) / n)
+    hits = sum(len(truth.get(k, set()) & pred.get(k, set())) for k in keys)
+    n_pred = sum(len(v) for v in pred.values())
+    n_truth = sum(len(v) for v in truth.values())
+    mp = hits / n_pred if n_pred else 0.0
+    mr = hits / n_truth if n_truth else 0.0
+    return TokenScores(macro, PRF(mp, mr, f1(mp, mr)), n, per_doc)
+
+
+def truth_token_sets(annotations: Iterable[Annotation]) -> Dict[Key, Set[int]]:
+    """Human evidence tokens per (annotation id, docid); annotations without
+    evidence contribute no key (as in ERASER)."""
+    out: Dict[Key, Set[int]] = {}
+    for ann in annotations:
+        for docid, tokens in ann.evidence_tokens().items():
+            out.setdefault((ann.annotation_id, docid), set()).update(tokens)
+    return out
+
+
+def predicted_token_sets(results: Iterable[dict]) -> Dict[Key, Set[int]]:
+    """Predicted tokens per (annotation id, docid): every hard rationale span
+    expanded into its tokens.  A document listed without spans gets an empty set."""
+    out: Dict[Key, Set[int]] = {}
+    for inst in results:
+        for rat in inst.get("rationales", []):
+            tokens = out.setdefault((inst["annotation_id"], rat["docid"]), set())
+            for span in rat.get("hard_rationale_predictions") or []:
+                tokens.update(range(span["start_token"], span["end_token"]))
+    return out
+
+
+def _check_results(results: List[dict], path: PathLike, annotations: Dict[str, Annotation],
+                   documents: Mapping[str, Sequence[str]], split: str) -> None:
+    seen: Dict[str, int] = {}
+    for line, inst in enumerate(results, start=1):
+        where = f"{path}: record {line}"
+        ann_id = inst.get("annotation_id")
+        if not isinstance(ann_id, str):
+            raise ERASERFormatError(f"{where}: missing string field 'annotation_id'")
+        if ann_id not in annotations:
+            raise ERASERFormatError(f"{where}: annotation id {ann_id!r} is not in the {split} split")
+        if ann_id in seen:
+            raise ERASERFormatError(f"{where}: annotation id {ann_id!r} repeats record {seen[ann_id]}")
+        seen[ann_id] = line
+        rats = inst.get("rationales")
+        if not isinstance(rats, list):
+            raise ERASERFormatError(f"{where}: 'rationales' must be a list")
+        for rat in rats:
+            if not isinstance(rat, dict) or not isinstance(rat.get("docid"), str):
+                raise ERASERFormatError(f"{where}: each rationale needs a string 'docid'")
+            docid = rat["docid"]
+            if docid not in documents:
+                raise ERASERFormatError(f"{where}: unknown docid {docid!r}")
+            n = len(documents[docid])
+            for span in rat.get("hard_rationale_predictions") or []:
+                s, e = (span.get("start_token"), span.get("end_token")) if isinstance(span, dict) else (None, None)
+                if not (isinstance(s, int) and isinstance(e, int) and 0 <= s <= e <= n):
+                    raise ERASERFormatError(
+                        f"{where}: span {span!r} is not a token range inside {docid!r} ({n} tokens)")
+
+
+def load_results(path: PathLike, annotations: Sequence[Annotation], documents: Mapping[str, Sequence[str]],
+                 split: str = "test") -> List[dict]:
+    """Read and validate a results file against the split's annotations.
+
+    Raises
+    ------
+    ERASERFormatError
+        Malformed lines (file and line number), unknown annotation ids or
+        docids, repeated ids, spans outside their document.
+    """
+    results = load_jsonl(path)
+    _check_results(results, path, {a.annotation_id: a for a in annotations}, documents, split)
+    return results
+
+
+def score_results(results: Sequence[dict], annotations: Sequence[Annotation]) -> TokenScores:
+    """Token scores of validated ``results`` against the annotations' evidence,
+    plus the classification accuracy when every record has a ``classification``."""
+    scores = score_token_sets(truth_token_sets(annotations), predicted_token_sets(results))
+    accuracy = None
+    if results and all("classification" in r for r in results):
+        gold = {a.annotation_id: a.classification for a in annotations}
+        accuracy = sum(r["classification"] == gold[r["annotation_id"]] for r in results) / len(results)
+    return TokenScores(scores.macro, scores.micro, scores.documents, scores.per_document, accuracy)
+
+
+def find_result_files(results_dir: PathLike) -> Dict[str, Dict[int, Path]]:
+    """``{method: {k: path}}`` for every ``identifier_results_<k>.json`` in
+    ``results_dir``'s subfolders (the folder name is the method) or in
+    ``results_dir`` itself (named after the folder)."""
+    root = Path(results_dir)
+    found: Dict[str, Dict[int, Path]] = {}
+    for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.iterdir()):
+            m = RESULT_FILE.match(f.name)
+            if m and f.is_file():
+                found.setdefault(folder.name, {})[int(m.group(1))] = f
+    return found
+
+
+def _method_order(names: Iterable[str]) -> List[str]:
+    try:
+        from modules.methods import METHOD_NAMES
+    except ImportError:  # pragma: no cover - the registry is part of the project
+        METHOD_NAMES = ()
+    names = list(names)
+    known = [m for m in METHOD_NAMES if m in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str) -> Dict[str, Dict[int, TokenScores]]:
+    """Scores of every method and k under ``results_dir`` (see :func:`find_result_files`)."""
+    files = find_result_files(results_dir)
+    if not files:
+        raise FileNotFoundError(f"no identifier_results_<k>.json files in {results_dir} or its subfolders")
+    annotations = load_split(data_dir, split)
+    documents = load_flattened_documents(data_dir, {annotation_docid(a) for a in annotations})
+    check_evidence_offsets(annotations, documents)
+    table: Dict[str, Dict[int, TokenScores]] = {}
+    for method in _method_order(files):
+        table[method] = {k: score_results(load_results(p, annotations, documents, split), annotations)
+                         for k, p in sorted(files[method].items())}
+    return table
+
+
+def format_table(table: Mapping[str, Mapping[int, TokenScores]], which: str = "macro") -> str:
+    """A markdown table of ``which`` ("macro" or "micro") token F1 (%), one row
+    per method, one column per k."""
+    ks = sorted({k for row in table.values() for k in row})
+    lines = [f"| {which} token F1 (%) | " + " | ".join(f"k={k}" for k in ks) + " |",
+             "|---|" + "---:|" * len(ks)]
+    for method, row in table.items():
+        cells = [f"{100 * getattr(row[k], which).f1:.2f}" if k in row else "-" for k in ks]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_table(table: Mapping[str, Mapping[int, TokenScores]], out_dir: PathLike,
+                stem: str = "token_f1") -> List[Path]:
+    """Write the table as markdown (macro and micro F1), CSV and JSON (every
+    figure) under ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{stem}.md"
+    md.write_text(format_table(table, "macro") + "\n\n" + format_table(table, "micro") + "\n", encoding="utf-8")
+    rows = []
+    for method, row in table.items():
+        for k, s in sorted(row.items()):
+            rows.append({"method": method, "k": k, "documents": s.documents,
+                         "macro_precision": s.macro.precision, "macro_recall": s.macro.recall, "macro_f1": s.macro.f1,
+                         "micro_precision": s.micro.precision, "micro_recall": s.micro.recall, "micro_f1": s.micro.f1,
+                         "accuracy": s.accuracy})
+    csv_path = out / f"{stem}.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method", "k"])
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return [md, csv_path, json_path]
+
+
+def plot_f1(table: Mapping[str, Mapping[int, TokenScores]], path: PathLike, title: str = "") -> Path:
+    """PNG of token F1 against k for every method (macro solid, micro dashed),
+    the paper's Movie Reviews figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (method, row) in enumerate(table.items()):
+        ks = sorted(row)
+        color = f"C{i % 10}"
+        ax.plot(ks, [100 * row[k].macro.f1 for k in ks], marker="o", color=color, label=method)
+        ax.plot(ks, [100 * row[k].micro.f1 for k in ks], linestyle="--", color=color, alpha=0.6)
+    ax.set_xlabel("k (top-k words)")
+    ax.set_ylabel("token F1 (%)  [macro solid, micro dashed]")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _print_single(path: PathLike, split: str, s: TokenScores) -> None:
+    print(f"{path}: {s.documents} documents ({split} split)")
+    print(f"{'token-level':<12} {'precision':>9} {'recall':>9} {'F1':>9}")
+    for name, v in (("macro", s.macro), ("micro", s.micro)):
+        print(f"{name:<12} {v.precision:9.4f} {v.recall:9.4f} {v.f1:9.4f}")
+    if s.accuracy is not None:
+        print(f"classification accuracy: {s.accuracy:.4f}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Token-level precision / recall / F1 of top-k rationales against ERASER human evidence "
+                    "(METHODS.md section 6).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True,
+                        help="ERASER directory with {train,val,test}.jsonl and docs/")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split the results are scored on")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--results", help="one identifier_results_<k>.json file")
+    group.add_argument("--results-dir", "--results_dir", dest="results_dir",
+                       help="pipeline output folder: scores every <method>/identifier_results_<k>.json")
+    parser.add_argument("--out-dir", default=None,
+                        help="where --results-dir writes token_f1.{md,csv,json,png} (default: the results dir)")
+    parser.add_argument("--score-file", default=None, help="with --results: also write the scores as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        if args.results:
+            annotations = load_split(args.data_dir, args.split)
+            documents = load_flattened_documents(args.data_dir, {annotation_docid(a) for a in annotations})
+            check_evidence_offsets(annotations, documents)
+            s = score_results(load_results(args.results, annotations, documents, args.split), annotations)
+            _print_single(args.results, args.split, s)
+            if args.score_file:
+                Path(args.score_file).write_text(json.dumps(
+                    {"documents": s.documents, "macro": asdict(s.macro), "micro": asdict(s.micro),
+                     "accuracy": s.accuracy}, indent=2) + "\n", encoding="utf-8")
+            return 0
+        table = score_results_dir(args.results_dir, args.data_dir, args.split)
+        out_dir = Path(args.out_dir or args.results_dir)
+        n_docs = next(iter(next(iter(table.values())).values())).documents
+        print(f"token-level rationale F1, {args.split} split, {n_docs} documents\n")
+        print(format_table(table, "macro"))
+        print()
+        print(format_table(table, "micro"))
+        paths = write_table(table, out_dir)
+        paths.append(plot_f1(table, out_dir / "token_f1.png", title=f"ERASER token F1 vs k ({args.split})"))
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+        return 0
+    except (OSError, ValueError, KeyError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

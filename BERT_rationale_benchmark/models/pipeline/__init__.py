@@ -1,0 +1,1 @@
+"""Fine-tuning and explanation pipeline (../shared/METHODS.md section 6)."""
