@@ -1,0 +1,375 @@
+"""ImageNet-segmentation test of ViT explanations (../shared/METHODS.md section 4).
+
+For every image of a ``gtsegs_ijcv.mat``-layout file: resize to the model's
+input size (224x224 for ViT-B; no crop), normalise with the model's mean/std
+(0.5/0.5 for ViT-B), explain the **predicted** class, upsample the patch map
+bilinearly to the input size, min-max normalise per image, threshold at the
+map's mean, and score against the nearest-neighbour-resized mask: pooled
+pixel accuracy, pooled IoU averaged over {background, foreground}, and
+per-image average precision averaged over images
+(:mod:`baselines.ViT.segmentation_metrics`).
+
+The real benchmark::
+
+    python baselines/ViT/imagenet_seg_eval.py --imagenet-seg-path gtsegs_ijcv.mat \\
+        --model vit_base_patch16_224 --weights vit_base_patch16_224.pth --all-methods
+
+The offline stand-in (``data/synthetic.py``; the model folder carries its own
+configuration, so ``--model`` is not needed)::
+
+    python baselines/ViT/imagenet_seg_eval.py --imagenet-seg-path outputs/demo/data/val_gtsegs.mat \\
+        --weights samples/synthetic_vit --all-methods --output-dir outputs/demo/segmentation
+
+Outputs in ``--output-dir``: ``results.json`` (metrics, method(s), model,
+weights sha256, number of images, seconds), ``results_<method>.json`` per
+method, ``table.md``, ``progress.json`` (running sums, rewritten every
+``--save-every`` batches; ``--resume`` continues from it) and overlay PNGs
+under ``overlays/`` (every method side by side, ground-truth outline drawn).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from baselines.ViT.segmentation_metrics import SegmentationScores
+from baselines.ViT.ViT_explanation_generator import explain, upsample
+from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
+from baselines.ViT.ViT_LRP import load_model as load_vit
+from data.imagenet_seg import ImagenetSegmentation, SegmentationDataError
+from modules.methods import METHOD_CHOICES, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
+
+__all__ = ["EVAL_START_LAYER", "PAPER_RESULTS", "TABLE_ORDER", "load_model", "file_sha256", "relevance_maps",
+           "evaluate", "format_table", "main"]
+
+EVAL_START_LAYER: Dict[str, int] = {"transformer_attribution": 1, "rollout": 1}
+"""First rollout block per method in this test (METHODS.md section 2); others start at 0."""
+
+PAPER_RESULTS: Dict[str, Tuple[float, float, float]] = {
+    "rollout": (73.54, 84.76, 55.42),
+    "attn_last_layer": (67.84, 80.24, 46.37),
+    "attn_gradcam": (64.44, 71.60, 40.82),
+    "lrp": (51.09, 55.68, 32.89),
+    "lrp_last_layer": (76.31, 84.67, 57.94),
+    "transformer_attribution": (79.70, 86.03, 61.95),
+}
+"""Published ViT-Base results on ImageNet-segmentation: pixel acc., mAP, mIoU (%)."""
+
+TABLE_ORDER: Tuple[str, ...] = ("rollout", "attn_last_layer", "attn_gradcam", "lrp", "lrp_last_layer",
+                                "generic_attribution", "transformer_attribution")
+"""Row order of the paper's table (generic attribution, from the ICCV paper, added)."""
+
+
+class EvalError(Exception):
+    """A user-facing problem (bad input, mismatched resume state)."""
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(model_name: str, weights: str, device: str):
+    """The model to explain and a description of it.
+
+    ``weights`` is a model folder from ``train_synthetic.py`` (or the
+    ``model.safetensors`` in one), whose ``config.json`` defines the model
+    (``model_name`` is then ignored), or a checkpoint file for the factory
+    model ``model_name`` (``.pth``/``.pt``/``.bin`` read with
+    ``weights_only=True``, or ``.safetensors``).  Returns (model in eval
+    mode on ``device``, dict with model name, weights path and sha256).
+    """
+    from baselines.ViT.train_synthetic import MODEL_FILE, is_model_dir, load_synthetic_model
+
+    if is_model_dir(weights):
+        model = load_synthetic_model(weights, device)
+        path = os.path.join(weights, MODEL_FILE) if os.path.isdir(weights) else weights
+        name = model.default_cfg.get("architecture", "synthetic_vit")
+    else:
+        if os.path.isdir(weights):
+            raise CheckpointError(f"{weights}: a folder without a model config.json; pass a checkpoint file")
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"checkpoint not found: {weights}")
+        model = load_vit(model_name, weights)
+        path, name = weights, model_name
+    return model.to(device).eval(), {"model": name, "weights": os.path.abspath(path),
+                                     "weights_sha256": file_sha256(path)}
+
+
+def relevance_maps(model, images: torch.Tensor, method: str) -> torch.Tensor:
+    """Raw relevance of the predicted class at the input's resolution:
+    (B, H, W) float32 on the CPU (patch maps upsampled bilinearly)."""
+    maps = explain(model, images, method, index=None, start_layer=EVAL_START_LAYER.get(method, 0))
+    if tuple(maps.shape[-2:]) != tuple(images.shape[-2:]):
+        maps = upsample(maps, tuple(images.shape[-2:]))
+    return maps.float().cpu()
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def format_table(results: Dict[str, Dict[str, float]], title: str = "", paper: bool = False) -> str:
+    """A Markdown table like the paper's: pixel accuracy, mAP, mIoU (%) per
+    method; with ``paper`` the published ViT-Base numbers beside them."""
+    head = "| method | pixel acc. | mAP | mIoU |" + (" paper (ViT-B, ImageNet) |" if paper else "")
+    sep = "|---|---:|---:|---:|" + ("---:|" if paper else "")
+    lines = ([title, ""] if title else []) + [head, sep]
+    order = [m for m in TABLE_ORDER if m in results] + [m for m in results if m not in TABLE_ORDER]
+    for m in order:
+        r = results[m]
+        row = f"| {METHODS[m].label} | {100 * r['pixel_accuracy']:.2f} | {100 * r['mAP']:.2f} | {100 * r['mIoU']:.2f} |"
+        if paper:
+            p = PAPER_RESULTS.get(m)
+            row += f" {p[0]:.2f} / {p[1]:.2f} / {p[2]:.2f} |" if p else " - |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _overlay_rows(store: List[Dict], methods: Sequence[str], mean, std) -> List[List[Tuple[str, np.ndarray]]]:
+    from baselines.ViT.visualization import draw_outline, overlay, to_display_image
+
+    rows = []
+    for item in store:
+        image = to_display_image(item["image"], mean, std)
+        base = (image * 255).round().astype(np.uint8)
+        row = [(f"#{item['index']} (truth outlined)", draw_outline(base, item["mask"]))]
+        for m in methods:
+            row.append((METHODS[m].label, draw_outline(overlay(image, item["maps"][m]), item["mask"])))
+        if len(methods) == 1:
+            pred = (item["pred"][methods[0]][..., None] * np.array([255, 255, 255])).astype(np.uint8)
+            row.append(("map > mean", draw_outline(pred, item["mask"], color=(255, 0, 0))))
+        rows.append(row)
+    return rows
+
+
+def _save_overlays(out_dir: str, store: List[Dict], methods: Sequence[str], mean, std, title: str) -> List[str]:
+    from baselines.ViT.visualization import save_grid, save_png
+
+    if not store:
+        return []
+    rows = _overlay_rows(store, methods, mean, std)
+    paths = [save_grid(os.path.join(out_dir, "overlays", "grid.png"), rows, title=title)]
+    for item, row in zip(store, rows):
+        for (name, rgb), m in zip(row[1:], methods):
+            paths.append(save_png(os.path.join(out_dir, "overlays", m, f"{item['index']:05d}.png"), rgb))
+    return paths
+
+
+def evaluate(model, dataset: ImagenetSegmentation, methods: Sequence[str], device: str, batch_size: int = 8,
+             num_workers: int = 0, output_dir: Optional[str] = None, num_overlays: int = 6,
+             save_every: int = 20, identity: Optional[Dict] = None, resume: Optional[Dict] = None,
+             progress: bool = True, title: str = "") -> Dict:
+    """Run the test for ``methods`` in one pass over ``dataset``.
+
+    Every batch is loaded once and explained by every method.  With
+    ``output_dir``, the running sums go to ``progress.json`` every
+    ``save_every`` batches and at the end (with ``identity``, to check a
+    resume against), and the first ``num_overlays`` images' maps to overlay
+    PNGs.  ``resume`` is a progress dict to continue from (the images it
+    counted are skipped).
+
+    Returns a dict: ``scores`` (method -> metrics), ``seconds`` (method ->
+    explanation and scoring time), ``n_images``, ``accuracy`` (top-1 on the
+    stand-in's labels, when the file has them, else None), ``overlays``
+    (paths written).
+    """
+    from tqdm import tqdm
+
+    if resume:
+        scores = {m: SegmentationScores.from_state(resume["scores"][m]) for m in methods}
+        seconds = {m: float(resume["seconds"][m]) for m in methods}
+        correct, counted = int(resume.get("correct", 0)), int(resume.get("counted", 0))
+    else:
+        scores = {m: SegmentationScores() for m in methods}
+        seconds = {m: 0.0 for m in methods}
+        correct = counted = 0
+    done = scores[methods[0]].n_images
+    labels = dataset.labels()
+    loader = DataLoader(dataset.subset(dataset.indices[done:]), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
+    mean, std = model.default_cfg["mean"], model.default_cfg["std"]
+    want = max(0, num_overlays - done) if output_dir else 0
+    store: List[Dict] = []
+    overlays: List[str] = []
+
+    def checkpoint(final: bool = False) -> None:
+        if output_dir:
+            _write_json(os.path.join(output_dir, "progress.json"), {
+                "identity": identity, "complete": final, "n_images_done": scores[methods[0]].n_images,
+                "scores": {m: s.state() for m, s in scores.items()}, "seconds": seconds,
+                "metrics_so_far": {m: s.result() for m, s in scores.items()},
+                "correct": correct, "counted": counted})
+
+    bar = tqdm(loader, total=len(loader), desc="segmentation test", disable=not progress, unit="batch")
+    for b, (x, gt, idx) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        if labels is not None:
+            with torch.no_grad():
+                pred = model(x).argmax(dim=-1).cpu()
+            correct += int((pred == torch.as_tensor(labels[idx.numpy()])).sum())
+            counted += len(idx)
+        outs = {}
+        for m in methods:
+            t0 = time.perf_counter()
+            outs[m] = scores[m].update(relevance_maps(model, x, m), gt)
+            seconds[m] += time.perf_counter() - t0
+        if len(store) < want:
+            for i in range(min(want - len(store), len(idx))):
+                store.append({"index": int(idx[i]), "image": x[i].cpu(), "mask": gt[i].numpy().astype(np.uint8),
+                              "maps": {m: outs[m]["maps"][i] for m in methods},
+                              "pred": {m: outs[m]["pred"][i] for m in methods}})
+            if len(store) >= want:
+                overlays = _save_overlays(output_dir, store, methods, mean, std, title)
+        first = scores[methods[0]].result()
+        bar.set_postfix(pixAcc=f"{first['pixel_accuracy']:.3f}", mIoU=f"{first['mIoU']:.3f}",
+                        mAP=f"{first['mAP']:.3f}")
+        if save_every and (b + 1) % save_every == 0:
+            checkpoint()
+    if store and not overlays:
+        overlays = _save_overlays(output_dir, store, methods, mean, std, title)
+    checkpoint(final=True)
+    return {"scores": {m: s.result() for m, s in scores.items()}, "seconds": seconds,
+            "n_images": scores[methods[0]].n_images,
+            "accuracy": (correct / counted) if counted else None, "overlays": overlays}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="ImageNet-segmentation test of ViT explanations (pixel accuracy, mIoU, mAP; METHODS.md §4).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--imagenet-seg-path", required=True,
+                   help="gtsegs_ijcv.mat, or a stand-in written by data/synthetic.py in the same layout")
+    p.add_argument("--method", default="transformer_attribution", choices=METHOD_CHOICES,
+                   help="explanation method")
+    p.add_argument("--all-methods", action="store_true", help="evaluate every method in one pass over the data")
+    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES),
+                   help="factory model for a checkpoint file (ignored for a model folder with config.json)")
+    p.add_argument("--weights", required=True,
+                   help="local checkpoint file (.pth/.pt/.bin/.safetensors) or a model folder from "
+                        "train_synthetic.py (e.g. samples/synthetic_vit); nothing is downloaded")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--output-dir", default=os.path.join("outputs", "imagenet_seg"), help="where results go")
+    p.add_argument("--num-overlays", type=int, default=6, help="images drawn as overlay PNGs")
+    p.add_argument("--save-every", type=int, default=20, help="write progress.json every N batches (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from --output-dir/progress.json")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({platform.machine()})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0:
+        parser.error("--batch-size must be positive")
+    if args.limit is not None and args.limit <= 0:
+        parser.error("--limit must be positive")
+    if args.num_workers < 0 or args.num_overlays < 0 or args.save_every < 0:
+        parser.error("--num-workers, --num-overlays and --save-every must be non-negative")
+    if args.threads is not None:
+        if args.threads <= 0:
+            parser.error("--threads must be positive")
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    try:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EvalError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+        methods = ([m for m in TABLE_ORDER if m in METHOD_NAMES] + [m for m in METHOD_NAMES if m not in TABLE_ORDER]
+                   if args.all_methods else [resolve_method(args.method).name])
+        model, info = load_model(args.model, args.weights, str(device))
+        size = tuple(model.default_cfg["input_size"][-2:])
+        mean, std = model.default_cfg["mean"], model.default_cfg["std"]
+        dataset = ImagenetSegmentation(args.imagenet_seg_path, size=size, mean=mean, std=std)
+        if args.limit is not None:
+            dataset = dataset.subset(dataset.indices[:args.limit])
+        os.makedirs(args.output_dir, exist_ok=True)
+        identity = {"data": os.path.abspath(args.imagenet_seg_path), "n_images": len(dataset), "methods": methods,
+                    "model": info["model"], "weights_sha256": info["weights_sha256"], "input_size": list(size),
+                    "mean": list(mean), "std": list(std), "start_layers": {m: EVAL_START_LAYER.get(m, 0) for m in methods}}
+        resume = None
+        progress_path = os.path.join(args.output_dir, "progress.json")
+        if args.resume and os.path.isfile(progress_path):
+            with open(progress_path) as fh:
+                resume = json.load(fh)
+            if resume.get("identity") != identity:
+                diff = sorted(k for k in identity if (resume.get("identity") or {}).get(k) != identity[k])
+                raise EvalError(f"{progress_path} belongs to another run (differs in: {', '.join(diff)}); "
+                                "remove it or drop --resume")
+            print(f"resuming after {resume['n_images_done']} of {len(dataset)} images")
+        start = time.time()
+        out = evaluate(model, dataset, methods, str(device), args.batch_size, args.num_workers, args.output_dir,
+                       args.num_overlays, args.save_every, identity=identity, resume=resume,
+                       progress=not args.quiet,
+                       title=f"{info['model']} on {os.path.basename(args.imagenet_seg_path)}")
+    except (SegmentationDataError, CheckpointError, UnknownMethodError, EvalError, OSError) as exc:
+        _fail(str(exc))
+    elapsed = time.time() - start + (sum(resume["seconds"].values()) if resume else 0.0)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    common = {"model": info["model"], "weights": info["weights"], "weights_sha256": info["weights_sha256"],
+              "data": identity["data"], "n_images": out["n_images"], "input_size": list(size),
+              "mean": list(mean), "std": list(std), "device": str(device), "torch": torch.__version__,
+              "machine": _machine(device), "threads": torch.get_num_threads(),
+              "date": stamp}
+    if out["accuracy"] is not None:
+        common["classification_accuracy"] = out["accuracy"]
+    for m in methods:
+        _write_json(os.path.join(args.output_dir, f"results_{m}.json"),
+                    dict(common, method=m, label=METHODS[m].label, start_layer=EVAL_START_LAYER.get(m, 0),
+                         metrics=out["scores"][m], seconds=round(out["seconds"][m], 2)))
+    summary = dict(common, methods=methods, seconds=round(elapsed, 2),
+                   results={m: dict(out["scores"][m], seconds=round(out["seconds"][m], 2),
+                                    start_layer=EVAL_START_LAYER.get(m, 0)) for m in methods},
+                   overlays=[os.path.relpath(p, args.output_dir) for p in out["overlays"]])
+    if len(methods) == 1:
+        summary.update(method=methods[0], label=METHODS[methods[0]].label, metrics=out["scores"][methods[0]])
+    _write_json(os.path.join(args.output_dir, "results.json"), summary)
+    title = (f"Segmentation test: {info['model']} on {os.path.basename(args.imagenet_seg_path)}, "
+             f"{out['n_images']} images, {size[0]}x{size[1]}, {device} ({elapsed:.0f} s)")
+    if out["accuracy"] is not None:
+        title += f"; classification accuracy {100 * out['accuracy']:.1f}%"
+    table = format_table(out["scores"], title, paper=info["model"] == "vit_base_patch16_224")
+    with open(os.path.join(args.output_dir, "table.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+    print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Train a small ViT on the synthetic shapes stand-in, and load it back.
+
+The model is our :class:`~baselines.ViT.ViT_LRP.VisionTransformer` (default
+96x96 input, patch 8, 4 blocks of width 96, 4 heads), trained from scratch on
+the CPU on images of :mod:`data.synthetic`: a pool of 20,480 training
+images is generated once and each step draws 32 of them at random, each
+under a random rotation by a multiple of 90 degrees and mirroring; AdamW with
+warm-up and cosine decay, label smoothing, a 2-D sine-cosine start for the
+position embedding.  Everything is seeded, so the same command on the same
+software (and thread count) reproduces ``samples/synthetic_vit``::
+
+    python baselines/ViT/train_synthetic.py --out-dir samples/synthetic_vit
+
+A model folder holds ``model.safetensors`` and ``config.json`` (constructor
+arguments, mean/std, class names, how it was trained, its validation
+accuracy); :func:`load_synthetic_model` rebuilds the model from either path.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.ViT.ViT_LRP import CONFIG_NAME, WEIGHTS_NAME, VisionTransformer, load_model_dir, save_model_dir
+from data.synthetic import CLASS_NAMES, GENERATOR_VERSION, SyntheticShapes
+
+__all__ = ["CONFIG_FORMAT", "MODEL_FILE", "CONFIG_FILE", "DEFAULT_SAMPLE_DIR", "model_kwargs_from_args",
+           "is_model_dir", "load_synthetic_model", "save_model", "evaluate_accuracy", "train", "main"]
+
+CONFIG_FORMAT = "transformer-explainability/vit-config/1"
+MODEL_FILE = WEIGHTS_NAME
+CONFIG_FILE = CONFIG_NAME
+DEFAULT_SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                  "samples", "synthetic_vit")
+HALF = (0.5, 0.5, 0.5)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_folder(path: str) -> str:
+    """The folder of a model given as the folder or as its weights file."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def is_model_dir(path: str) -> bool:
+    """True when ``path`` is a model folder (or the ``model.safetensors`` in
+    one) whose ``config.json`` holds the constructor arguments."""
+    if not os.path.isdir(path) and os.path.basename(path) != MODEL_FILE:
+        return False
+    cfg = os.path.join(_model_folder(path), CONFIG_FILE)
+    try:
+        with open(cfg) as fh:
+            return isinstance(json.load(fh).get("model_kwargs"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_synthetic_model(path: str, device: str = "cpu") -> VisionTransformer:
+    """Rebuild a saved model from its folder (or its ``model.safetensors``)
+    with :func:`~baselines.ViT.ViT_LRP.load_model_dir`.
+
+    The model is in eval mode, in float32 (even when stored in float16), and
+    carries ``default_cfg`` (``input_size``, ``mean``, ``std``, plus
+    ``class_names``) like the factory models.  Raises
+    :class:`~baselines.ViT.ViT_LRP.CheckpointError` naming the file and what
+    is wrong.
+    """
+    folder = _model_folder(path)
+    model = load_model_dir(folder)
+    try:
+        with open(os.path.join(folder, CONFIG_FILE)) as fh:
+            names = json.load(fh).get("class_names", ())
+    except (OSError, ValueError, AttributeError):
+        names = ()
+    model.default_cfg = dict(model.default_cfg, class_names=tuple(names))
+    return model.to(device).eval()
+
+
+def save_model(model: VisionTransformer, out_dir: str, config: Dict, fp16: bool = False) -> Tuple[str, str]:
+    """Write the model folder with :func:`~baselines.ViT.ViT_LRP.save_model_dir`
+    (float16 storage with ``fp16``); ``config.json`` also gets ``config``,
+    a format tag and the weights' sha256."""
+    model.default_cfg = {"architecture": config.get("architecture", "synthetic_vit"),
+                         "mean": tuple(config.get("mean", HALF)), "std": tuple(config.get("std", HALF))}
+    save_model_dir(model, out_dir, extra=dict(config, format=CONFIG_FORMAT), half=fp16)
+    weights, cfg_path = os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, CONFIG_FILE)
+    with open(cfg_path) as fh:
+        written = json.load(fh)
+    written.update(weights_sha256=_sha256(weights), weights_dtype="float16" if fp16 else "float32")
+    with open(cfg_path, "w") as fh:
+        json.dump(written, fh, indent=2)
+        fh.write("\n")
+    return weights, cfg_path
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, loader, device: str) -> float:
+    """Top-1 accuracy of ``model`` over ``loader`` ((image, label) batches)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        pred = model(x.to(device)).argmax(dim=-1).cpu()
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    return correct / max(total, 1)
+
+
+def model_kwargs_from_args(args: argparse.Namespace) -> Dict:
+    return dict(img_size=args.size, patch_size=args.patch_size, in_chans=3, num_classes=len(CLASS_NAMES),
+                embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
+                qkv_bias=True, distilled=False)
+
+
+def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _RawShapes(SyntheticShapes):
+    """Generated samples as uint8 (3, H, W) tensors (for the training pool)."""
+
+    def __getitem__(self, i: int):
+        from data.synthetic import generate_sample
+
+        s = generate_sample(self.start + i, self.seed, self.size, self.split)
+        return torch.from_numpy(s.image.transpose(2, 0, 1).copy()), s.label
+
+
+def make_pool(n: int, seed: int, size: int, num_workers: int = 0, quiet: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images of the ``train`` split: uint8 (n, 3, H, W) and labels (n,)."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    loader = DataLoader(_RawShapes(n, seed=seed, size=size, split="train"), batch_size=256, shuffle=False,
+                        num_workers=num_workers)
+    xs, ys = [], []
+    for x, y in tqdm(loader, desc="generating training images", disable=quiet, leave=False):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def dihedral(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-sample symmetry of the square: sample b is rotated by 90 * (k[b] % 4)
+    degrees and mirrored when k[b] >= 4 (every shape class is closed under these)."""
+    out = x.clone()
+    for v in range(8):
+        sel = (k == v).nonzero(as_tuple=True)[0]
+        if sel.numel():
+            y = torch.rot90(x[sel], v % 4, dims=(-2, -1))
+            out[sel] = torch.flip(y, dims=(-1,)) if v >= 4 else y
+    return out
+
+
+def _pool_batches(pool_x: torch.Tensor, pool_y: torch.Tensor, steps: int, batch_size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, pool_x.shape[0], (batch_size,), generator=g)
+        k = torch.randint(0, 8, (batch_size,), generator=g)
+        x = (pool_x[idx].float() / 255.0 - 0.5) / 0.5  # mean = std = 0.5
+        yield dihedral(x, k), pool_y[idx]
+
+
+def sincos_pos_embed(grid: Tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position code (MAE), (gh*gw, dim): half the
+    channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"embedding width {dim} is not a multiple of 4")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        ang = pos[:, None] * omega[None]
+        parts += [torch.sin(ang), torch.cos(ang)]
+    return torch.cat(parts, dim=1).float()
+
+
+def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
+    """Train from scratch as ``args`` says; returns the model (eval mode) and
+    a record of the run (losses, accuracies, seconds).
+
+    With ``--pool-size N`` the first N training images are generated once
+    and batches are drawn from them at random (seeded), each image under a
+    random rotation by a multiple of 90 degrees and mirroring; with 0 every
+    step gets new images.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)
+    model = VisionTransformer(**model_kwargs_from_args(args))
+    if args.sincos_init:  # start from a 2-D position code (learned afterwards)
+        with torch.no_grad():
+            model.pos_embed[0, model.num_prefix_tokens:] = sincos_pos_embed(model.patch_embed.grid_size,
+                                                                            model.embed_dim)
+    model = model.to(args.device)
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "pos_embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+    val_set = SyntheticShapes(args.n_val, seed=args.data_seed, size=args.size, split="val", mean=HALF, std=HALF)
+    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=0)
+    history: Dict = {"loss": [], "val_accuracy": {}}
+    start = time.time()
+    if args.pool_size:
+        pool_x, pool_y = make_pool(args.pool_size, args.data_seed, args.size, args.num_workers, args.quiet)
+        history["pool_seconds"] = round(time.time() - start, 1)
+        batches = _pool_batches(pool_x, pool_y, args.steps, args.batch_size, args.seed + 1)
+    else:
+        train_set = SyntheticShapes(args.steps * args.batch_size, seed=args.data_seed, size=args.size,
+                                    split="train", mean=HALF, std=HALF)
+        batches = DataLoader(train_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                             drop_last=True)
+    model.train()
+    bar = tqdm(batches, total=args.steps, desc="training", disable=args.quiet)
+    running = None
+    for step, (x, y) in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, args.steps, args.warmup, args.lr)
+        loss = F.cross_entropy(model(x.to(args.device)), y.to(args.device), label_smoothing=args.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % 20 == 0:
+            history["loss"].append([step, round(running, 4)])
+        bar.set_postfix(loss=f"{running:.3f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            acc = evaluate_accuracy(model, val_loader, args.device)
+            history["val_accuracy"][step + 1] = acc
+            bar.write(f"step {step + 1}: validation accuracy {acc:.4f}, loss {running:.3f} "
+                      f"({time.time() - start:.0f} s)")
+            model.train()
+    model.eval()
+    history["train_seconds"] = round(time.time() - start, 1)
+    history["final_val_accuracy"] = evaluate_accuracy(model, val_loader, args.device)
+    return model, history
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a small ViT on the synthetic shapes stand-in (CPU, minutes) "
+                                            "and save model.safetensors + config.json.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", default=DEFAULT_SAMPLE_DIR, help="where to write the model folder")
+    p.add_argument("--size", type=int, default=96, help="image side (pixels)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (pixels)")
+    p.add_argument("--embed-dim", type=int, default=96, help="token width")
+    p.add_argument("--depth", type=int, default=4, help="transformer blocks")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--mlp-ratio", type=float, default=2.0, help="MLP hidden width / token width")
+    p.add_argument("--steps", type=int, default=5000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--pool-size", type=int, default=20480,
+                   help="training images generated once and reused with random 90-degree rotations and "
+                        "mirroring (0: new images every step)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    p.add_argument("--sincos-init", type=int, choices=(0, 1), default=1,
+                   help="1: initialise the position embedding with a 2-D sine-cosine code")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
+    p.add_argument("--n-val", type=int, default=400, help="validation images")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps (0: only at the end)")
+    p.add_argument("--min-accuracy", type=float, default=0.9,
+                   help="exit with status 1 (model still saved) if final validation accuracy is lower")
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--num-workers", type=int, default=1, help="data-generation worker processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (the shipped model was trained on the CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "n_val", "threads", "size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.size % args.patch_size:
+        parser.error(f"--size {args.size} is not a multiple of --patch-size {args.patch_size}")
+    if args.embed_dim % args.num_heads:
+        parser.error(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
+    if args.num_workers < 0 or args.pool_size < 0:
+        parser.error("--num-workers and --pool-size must be non-negative")
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    torch.set_num_threads(args.threads)
+    model, history = train(args)
+    config = {
+        "architecture": "synthetic_vit",
+        "input_size": [3, args.size, args.size],
+        "mean": list(HALF), "std": list(HALF),
+        "class_names": list(CLASS_NAMES),
+        "data": {"generator": "data/synthetic.py", "generator_version": GENERATOR_VERSION,
+                 "seed": args.data_seed, "train_split": "train", "val_split": "val", "n_val": args.n_val},
+        "training": {k: v for k, v in vars(args).items() if k not in ("out_dir", "quiet")},
+        "val_accuracy": history["final_val_accuracy"],
+        "history": history,
+        "torch_version": torch.__version__,
+        "command": "python baselines/ViT/train_synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    weights, cfg_path = save_model(model, args.out_dir, config, fp16=args.fp16)
+    if args.fp16:  # report the accuracy of what was stored
+        reloaded = load_synthetic_model(args.out_dir, args.device)
+        from torch.utils.data import DataLoader
+
+        val = DataLoader(SyntheticShapes(args.n_val, seed=args.data_seed, size=args.size, split="val",
+                                         mean=HALF, std=HALF), batch_size=100)
+        config["val_accuracy_float32"] = config["val_accuracy"]
+        config["val_accuracy"] = evaluate_accuracy(reloaded, val, args.device)
+        weights, cfg_path = save_model(model, args.out_dir, config, fp16=True)
+    size_mb = os.path.getsize(weights) / 1e6
+    print(f"validation accuracy {config['val_accuracy']:.4f} on {args.n_val} images; "
+          f"trained {history['train_seconds']:.0f} s; wrote {weights} ({size_mb:.2f} MB) and {cfg_path}")
+    if config["val_accuracy"] < args.min_accuracy:
+        print(f"warning: validation accuracy {config['val_accuracy']:.4f} is below --min-accuracy "
+              f"{args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
