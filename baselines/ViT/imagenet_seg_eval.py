@@ -153,7 +153,9 @@ def _overlay_rows(store: List[Dict], methods: Sequence[str], mean, std) -> List[
         base = (image * 255).round().astype(np.uint8)
         row = [(f"#{item['index']} (truth outlined)", draw_outline(base, item["mask"]))]
         for m in methods:
-            row.append((METHODS[m].label, draw_outline(overlay(image, item["maps"][m]), item["mask"])))
+            # full LRP's pixel maps have a few extreme values: clip them for the eye
+            pic = overlay(image, item["maps"][m], clip_percentile=99.5 if m == "lrp" else None)
+            row.append((METHODS[m].label, draw_outline(pic, item["mask"])))
         if len(methods) == 1:
             pred = (item["pred"][methods[0]][..., None] * np.array([255, 255, 255])).astype(np.uint8)
             row.append(("map > mean", draw_outline(pred, item["mask"], color=(255, 0, 0))))
@@ -310,6 +312,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EvalError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+        # reproducible maps: LRP-based relevance amplifies TF32 rounding (README, "Numerical sensitivity")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         methods = ([m for m in TABLE_ORDER if m in METHOD_NAMES] + [m for m in METHOD_NAMES if m not in TABLE_ORDER]
                    if args.all_methods else [resolve_method(args.method).name])
         model, info = load_model(args.model, args.weights, str(device))

@@ -16,7 +16,8 @@ def to_display_image(image, mean: Sequence[float], std: Sequence[float]) -> np.n
     return np.clip(arr.transpose(1, 2, 0), 0.0, 1.0)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: float = 0.5,
+            clip_percentile: Optional[float] = None) -> np.ndarray:
     """Blend a heatmap over an image.
 
     Parameters
@@ -25,6 +26,9 @@ def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: f
     heat: (H, W) relevance; min-max normalised here, so raw maps are fine.
     colormap: a matplotlib colormap name.
     alpha: weight of the heatmap.
+    clip_percentile: if given (e.g. 99.5), values outside the
+        [100 - p, p] percentiles are clipped first, so that a few extreme
+        values (full LRP's pixel maps) do not wash out the rest.
 
     Returns
     -------
@@ -37,6 +41,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: f
         import cv2
 
         heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    if clip_percentile is not None:
+        heat = np.clip(heat, *np.nanpercentile(heat, [100 - clip_percentile, clip_percentile]))
     lo, hi = float(np.nanmin(heat)), float(np.nanmax(heat))
     heat = np.nan_to_num((heat - lo) / (hi - lo)) if hi > lo else np.zeros_like(heat)
     colored = matplotlib.colormaps[colormap](heat)[..., :3]

@@ -161,15 +161,19 @@ def run(args: argparse.Namespace) -> List[str]:
             cam = upsample(cam, x.shape[-2:])
         return normalize(cam)[0].cpu().numpy()
 
+    def picture(method: str) -> np.ndarray:
+        # full LRP's pixel maps have a few extreme values: clip them for the eye
+        return overlay(image, heat(method), clip_percentile=99.5 if method == "lrp" else None)
+
     method = resolve_method(args.method).name
     stem = os.path.splitext(os.path.basename(args.image))[0]
     out = args.out or os.path.join("outputs", "visualize", f"{stem}_{method}.png")
     title = f"{label} (p={prob:.2f}) - {os.path.basename(args.image)}"
     written = [save_grid(out, [[("image", (image * 255).astype(np.uint8)),
-                                (METHODS[method].label, overlay(image, heat(method)))]], title=title)]
+                                (METHODS[method].label, picture(method))]], title=title)]
     if args.all_methods:
         cells = [("image", (image * 255).astype(np.uint8))]
-        cells += [(METHODS[m].label, overlay(image, heat(m))) for m in METHOD_NAMES]
+        cells += [(METHODS[m].label, picture(m)) for m in METHOD_NAMES]
         grid_path = os.path.splitext(out)[0] + "_all_methods.png"
         written.append(save_grid(grid_path, [cells[:4], cells[4:]], title=title))
     return written
