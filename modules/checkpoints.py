@@ -5,13 +5,14 @@ Nothing here unpickles arbitrary objects: ``.safetensors`` files, or
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Dict, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "read_state_dict", "mismatch_report"]
+__all__ = ["CheckpointError", "read_state_dict", "mismatch_report", "file_sha256", "weights_sha256"]
 
 
 class CheckpointError(ValueError):
@@ -62,3 +63,27 @@ def mismatch_report(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> s
     if shapes:
         parts.append("shape mismatch " + "; ".join(shapes[:5]))
     return "; ".join(parts)
+
+
+def file_sha256(*paths: str) -> str:
+    """SHA-256 (hex) of the concatenated bytes of ``paths``."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(weights: str) -> str:
+    """Identity of a checkpoint file, or of a model directory (its
+    ``config.json`` and ``model.safetensors`` together)."""
+    if os.path.isdir(weights):
+        paths = [os.path.join(weights, "config.json"), os.path.join(weights, "model.safetensors")]
+        missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise CheckpointError(f"model directory {weights} lacks {', '.join(missing)}")
+        return file_sha256(*paths)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"weights not found: {weights}")
+    return file_sha256(weights)

@@ -1,6 +1,5 @@
 """The segmentation-test CLI end to end on a few generated images with a tiny model."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from baselines.ViT import imagenet_seg_eval as E
 from baselines.ViT.train_synthetic import save_model
 from baselines.ViT.ViT_explanation_generator import explain, upsample
 from baselines.ViT.ViT_LRP import VisionTransformer
+from modules.checkpoints import weights_sha256
 from data.imagenet_seg import ImagenetSegmentation
 from data.synthetic import CLASS_NAMES, write_gtsegs_mat
 from modules.methods import METHOD_NAMES
@@ -46,7 +46,7 @@ def test_all_methods_end_to_end(setup, tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["methods"]) == set(METHOD_NAMES) and res["n_images"] == 10
     assert res["model"] == "tiny_test_vit" and res["input_size"] == [32, 32]
-    assert res["weights_sha256"] == E.file_sha256(os.path.join(setup[1], "model.safetensors"))
+    assert res["weights_sha256"] == weights_sha256(setup[1])
     assert res["seconds"] > 0 and 0 <= res["classification_accuracy"] <= 1
     for m in METHOD_NAMES:
         r = res["results"][m]

@@ -139,7 +139,7 @@ def test_dihedral_per_sample():
 def test_training_is_reproducible_and_loads_back(tmp_path):
     from safetensors.torch import load_file
 
-    from baselines.ViT.train_synthetic import _sha256 as E_sha
+    from modules.checkpoints import file_sha256 as E_sha
     from baselines.ViT.train_synthetic import is_model_dir, load_synthetic_model, main
     from baselines.ViT.ViT_LRP import load_model
 
@@ -184,10 +184,11 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_shipped_model_is_accurate():
     from torch.utils.data import DataLoader
 
-    from baselines.ViT.train_synthetic import _sha256, evaluate_accuracy, load_synthetic_model
+    from baselines.ViT.train_synthetic import evaluate_accuracy, load_synthetic_model
+    from modules.checkpoints import file_sha256
 
     cfg = json.loads(open(os.path.join(SHIPPED, "config.json")).read())
-    assert cfg["weights_sha256"] == _sha256(os.path.join(SHIPPED, "model.safetensors"))
+    assert cfg["weights_sha256"] == file_sha256(os.path.join(SHIPPED, "model.safetensors"))
     assert os.path.getsize(os.path.join(SHIPPED, "model.safetensors")) < 10e6
     model = load_synthetic_model(SHIPPED)
     n = cfg["data"]["n_val"]

@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or default_output_dir(method.name, args.vis_class)
 
     images = open_image_tree(args.imagenet_validation_path)
-    sha = weights_sha256(args.weights)
     try:
+        sha = weights_sha256(args.weights)
         model = load_model(args.model, args.weights)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -47,9 +46,10 @@ from baselines.ViT.ViT_explanation_generator import explain, upsample
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
 from baselines.ViT.ViT_LRP import load_model as load_vit
 from data.imagenet_seg import ImagenetSegmentation, SegmentationDataError
+from modules.checkpoints import weights_sha256
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
 
-__all__ = ["EVAL_START_LAYER", "PAPER_RESULTS", "TABLE_ORDER", "load_model", "file_sha256", "relevance_maps",
+__all__ = ["EVAL_START_LAYER", "PAPER_RESULTS", "TABLE_ORDER", "load_model", "relevance_maps",
            "evaluate", "format_table", "main"]
 
 EVAL_START_LAYER: Dict[str, int] = {"transformer_attribution": 1, "rollout": 1}
@@ -72,15 +72,6 @@ TABLE_ORDER: Tuple[str, ...] = ("rollout", "attn_last_layer", "attn_gradcam", "l
 
 class EvalError(Exception):
     """A user-facing problem (bad input, mismatched resume state)."""
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(model_name: str, weights: str, device: str):
@@ -107,7 +98,7 @@ def load_model(model_name: str, weights: str, device: str):
         model = load_vit(model_name, weights)
         path, name = weights, model_name
     return model.to(device).eval(), {"model": name, "weights": os.path.abspath(path),
-                                     "weights_sha256": file_sha256(path)}
+                                     "weights_sha256": weights_sha256(weights)}
 
 
 def relevance_maps(model, images: torch.Tensor, method: str) -> torch.Tensor:

@@ -22,13 +22,15 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from modules.checkpoints import file_sha256, weights_sha256  # noqa: F401 - re-exported
 
 __all__ = [
     "InputError",
@@ -208,30 +210,6 @@ def set_tf32(enabled: bool) -> None:
 # --------------------------------------------------------------------------
 # Model identity
 # --------------------------------------------------------------------------
-def file_sha256(paths: Iterable[str]) -> str:
-    """SHA-256 of the concatenated bytes of ``paths``."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def weights_sha256(weights: str) -> str:
-    """Hash of a checkpoint file, or of a model directory's config.json and
-    model.safetensors."""
-    if os.path.isdir(weights):
-        from baselines.ViT.ViT_LRP import CONFIG_NAME, WEIGHTS_NAME
-
-        paths = [os.path.join(weights, CONFIG_NAME), os.path.join(weights, WEIGHTS_NAME)]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise InputError(f"model directory {weights} lacks {', '.join(os.path.basename(p) for p in missing)}")
-        return file_sha256(paths)
-    if not os.path.isfile(weights):
-        raise InputError(f"weights not found: {weights}")
-    return file_sha256([weights])
 
 
 # --------------------------------------------------------------------------

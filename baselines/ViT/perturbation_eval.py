@@ -245,7 +245,11 @@ def run(args: argparse.Namespace) -> Dict:
     weights = args.weights or info.get("weights")
     if weights is None or not os.path.exists(weights):
         raise InputError(f"weights {weights} not found; pass --weights")
-    if weights_sha256(weights) != identity["weights_sha256"]:
+    try:
+        same = weights_sha256(weights) == identity["weights_sha256"]
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None
+    if not same:
         raise InputError(f"{weights} is not the model {results} was made with (weights hash differs)")
     name = args.model or (identity["model"] if identity["model"] in MODEL_FACTORIES else "vit_base_patch16_224")
     set_tf32(args.tf32)

@@ -18,7 +18,6 @@ accuracy); :func:`load_synthetic_model` rebuilds the model from either path.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.ViT.ViT_LRP import CONFIG_NAME, WEIGHTS_NAME, VisionTransformer, load_model_dir, save_model_dir
+from modules.checkpoints import file_sha256
 from data.synthetic import CLASS_NAMES, GENERATOR_VERSION, SyntheticShapes
 
 __all__ = ["CONFIG_FORMAT", "MODEL_FILE", "CONFIG_FILE", "DEFAULT_SAMPLE_DIR", "model_kwargs_from_args",
@@ -42,14 +42,6 @@ CONFIG_FILE = CONFIG_NAME
 DEFAULT_SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                   "samples", "synthetic_vit")
 HALF = (0.5, 0.5, 0.5)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _model_folder(path: str) -> str:
@@ -101,7 +93,7 @@ def save_model(model: VisionTransformer, out_dir: str, config: Dict, fp16: bool 
     weights, cfg_path = os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, CONFIG_FILE)
     with open(cfg_path) as fh:
         written = json.load(fh)
-    written.update(weights_sha256=_sha256(weights), weights_dtype="float16" if fp16 else "float32")
+    written.update(weights_sha256=file_sha256(weights), weights_dtype="float16" if fp16 else "float32")
     with open(cfg_path, "w") as fh:
         json.dump(written, fh, indent=2)
         fh.write("\n")
