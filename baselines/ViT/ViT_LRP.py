@@ -507,6 +507,8 @@ def load_model_dir(directory: str) -> VisionTransformer:
     model.default_cfg = {"architecture": cfg.get("architecture", "VisionTransformer"),
                          "input_size": (kwargs.get("in_chans", 3), *model.patch_embed.img_size),
                          "mean": tuple(cfg.get("mean", HALF)), "std": tuple(cfg.get("std", HALF))}
+    if isinstance(cfg.get("class_names"), list):
+        model.default_cfg["class_names"] = list(cfg["class_names"])
     return model.eval()
 
 

@@ -93,7 +93,7 @@ def save_grid(path: str, rows: Sequence[Sequence[Tuple[str, np.ndarray]]], title
                 ax.set_title(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(h_pad=1.2)
+    fig.tight_layout(h_pad=2.0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -101,7 +101,8 @@ def _load(args: argparse.Namespace):
         cfg = model.default_cfg
         prep = dict(size=tuple(cfg["input_size"][1:]), mean=cfg["mean"], std=cfg["std"])
         random = args.weights is None
-        return model, explain, prep, class_names(model.num_classes), len(model.blocks), random
+        names = cfg.get("class_names") or class_names(model.num_classes)
+        return model, explain, prep, names, len(model.blocks), random
     if args.all_methods or resolve_method(args.method).name != "generic_attribution":
         raise InputError(f"{args.model!r} is not one of our model copies ({', '.join(sorted(MODEL_FACTORIES))}); "
                          "other models are explained unmodified with --method generic_attribution only")
