@@ -175,8 +175,11 @@ def main(argv=None) -> int:
         probs = model(input_ids, **feed).logits.softmax(dim=-1)[0]
     predicted = int(probs.argmax())
     target = predicted if args.class_index is None else args.class_index
-    scores = explain_fn(model, input_ids, mask, args.method, index=target, start_layer=args.start_layer,
-                     token_type_ids=types)[0]
+    try:
+        scores = explain_fn(model, input_ids, mask, args.method, index=target, start_layer=args.start_layer,
+                            token_type_ids=types)[0]
+    except ValueError as exc:  # e.g. --start-layer outside the model's layers
+        _fail(f"--start-layer: {exc}" if "start_layer" in str(exc) else str(exc))
     words = encoding_words(args.text, enc)
     values = word_scores(scores, enc.word_ids(0))
 
@@ -187,10 +190,12 @@ def main(argv=None) -> int:
         document = render_html(words, values, title=title)
     else:
         document = latex_document(render_latex(words, values), title=title)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(document)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(document)
+    except OSError as exc:
+        _fail(f"cannot write {args.out}: {exc.strerror or exc}")
     print(f"predicted class {predicted} ({labels.get(predicted, predicted)}), p = {float(probs[predicted]):.3f}; "
           f"explained class {target} with {args.method}")
     top = sorted(zip(values, words), reverse=True)[:5]

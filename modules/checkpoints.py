@@ -30,11 +30,11 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
         try:
             return load_file(path, device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({exc})") from None
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(exc)})") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -42,6 +42,11 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _first(keys: Sequence[str], n: int = 5) -> str:

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Index", "resolve_index", "Method", "METHODS", "ALIASES", "METHOD_NAMES", "METHOD_CHOICES", "resolve_method", "UnknownMethodError"]
+__all__ = ["EVAL_START_LAYER", "Index", "resolve_index", "Method", "METHODS", "ALIASES", "METHOD_NAMES", "METHOD_CHOICES", "resolve_method", "UnknownMethodError"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ ALIASES: Dict[str, str] = {
     "partial_lrp": "lrp_last_layer",
     "last_attn": "attn_last_layer",
 }
+
+EVAL_START_LAYER: Dict[str, int] = {"transformer_attribution": 1, "rollout": 1}
+"""start_layer the paper's evaluation scripts use (METHODS.md section 2); 0 for the rest."""
 
 METHOD_NAMES: Tuple[str, ...] = tuple(METHODS)
 METHOD_CHOICES: Tuple[str, ...] = METHOD_NAMES + tuple(ALIASES)

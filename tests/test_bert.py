@@ -463,7 +463,8 @@ def test_cli_truncates_long_text_with_a_warning(model_dir, tmp_path, capsys):
     assert out.read_text().count('class="word"') == 22  # 24 pieces less [CLS] and [SEP]
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "empty_text", "class_index", "no_tokenizer"])
+@pytest.mark.parametrize("case", ["missing_dir", "empty_text", "class_index", "no_tokenizer", "start_layer",
+                                  "unwritable_out"])
 def test_cli_bad_input_exits_2_with_one_line(case, model_dir, tmp_path, capsys):
     argv = ["--model-dir", str(model_dir), "--text", "great film", "--out", str(tmp_path / "x.html"),
             "--device", "cpu"]
@@ -477,6 +478,10 @@ def test_cli_bad_input_exits_2_with_one_line(case, model_dir, tmp_path, capsys):
         argv[1] = str(bare)
     elif case == "empty_text":
         argv[3] = "   "
+    elif case == "start_layer":
+        argv += ["--start-layer", "99"]
+    elif case == "unwritable_out":
+        argv[5] = "/proc/no/x.html"
     else:
         argv += ["--class-index", "2"]
     code, _, err = _run_cli(argv, capsys)

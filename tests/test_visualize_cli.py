@@ -40,7 +40,8 @@ def run_cli(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["unreadable", "missing_image", "missing_weights", "bad_class"])
+@pytest.mark.parametrize("case", ["unreadable", "missing_image", "missing_weights", "bad_class", "bad_start_layer",
+                                  "unwritable_out"])
 def test_bad_input_exits_2_with_one_line(case, model_dir, tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"this is not an image")
@@ -49,8 +50,10 @@ def test_bad_input_exits_2_with_one_line(case, model_dir, tmp_path):
         "missing_image": ["--image", str(tmp_path / "none.png"), "--weights", model_dir],
         "missing_weights": ["--image", "samples/flower.jpg", "--weights", str(tmp_path / "none.pth")],
         "bad_class": ["--image", "samples/flower.jpg", "--weights", model_dir, "--class-index", "5"],
+        "bad_start_layer": ["--image", "samples/flower.jpg", "--weights", model_dir, "--start-layer", "-1"],
+        "unwritable_out": ["--image", "samples/flower.jpg", "--weights", model_dir, "--out", "/proc/x/o.png"],
     }[case]
-    res = run_cli(*args, "--out", str(tmp_path / "o.png"), "--device", "cpu")
+    res = run_cli(*args, *(["--out", str(tmp_path / "o.png")] if case != "unwritable_out" else []), "--device", "cpu")
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]

@@ -126,9 +126,12 @@ def test_batch_of_four_equals_four_singles(method, distilled):
     model = tiny(distilled=distilled, seed=3)
     x = torch.randn(4, 3, 32, 32)
     index = torch.tensor([0, 3, 5, 9])
-    batch = normalize(explain(model, x, method, index=index))
-    singles = torch.cat([normalize(explain(model, x[i:i + 1], method, index=int(index[i]))) for i in range(4)])
-    torch.testing.assert_close(batch, singles, atol=1e-5, rtol=0)
+    raw_batch = explain(model, x, method, index=index)
+    raw_singles = torch.cat([explain(model, x[i:i + 1], method, index=int(index[i])) for i in range(4)])
+    torch.testing.assert_close(normalize(raw_batch), normalize(raw_singles), atol=1e-5, rtol=0)
+    # raw maps too, so that a per-sample scale error cannot hide behind the normalisation
+    scale = raw_singles.flatten(1).abs().amax(1).reshape(-1, *[1] * (raw_singles.dim() - 1))
+    assert ((raw_batch - raw_singles).abs() <= 1e-4 * scale).all()
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -168,6 +171,43 @@ def test_generic_attribution_matches_autograd_definition():
         R = R + torch.bmm((g * a).clamp(min=0).mean(1), R)
     torch.testing.assert_close(explain(model, x.detach(), "generic_attribution").flatten(1), R[:, 0, 1:],
                                atol=1e-6, rtol=1e-5)
+
+
+def _recorded(model, x, target, rule_set):
+    """Attention maps, their per-sample gradients and a full relevance pass, taken by hand."""
+    with L.explanation_state(rule_set) as state:
+        logits = model(x.clone().requires_grad_(True))
+        one_hot = torch.nn.functional.one_hot(target, logits.shape[-1]).to(x.dtype)
+        grads = torch.autograd.grad((logits * one_hot).sum(), state.attentions)
+        with torch.no_grad():
+            model.relprop(one_hot, image_size=tuple(x.shape[-2:]))
+        rel = [state.attention_relevance[mod] for mod in state.attention_modules]
+        attn = [a.detach() for a in state.attentions]
+    return attn, grads, rel
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_lrp_based_methods_match_their_definitions(distilled):
+    """transformer_attribution: rollout of I + mean_h(max(grad * Rattn, 0)) (full product, row [CLS]);
+    lrp_last_layer: mean_h(max(Rattn_{L-1}, 0)) row [CLS]; attn_gradcam: per-head weights from
+    grad[h, 0, patches]; patch columns after the prefix tokens."""
+    model = tiny(distilled=distilled, seed=8)
+    p = model.num_prefix_tokens
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([1, 3])
+    attn, grads, rel = _recorded(model, x, target, "TA")
+    eye = torch.eye(attn[0].shape[-1])
+    for s in (0, 1):
+        ref = rollout([(g * r).clamp(min=0).mean(1) + eye for g, r in zip(grads, rel)], start_layer=s)[:, 0, p:]
+        got = explain(model, x, "transformer_attribution", index=target, start_layer=s).flatten(1)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max()))
+    w = grads[-1][:, :, 0, p:].mean(-1, keepdim=True)
+    cam = (w * attn[-1][:, :, 0, p:]).mean(1).clamp(min=0)
+    lo, hi = cam.amin(1, keepdim=True), cam.amax(1, keepdim=True)
+    torch.testing.assert_close(explain(model, x, "attn_gradcam", index=target).flatten(1), (cam - lo) / (hi - lo))
+    _, _, rel_lrp = _recorded(model, x, target, "LRP")
+    torch.testing.assert_close(explain(model, x, "lrp_last_layer", index=target).flatten(1),
+                               rel_lrp[-1].clamp(min=0).mean(1)[:, 0, p:])
 
 
 def test_transformer_attribution_is_class_specific_and_start_layer_matters():

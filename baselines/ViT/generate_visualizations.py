@@ -259,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (InputError, UnknownMethodError) as exc:
+    except (InputError, UnknownMethodError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -47,13 +47,11 @@ from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
 from baselines.ViT.ViT_LRP import load_model as load_vit
 from data.imagenet_seg import ImagenetSegmentation, SegmentationDataError
 from modules.checkpoints import weights_sha256
-from modules.methods import METHOD_CHOICES, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
+from modules.methods import (EVAL_START_LAYER, METHOD_CHOICES, METHOD_NAMES, METHODS, UnknownMethodError,
+                             resolve_method)
 
 __all__ = ["EVAL_START_LAYER", "PAPER_RESULTS", "TABLE_ORDER", "load_model", "relevance_maps",
            "evaluate", "format_table", "main"]
-
-EVAL_START_LAYER: Dict[str, int] = {"transformer_attribution": 1, "rollout": 1}
-"""First rollout block per method in this test (METHODS.md section 2); others start at 0."""
 
 PAPER_RESULTS: Dict[str, Tuple[float, float, float]] = {
     "rollout": (73.54, 84.76, 55.42),
@@ -335,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                        title=f"{info['model']} on {os.path.basename(args.imagenet_seg_path)}")
     except (SegmentationDataError, CheckpointError, UnknownMethodError, EvalError, OSError) as exc:
         _fail(str(exc))
+    except ValueError as exc:  # e.g. an unreadable progress.json given to --resume
+        _fail(f"{exc}".splitlines()[0])
     elapsed = time.time() - start + (sum(resume["seconds"].values()) if resume else 0.0)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     common = {"model": info["model"], "weights": info["weights"], "weights_sha256": info["weights_sha256"],

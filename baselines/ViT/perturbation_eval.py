@@ -283,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (InputError, UnknownMethodError) as exc:
+    except (InputError, UnknownMethodError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -5,13 +5,14 @@ Batched tensor functions and the AUC; no files, no models.  The scripts
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from baselines.ViT.ViT_explanation_generator import normalize, upsample
+from modules.methods import EVAL_START_LAYER
 
 __all__ = [
     "PERTURBATION_STEPS",
@@ -32,10 +33,6 @@ PERTURBATION_STEPS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
 
 #: ``positive`` removes the most relevant pixels first, ``negative`` the least.
 DIRECTIONS: Tuple[str, ...] = ("positive", "negative")
-
-#: start_layer the published evaluation scripts use; 0 for every other method.
-EVAL_START_LAYER: Dict[str, int] = {"transformer_attribution": 1, "rollout": 1}
-
 
 def eval_start_layer(method: str) -> int:
     """The rollout start layer the evaluation uses for a canonical method name."""

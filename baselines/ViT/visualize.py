@@ -24,8 +24,8 @@ from baselines.ViT.ViT_explanation_generator import explain, normalize, upsample
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
 from baselines.ViT.visualization import overlay, save_grid
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, METHODS, resolve_method
+from modules.methods import EVAL_START_LAYER
 
-EVAL_START_LAYER = {"transformer_attribution": 1, "rollout": 1}  # as the evaluation scripts
 
 
 class InputError(Exception):
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="transformer_attribution", choices=METHOD_CHOICES,
                    help="explanation method")
     p.add_argument("--all-methods", action="store_true", help="also write a grid with every method")
-    p.add_argument("--class-index", type=int, default=None, help="class to explain (default: the prediction)")
+    p.add_argument("--class-index", type=int, default=None, help="class to explain; None: the prediction")
     p.add_argument("--model", default="vit_base_patch16_224",
                    help="architecture: " + ", ".join(sorted(MODEL_FACTORIES)) + " (ignored when --weights is a "
                         "model directory with config.json); with --method generic_attribution also any timm "
@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="checkpoint (.safetensors/.pth/.pt) or model directory; without it the model is random")
     p.add_argument("--start-layer", type=int, default=None,
-                   help="first block of the rollout (default: 1 for transformer_attribution and rollout, else 0)")
-    p.add_argument("--out", default=None, help="output PNG (default: outputs/visualize/<image>_<method>.png)")
+                   help="first block of the rollout; None: 1 for transformer_attribution and rollout, else 0")
+    p.add_argument("--out", default=None, help="output PNG; None: outputs/visualize/<image>_<method>.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
 
@@ -155,9 +155,15 @@ def run(args: argparse.Namespace) -> List[str]:
     label = names[target] if names and target < len(names) else f"class {target}"
     prob = float(torch.softmax(logits, -1)[0, target])
 
+    if args.start_layer is not None and not 0 <= args.start_layer < depth:
+        raise InputError(f"--start-layer {args.start_layer} outside the model's blocks 0..{depth - 1}")
+
     def heat(method: str) -> np.ndarray:
-        start = args.start_layer if args.start_layer is not None else EVAL_START_LAYER.get(method, 0)
-        cam = explain_fn(model, x, method, index=target, start_layer=min(start, depth - 1))
+        if args.start_layer is not None:
+            start = args.start_layer
+        else:  # the evaluation scripts' default, for models of at least two blocks
+            start = min(EVAL_START_LAYER.get(method, 0), depth - 1)
+        cam = explain_fn(model, x, method, index=target, start_layer=start)
         if cam.shape[-2:] != x.shape[-2:]:
             cam = upsample(cam, x.shape[-2:])
         return normalize(cam)[0].cpu().numpy()
@@ -189,6 +195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             written = run(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output cannot be written
+        print(f"error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")

@@ -505,8 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         params = load_params(args.model_params)
         methods = list(METHOD_NAMES) if args.all_methods else [args.method]
         run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained)
-    except (OSError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
+    except (OSError, ValueError, RuntimeError) as e:
+        parser.exit(2, f"error: {str(e).splitlines()[0] if str(e) else e}\n")
     return 0
 
 
