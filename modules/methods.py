@@ -92,7 +92,10 @@ def resolve_index(index: Index, logits: Tensor) -> Tensor:
     B, C = logits.shape
     if index is None:
         return logits.argmax(dim=-1)
-    target = torch.as_tensor(index, device=logits.device).long().reshape(-1)
+    target = torch.as_tensor(index, device=logits.device).reshape(-1)
+    if target.is_floating_point() and not bool((target == target.round()).all()):
+        raise ValueError(f"class index {target.tolist()} is not a whole number")
+    target = target.long()
     if target.numel() == 1:
         target = target.expand(B)
     if target.numel() != B:

@@ -226,6 +226,8 @@ def test_index_forms_and_errors():
     torch.testing.assert_close(by_int, by_tensor)
     with pytest.raises(ValueError, match="out of range"):
         explain(model, x, "transformer_attribution", index=10)
+    with pytest.raises(ValueError, match="whole number"):
+        explain(model, x, "transformer_attribution", index=1.5)
     with pytest.raises(ValueError, match="start_layer"):
         explain(model, x, "rollout", start_layer=3)
 
