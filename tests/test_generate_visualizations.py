@@ -85,7 +85,7 @@ def test_rows_are_explain_of_each_image(setup, reference):
         pred = model(x).argmax(-1)
     assert data["pred"][:5].tolist() == pred.tolist()
     cam = explain(model, x, "transformer_attribution", index=pred, start_layer=1)
-    assert_maps_close(decode_maps(data["vis"][:5], data["vis_scale"][:5]), cam.numpy())
+    assert_maps_close(decode_maps(data["vis"][:5], data["vis_scale"][:5], data["vis_offset"][:5]), cam.numpy())
 
 
 def test_image_loading_matches_torchvision_imagefolder(setup):
@@ -113,7 +113,7 @@ def test_vis_class_target_lrp_and_limit(setup):
     x = normalize_input(torch.stack([load_image(images.samples[i][0], (32, 32)) for i in data["index"]]),
                         [0.5] * 3, [0.5] * 3)
     cam = explain(model, x, "lrp", index=torch.from_numpy(data["target"]))  # the ground-truth class
-    assert_maps_close(decode_maps(data["vis"], data["vis_scale"]), cam.numpy())
+    assert_maps_close(decode_maps(data["vis"], data["vis_scale"], data["vis_offset"]), cam.numpy())
 
 
 # -- resumption ---------------------------------------------------------------------------------

@@ -242,17 +242,23 @@ def test_demo_driver_writes_table_and_skips_finished_work(tmp_path, capsys, monk
     assert demo.main(argv) == 0 and not calls  # a rerun reuses the finished results
 
 
-def test_float16_storage_keeps_tiny_maps_precise():
+def test_float16_storage_keeps_tiny_and_offset_maps_precise():
     from baselines.ViT.perturbation_data import decode_maps, encode_maps
 
     rng = np.random.default_rng(0)
-    maps = rng.uniform(1e-7, 3e-6, (3, 14, 14)).astype(np.float32)  # transformer attribution's scale on ViT-B
+    maps = rng.uniform(1e-7, 3e-6, (4, 14, 14)).astype(np.float32)  # transformer attribution's scale on ViT-B
     maps[1] *= -1e6  # large negative values too
     maps[2] = 0.0
-    vis, scale = encode_maps(maps)
+    maps[3] = 1.0 + 1e-3 * rng.uniform(size=(14, 14))  # a small variation on a large offset
+    vis, scale, offset = encode_maps(maps)
     assert vis.dtype == np.float16 and scale.dtype == np.float32 and scale[2] == 1.0
-    peak = np.abs(maps).reshape(3, -1).max(axis=1).reshape(3, 1, 1)
-    err = np.abs(decode_maps(vis, scale) - maps)
-    assert np.all(err <= 2.0 ** -11 * peak)  # float16's half-ulp at the row maximum
+    span = (maps.reshape(4, -1).max(axis=1) - maps.reshape(4, -1).min(axis=1)).reshape(4, 1, 1)
+    err = np.abs(decode_maps(vis, scale, offset) - maps)
+    assert np.all(err <= 2.0 ** -11 * np.maximum(span, 1e-30) + 1e-7 * np.abs(maps))  # half-ulp of the range
+    assert err[2].max() == 0.0
     # a plain cast would fall into float16's subnormals: over 20x coarser
     assert np.abs(maps[0].astype(np.float16).astype(np.float32) - maps[0]).max() > 20 * err[0].max()
+    # the offset map keeps its ranking (scaling by the maximum alone would leave a few levels)
+    order = np.argsort(maps[3].ravel(), kind="stable")
+    decoded = decode_maps(vis, scale, offset)[3].ravel()
+    assert len(np.unique(decoded)) > 150 and np.all(np.diff(decoded[order]) >= -2.0 ** -11 * span[3, 0, 0])

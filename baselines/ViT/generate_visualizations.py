@@ -7,7 +7,7 @@ HDF5, for the perturbation test (../shared/METHODS.md section 5).
 writes ``results.hdf5`` in ``--output-dir``: per readable image its dataset
 index, ground-truth label, predicted label and relevance map as ``explain``
 returns it (patch grid; pixels for ``lrp``), as float16 ``vis`` times a float32
-``vis_scale`` per row, with attributes naming method, model, weights hash and
+``vis_scale`` plus a float32 ``vis_offset`` per row, with attributes naming method, model, weights hash and
 vis-class.  Images are not copied.
 
 Killed at any moment, the same command continues after the last committed

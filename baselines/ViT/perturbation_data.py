@@ -174,25 +174,37 @@ class RobustImageDataset(Dataset):
 # --------------------------------------------------------------------------
 # Maps in float16
 # --------------------------------------------------------------------------
-def encode_maps(maps: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(n, h, w) float maps -> (float16 maps / scale, float32 scale per row).
+def encode_maps(maps: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, h, w) float maps -> (float16 (map - min) / range, float32 range, float32 min) per row.
 
     Raw relevance can be tiny (transformer attribution of a ViT-B is often
-    ~1e-6, float16's subnormal range, where it keeps one or two digits), so
-    each row is divided by its largest absolute value before the cast: every
-    row keeps float16's ~3 significant digits relative to its maximum.  The
-    raw map is ``decode_maps(vis, scale)``; min-max normalisation ignores the
-    scale.  All-zero (or non-finite) rows get scale 1.
+    ~1e-6, float16's subnormal range) or a small variation on a large offset
+    (rollout of a deep model), so each row is min-max scaled to [0, 1] before
+    the cast: every row keeps float16's precision relative to its own range,
+    which is what the ranking of pixels depends on.  The raw map is
+    ``decode_maps(vis, scale, offset)``.  Constant (or non-finite) rows get
+    range 1.
     """
     maps = np.asarray(maps, dtype=np.float32)
-    scale = np.abs(maps).reshape(len(maps), -1).max(axis=1) if maps.size else np.zeros(len(maps), np.float32)
-    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32)
-    return (maps / scale.reshape(-1, *([1] * (maps.ndim - 1)))).astype(np.float16), scale
+    flat = maps.reshape(len(maps), -1)
+    if maps.size:
+        offset, top = flat.min(axis=1), flat.max(axis=1)
+    else:
+        offset = top = np.zeros(len(maps), np.float32)
+    scale = top - offset
+    ok = np.isfinite(scale) & (scale > 0)
+    scale = np.where(ok, scale, 1.0).astype(np.float32)
+    offset = np.where(np.isfinite(offset), offset, 0.0).astype(np.float32)
+    shape = (-1, *([1] * (maps.ndim - 1)))
+    vis = np.clip((maps - offset.reshape(shape)) / scale.reshape(shape), 0.0, 1.0)
+    return np.nan_to_num(vis).astype(np.float16), scale, offset
 
 
-def decode_maps(vis: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def decode_maps(vis: np.ndarray, scale: np.ndarray, offset: Optional[np.ndarray] = None) -> np.ndarray:
     """Inverse of :func:`encode_maps`, in float32."""
-    return np.asarray(vis, dtype=np.float32) * np.asarray(scale, np.float32).reshape(-1, *([1] * (vis.ndim - 1)))
+    shape = (-1, *([1] * (np.ndim(vis) - 1)))
+    out = np.asarray(vis, dtype=np.float32) * np.asarray(scale, np.float32).reshape(shape)
+    return out if offset is None else out + np.asarray(offset, np.float32).reshape(shape)
 
 
 def set_tf32(enabled: bool) -> None:
@@ -291,7 +303,8 @@ class PartFile:
 
     Datasets: ``index`` (dataset index, written at creation), ``target``,
     ``pred``, ``valid`` (0 for an unreadable image), ``vis`` (n, h, w)
-    float16 and ``vis_scale`` (n,) float32 (see :func:`encode_maps`), ``batch_offsets`` (first row of each batch, plus n) and
+    float16 with ``vis_scale`` and ``vis_offset`` (n,) float32 (see :func:`encode_maps`), ``batch_offsets``
+    (first row of each batch, plus n) and
     ``batch_done`` (1 once a batch is committed).
     """
 
@@ -343,6 +356,7 @@ class PartFile:
             _preallocated(f, "valid", (n,), np.uint8)
             _preallocated(f, "vis", (n, *map_shape), np.float16)
             _preallocated(f, "vis_scale", (n,), np.float32)
+            _preallocated(f, "vis_offset", (n,), np.float32)
         os.replace(tmp, path)
 
     def close(self) -> None:
@@ -370,7 +384,7 @@ class PartFile:
     def commit(self, j: int, target: np.ndarray, pred: np.ndarray, valid: np.ndarray, maps: np.ndarray) -> None:
         """Write batch ``j``'s rows (``maps`` (rows, h, w) as ``explain``
         returned them), sync, then flag the batch done and sync."""
-        vis, scale = encode_maps(maps)
+        vis, scale, offset = encode_maps(maps)
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         if len(target) != b - a or vis.shape[1:] != self.f["vis"].shape[1:]:
             raise ValueError(f"batch {j}: {len(target)} rows of {vis.shape[1:]} for {b - a} rows of "
@@ -381,6 +395,7 @@ class PartFile:
             self.f["valid"][a:b] = valid
             self.f["vis"][a:b] = vis
             self.f["vis_scale"][a:b] = scale
+            self.f["vis_offset"][a:b] = offset
         _sync(self.f)
         self.f["batch_done"][j] = 1
         _sync(self.f)
@@ -417,7 +432,7 @@ def merge_parts(paths: Sequence[str], out_path: str, identity: Dict, info: Dict,
             if not done.all():
                 raise InputError(f"{path} is incomplete ({int(done.sum())} of {done.size} batches done); "
                                  "run the same command again to finish it")
-        small = [{k: f[k][()] for k in ("index", "target", "pred", "valid", "vis_scale", "batch_offsets")}
+        small = [{k: f[k][()] for k in ("index", "target", "pred", "valid", "vis_scale", "vis_offset", "batch_offsets")}
                  for f in files]
         total = sum(len(p["batch_offsets"]) - 1 for p in small)
         for r, p in enumerate(small):
@@ -436,10 +451,11 @@ def merge_parts(paths: Sequence[str], out_path: str, identity: Dict, info: Dict,
             dsets = {k: out.create_dataset(k, (n,), np.int64) for k in ("index", "target", "pred")}
             vis_out = out.create_dataset("vis", (n, *map_shape), np.float16, chunks=(chunk_rows, *map_shape),
                                          compression="gzip", compression_opts=4, shuffle=True)
-            dsets["vis_scale"] = out.create_dataset("vis_scale", (n,), np.float32)
+            for k in ("vis_scale", "vis_offset"):
+                dsets[k] = out.create_dataset(k, (n,), np.float32)
             skipped: List[int] = []
             pos = 0
-            buf: Dict[str, List[np.ndarray]] = {k: [] for k in ("index", "target", "pred", "vis_scale", "vis")}
+            buf: Dict[str, List[np.ndarray]] = {k: [] for k in ("index", "target", "pred", "vis_scale", "vis_offset", "vis")}
 
             def flush() -> int:
                 if not buf["index"]:
@@ -459,7 +475,7 @@ def merge_parts(paths: Sequence[str], out_path: str, identity: Dict, info: Dict,
                 ok = p["valid"][a:b].astype(bool)
                 skipped.extend(p["index"][a:b][~ok].tolist())
                 if ok.any():
-                    for k in ("index", "target", "pred", "vis_scale"):
+                    for k in ("index", "target", "pred", "vis_scale", "vis_offset"):
                         buf[k].append(p[k][a:b][ok])
                     buf["vis"].append(files[r]["vis"][a:b][ok])
                 if sum(len(v) for v in buf["index"]) >= block_rows:
@@ -498,7 +514,7 @@ def read_results(path: str) -> Tuple[Dict, Dict]:
         identity = _read_identity(f, path)
         if "batch_done" in f:
             raise InputError(f"{path} is an unmerged part file; run generate_visualizations.py --merge")
-        for name in ("index", "target", "pred", "vis", "vis_scale"):
+        for name in ("index", "target", "pred", "vis", "vis_scale", "vis_offset"):
             if name not in f:
                 raise InputError(f"{path} lacks the dataset {name!r}")
         info = {k: _plain(v) for k, v in f.attrs.items() if k != "identity_json"}

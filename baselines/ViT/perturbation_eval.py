@@ -92,7 +92,7 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
         index, target = f["index"][()], f["target"][()]
         if input_size is None:
             input_size = tuple(int(v) for v in f.attrs["input_size"])
-        vis, vis_scale = f["vis"], f["vis_scale"][()]
+        vis, vis_scale, vis_offset = f["vis"], f["vis_scale"][()], f["vis_offset"][()]
         n = len(index)
         model_hits = np.full(n, np.nan)
         pert_hits = np.full((len(PERTURBATION_STEPS), n), np.nan)
@@ -111,7 +111,7 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
             if not ok.any():
                 continue
             keep = torch.from_numpy(ok)
-            maps = torch.from_numpy(decode_maps(vis[a:b], vis_scale[a:b])[ok])
+            maps = torch.from_numpy(decode_maps(vis[a:b], vis_scale[a:b], vis_offset[a:b])[ok])
             h0, h = perturbation_hits(model, batch[keep].to(device), maps, labels[keep].to(device), mean, std,
                                       direction)
             rows = np.arange(a, b)[ok]
