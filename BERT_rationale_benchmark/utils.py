@@ -96,19 +96,25 @@ def load_jsonl(path: PathLike) -> List[Dict[str, Any]]:
     FileNotFoundError
         When the file does not exist.
     """
-    records = []
+    return [record for _, record in _jsonl_objects(path)]
+
+
+def _jsonl_objects(path: PathLike) -> List[Tuple[str, Dict[str, Any]]]:
+    """(``file:line``, parsed object) for every non-empty line; see :func:`load_jsonl`."""
+    out = []
     with open(path, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = _where(path, lineno)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ERASERFormatError(f"{_where(path, lineno)}: malformed JSON line ({e.msg})") from None
+                raise ERASERFormatError(f"{where}: malformed JSON line ({e.msg})") from None
             if not isinstance(record, dict):
-                raise ERASERFormatError(f"{_where(path, lineno)}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+                raise ERASERFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            out.append((where, record))
+    return out
 
 
 def write_jsonl(records: Iterable[Dict[str, Any]], path: PathLike) -> None:
@@ -181,24 +187,13 @@ def annotations_from_jsonl(path: PathLike) -> List[Annotation]:
         the file and line number; also for a repeated annotation id.
     """
     out: List[Annotation] = []
-    seen: Dict[str, int] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        lines = list(f)
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = _where(path, lineno)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ERASERFormatError(f"{where}: malformed JSON line ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ERASERFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    seen: Dict[str, str] = {}
+    for where, record in _jsonl_objects(path):
         ann = _annotation_from_dict(record, where)
         if ann.annotation_id in seen:
-            raise ERASERFormatError(
-                f"{where}: annotation id {ann.annotation_id!r} repeats line {seen[ann.annotation_id]}")
-        seen[ann.annotation_id] = lineno
+            first_line = seen[ann.annotation_id].rsplit(":", 1)[1]
+            raise ERASERFormatError(f"{where}: annotation id {ann.annotation_id!r} repeats line {first_line}")
+        seen[ann.annotation_id] = where
         out.append(ann)
     return out
 
