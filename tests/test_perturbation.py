@@ -13,8 +13,8 @@ from torch import nn
 
 from baselines.ViT import generate_visualizations as gv
 from baselines.ViT import perturbation_eval as pe
-from baselines.ViT.perturbation_metrics import (PERTURBATION_STEPS, auc, pixels_to_remove, prepare_maps,
-                                                removal_ranks, remove_pixels, select_positions)
+from baselines.ViT.perturbation_metrics import (PERTURBATION_STEPS, auc, pixels_to_remove, prepare_maps, removal_masks,
+                                                removal_ranks, remove_masked, remove_pixels, select_positions)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # any pytest import mode
 from perturbation_helpers import make_model_dir, make_tree  # noqa: E402
 
@@ -57,11 +57,11 @@ def test_remove_pixels_removes_exactly_the_top_or_bottom_k(direction):
         assert torch.equal(out[kept], images[kept])
 
 
-def test_removal_ties_broken_by_pixel_index():
+def test_raster_rule_breaks_ties_by_pixel_index():
     maps = torch.zeros(2, 3, 3)
     maps[1, 2, 2] = 1.0
-    pos = removal_ranks(maps, "positive")
-    neg = removal_ranks(maps, "negative")
+    pos = removal_ranks(maps, "positive", "raster")
+    neg = removal_ranks(maps, "negative", "raster")
     assert pos[0].tolist() == list(range(9)) and neg[0].tolist() == list(range(9))
     assert pos[1].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0]
     assert neg[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
@@ -114,8 +114,8 @@ def toy_batch(B=6, size=32, side=8, seed=0):
 def test_exact_object_map_positive_falls_faster_than_negative():
     images, masks, labels = toy_batch()  # object: 64 of 1024 pixels < 10%
     model = ColourObjectClassifier()
-    h0p, pos = pe.perturbation_hits(model, images, masks, labels, [0.5] * 3, [0.5] * 3, "positive")
-    h0n, neg = pe.perturbation_hits(model, images, masks, labels, [0.5] * 3, [0.5] * 3, "negative")
+    h0p, pos, _ = pe.perturbation_hits(model, images, masks, labels, [0.5] * 3, [0.5] * 3, "positive")
+    h0n, neg, _ = pe.perturbation_hits(model, images, masks, labels, [0.5] * 3, [0.5] * 3, "negative")
     assert h0p.all() and h0n.all()
     acc_pos = [1.0] + pos.float().mean(dim=1).tolist()
     acc_neg = [1.0] + neg.float().mean(dim=1).tolist()
@@ -124,7 +124,7 @@ def test_exact_object_map_positive_falls_faster_than_negative():
     assert acc_neg == [1.0] * 10
     assert auc(acc_pos) == pytest.approx(5.0) and auc(acc_neg) == pytest.approx(90.0)
     # the reversed map swaps the roles
-    _, rev = pe.perturbation_hits(model, images, 1 - masks, labels, [0.5] * 3, [0.5] * 3, "negative")
+    _, rev, _ = pe.perturbation_hits(model, images, 1 - masks, labels, [0.5] * 3, [0.5] * 3, "negative")
     assert not rev.any()
 
 
@@ -132,7 +132,7 @@ def test_perturbation_hits_independent_of_batch_composition():
     images, masks, labels = toy_batch(B=6, seed=1)
     maps = masks + 0.3 * torch.rand(masks.shape, generator=torch.Generator().manual_seed(2))
     model = ColourObjectClassifier()
-    _, full = pe.perturbation_hits(model, images, maps, labels, [0.5] * 3, [0.5] * 3, "positive")
+    _, full, _ = pe.perturbation_hits(model, images, maps, labels, [0.5] * 3, [0.5] * 3, "positive")
     singles = [pe.perturbation_hits(model, images[b:b + 1], maps[b:b + 1], labels[b:b + 1], [0.5] * 3,
                                     [0.5] * 3, "positive")[1] for b in range(6)]
     assert torch.equal(full, torch.cat(singles, dim=1))
@@ -262,3 +262,231 @@ def test_float16_storage_keeps_tiny_and_offset_maps_precise():
     order = np.argsort(maps[3].ravel(), kind="stable")
     decoded = decode_maps(vis, scale, offset)[3].ravel()
     assert len(np.unique(decoded)) > 150 and np.all(np.diff(decoded[order]) >= -2.0 ** -11 * span[3, 0, 0])
+
+
+# -- tie rules (issue 16) -------------------------------------------------------------------------
+def test_each_rule_removes_the_documented_pixels_of_a_tied_map():
+    from modules.ranking import tie_permutation
+
+    # 4 x 6 map: columns 0-1 a plateau of 1.0 (8 pixels), columns 2-3 of 0.5 (8), columns 4-5 of 0 (8)
+    maps = torch.zeros(1, 4, 6)
+    maps[0, :, :2] = 1.0
+    maps[0, :, 2:4] = 0.5
+    images = torch.rand(1, 3, 4, 6) + 0.1
+    flat = maps.flatten(1)
+    perm = tie_permutation(24, 3).tolist()
+    for direction, level in (("positive", 1.0), ("negative", 0.0)):
+        plateau = [i for i in range(24) if flat[0, i] == level]
+        for k in (3, 8, 11):
+            m = {rule: removal_masks(maps, direction, [k], rule, 3)[0, 0] for rule in ("raster", "random", "topk")}
+            removed = {rule: set(torch.nonzero((remove_masked(images, m[rule]) == 0).all(dim=1).flatten())
+                                 .flatten().tolist()) for rule in m}
+            if k <= 8:  # inside the first plateau: which of its pixels go is the rule's choice
+                assert removed["raster"] == set(plateau[:k])  # lowest flat index first
+                assert removed["random"] == set([i for i in perm if i in plateau][:k])  # the permutation's order
+            else:  # the whole plateau, then the next level's first 3 by the rule
+                nxt = [i for i in range(24) if flat[0, i] == 0.5]
+                assert removed["raster"] == set(plateau) | set(nxt[:k - 8])
+                assert removed["random"] == set(plateau) | set([i for i in perm if i in nxt][:k - 8])
+            ref = torch.topk(flat if direction == "positive" else -flat, k, dim=-1).indices[0]
+            assert removed["topk"] == set(ref.tolist())
+    # the rules really differ on this map (the test can fail)
+    assert not torch.equal(removal_masks(maps, "positive", [3], "raster", 3),
+                           removal_masks(maps, "positive", [3], "random", 3))
+
+
+def test_map_without_ties_scores_identically_under_all_rules():
+    images, masks, labels = toy_batch(B=6, seed=3)
+    g = torch.Generator().manual_seed(4)
+    B, H, W = masks.shape
+    maps = torch.stack([torch.randperm(H * W, generator=g).float().reshape(H, W) for _ in range(B)]) + 2000 * masks
+    assert all(len(torch.unique(m)) == H * W for m in maps)  # no ties within a map
+    model = ColourObjectClassifier()
+    res = {}
+    for rule in ("random", "topk", "raster"):
+        for d in ("positive", "negative"):
+            res[rule, d] = pe.perturbation_hits(model, images, maps, labels, [0.5] * 3, [0.5] * 3, d,
+                                                tie_break=rule, tie_seed=7)
+    # positive falls to 0, negative stays at 1: the steps change predictions, so the comparison has content
+    assert not res["raster", "positive"][1].any() and res["raster", "negative"][1].all()
+    ks = [pixels_to_remove(H, W, p) for p in PERTURBATION_STEPS]
+    for d in ("positive", "negative"):
+        ref = removal_masks(maps, d, ks, "raster")
+        assert torch.equal(removal_masks(maps, d, ks, "random", 7), ref)
+        assert torch.equal(removal_masks(maps, d, ks, "topk"), ref)
+        h0, hits, tied = res["raster", d]
+        assert torch.all(tied == 0)
+        for rule in ("random", "topk"):
+            assert torch.equal(res[rule, d][0], h0) and torch.equal(res[rule, d][1], hits)
+            assert torch.all(res[rule, d][2] == 0)
+
+
+@pytest.fixture(scope="module")
+def gradcam_maps(tmp_path_factory):
+    """Stored attention-GradCAM maps (clamped at 0: large tied regions) of a small generated set."""
+    base = tmp_path_factory.mktemp("ties")
+    tree = make_tree(base / "tree", classes=3, per_class=4)
+    model = make_model_dir(base / "model")
+    out = base / "maps"
+    assert gv.main(["--imagenet-validation-path", tree, "--weights", model, "--method", "attn_gradcam",
+                    "--output-dir", str(out), "--batch-size", "6", "--num-workers", "0", "--device", "cpu"]) == 0
+    return tree, model, out
+
+
+def published_loop_hits(model, data, vis, target, neg, steps=PERTURBATION_STEPS):
+    """The evaluation loop of METHODS.md section 5 as the published script
+    (pertubation_eval_from_hdf5.py) writes it: ``vis`` (B, H, W) upsampled and
+    min-max normalised; negated for the negative test; torch.topk of the
+    flattened map; the chosen pixels set to 0 in every channel via scatter;
+    (x - 0.5) / 0.5; prediction == target."""
+    base_size = data.shape[-1] * data.shape[-2]
+    org_shape = data.shape
+    if neg:
+        vis = -vis
+    vis = vis.reshape(org_shape[0], -1)
+    hits = []
+    for p in steps:
+        _data = data.clone()
+        _, idx = torch.topk(vis, int(base_size * p), dim=-1)
+        idx = idx.unsqueeze(1).repeat(1, org_shape[1], 1)
+        _data = _data.reshape(org_shape[0], org_shape[1], -1)
+        _data = _data.scatter_(-1, idx, 0)
+        _data = _data.reshape(*org_shape)
+        out = model((_data - 0.5) / 0.5)
+        hits.append((out.argmax(dim=1) == target).numpy())
+    return np.stack(hits).astype(float)
+
+
+def test_topk_rule_equals_the_published_loop_on_stored_maps(gradcam_maps):
+    from baselines.ViT.perturbation_data import decode_maps, load_image, open_image_tree
+    from baselines.ViT.ViT_LRP import load_model
+
+    tree, model_dir, out = gradcam_maps
+    res = out / "eval_topk"
+    for flag in ("--pos", "--neg"):
+        assert pe.main(["--results", str(out), flag, "--tie-break", "topk", "--batch-size", "5",
+                        "--num-workers", "0", "--device", "cpu", "--output-dir", str(res)]) == 0
+    data = json.load(open(res / "results.json"))
+    assert data["tie_break"] == "topk" and data["tie_seed"] is None
+    # the direct re-statement, on the same stored maps and images
+    with h5py.File(out / "results.hdf5") as f:
+        index, target = f["index"][()], f["target"][()]
+        maps = torch.from_numpy(decode_maps(f["vis"][()], f["vis_scale"][()], f["vis_offset"][()]))
+    model = load_model("vit_base_patch16_224", model_dir).eval()
+    samples = open_image_tree(tree).samples
+    images = torch.stack([load_image(samples[i][0], (32, 32)) for i in index])
+    vis = torch.nn.functional.interpolate(maps[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    lo = vis.flatten(1).amin(1)[:, None, None]
+    hi = vis.flatten(1).amax(1)[:, None, None]
+    vis = (vis - lo) / (hi - lo)
+    with torch.no_grad():
+        for d, neg in (("positive", False), ("negative", True)):
+            ref = published_loop_hits(model, images, vis, torch.from_numpy(target), neg)
+            hits = np.load(res / d / "perturbations_hits.npy")
+            assert np.array_equal(hits, ref)
+            assert data[d]["accuracy"][1:] == pytest.approx(ref.mean(axis=1).tolist())
+            # the maps are tied where it matters, so the rule is not idle here
+            assert max(data[d]["tied_share"]) > 0
+    ks = [pixels_to_remove(32, 32, p) for p in PERTURBATION_STEPS]
+    assert not torch.equal(removal_masks(vis, "negative", ks, "topk"), removal_masks(vis, "negative", ks, "raster"))
+
+
+def test_results_json_records_rule_seed_and_tied_share(gradcam_maps, capsys):
+    tree, model_dir, out = gradcam_maps
+    res = out / "eval_record"
+    common = ["--results", str(out), "--batch-size", "6", "--num-workers", "0", "--device", "cpu",
+              "--output-dir", str(res)]
+    assert pe.main(common + ["--pos", "--tie-seed", "3"]) == 0
+    assert pe.main(common + ["--neg", "--tie-seed", "3"]) == 0
+    data = json.load(open(res / "results.json"))
+    assert data["tie_break"] == "random" and data["tie_seed"] == 3
+    for d in ("positive", "negative"):
+        r = data[d]
+        assert r["tie_break"] == "random" and r["tie_seed"] == 3 and r["device"] == "cpu"
+        tied = np.load(res / d / "tied_share.npy")
+        assert tied.shape == (9, r["num_images"]) and np.all((tied >= 0) & (tied <= 1))
+        assert r["tied_share"] == pytest.approx(tied.mean(axis=1).tolist())
+        assert max(r["tied_share"]) > 0  # clamped GradCAM, upsampled borders: some removed pixels are tied
+    capsys.readouterr()
+    # another rule in the same folder replaces the old entries, with a warning
+    assert pe.main(common + ["--pos", "--tie-break", "raster"]) == 0
+    assert "another tie rule" in capsys.readouterr().err
+    data = json.load(open(res / "results.json"))
+    assert data["tie_break"] == "raster" and data["tie_seed"] is None and "negative" not in data
+    assert pe.main(common + ["--pos", "--tie-seed", "-1"]) == 2
+    assert "--tie-seed" in capsys.readouterr().err
+
+
+# -- two runs, one output folder (issue 15, class 2) ----------------------------------------------
+def _fake_result(n=4, value=0.5):
+    acc = [value] * 10
+    return {"model_hits": np.ones(n), "perturbations_hits": np.full((9, n), value), "tied": np.zeros((9, n)),
+            "accuracy": acc, "auc": auc(acc), "tied_share": [0.0] * 9, "num_images": n, "num_left_out": 0}
+
+
+def test_concurrent_directions_wait_for_each_other(tmp_path, monkeypatch):
+    """--pos and --neg finishing together: the second must not read
+    results.json while the first is between its read and its write."""
+    import threading
+    import time
+
+    header = {"method": "rollout", "vis_class": "top", "maps": {"id": 1}, "tie_break": "random", "tie_seed": 0}
+    out = str(tmp_path)
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump(dict(header, fractions=[0.0] + list(PERTURBATION_STEPS)), f)
+    real_load = json.load
+    slow = threading.Event()
+
+    def slow_load(fh):  # the first reader is held up after reading, as a busy machine might
+        data = real_load(fh)
+        if not slow.is_set():
+            slow.set()
+            time.sleep(0.6)
+        return data
+
+    plotted = []
+    monkeypatch.setattr(json, "load", slow_load)
+    monkeypatch.setattr(pe, "plot_results", lambda data, path: plotted.append(sorted(data)) or path)
+    errors = []
+
+    def write(direction, value):
+        try:
+            pe.write_outputs(out, header, direction, _fake_result(value=value))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    a = threading.Thread(target=write, args=("positive", 0.25))
+    b = threading.Thread(target=write, args=("negative", 0.75))
+    a.start()
+    assert slow.wait(5)  # a has read results.json and is sleeping
+    b.start()
+    a.join(10)
+    b.join(10)
+    assert not errors
+    data = real_load(open(tmp_path / "results.json"))
+    assert data["positive"]["accuracy"][0] == 0.25 and data["negative"]["accuracy"][0] == 0.75
+    assert "positive" in plotted[-1] and "negative" in plotted[-1]  # the last plot shows both
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_pos_and_neg_processes_on_one_folder_keep_both(generated, tmp_path):
+    import subprocess
+
+    tree, model, out = generated
+    res = tmp_path / "both"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(repo, "baselines", "ViT", "perturbation_eval.py"),
+                               "--results", str(out), flag, "--batch-size", "8", "--num-workers", "0",
+                               "--device", "cpu", "--output-dir", str(res)], env=env, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for flag in ("--pos", "--neg")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    data = json.load(open(res / "results.json"))
+    assert "positive" in data and "negative" in data
+    for d in ("positive", "negative"):
+        assert np.load(res / d / "perturbations_hits.npy").shape == (9, 15)
+    assert os.path.getsize(res / "perturbation.png") > 1000
+    assert not [f for f in os.listdir(res) if f.endswith(".tmp")]

@@ -6,16 +6,25 @@
 reads ``results.hdf5`` (from ``generate_visualizations.py``) and the images it
 names, upsamples and min-max normalises each map, and for p = 0.1 ... 0.9
 sets the top (``--pos``) or bottom (``--neg``) k = int(H*W*p) pixels to 0
-before normalisation.  Writes to ``--output-dir`` (default: next to
-results.hdf5): ``results.json`` (accuracy at p = 0, 0.1, ..., 0.9 and the
-AUC of each direction run so far), ``<direction>/model_hits.npy`` and
+before normalisation.  Pixels of equal relevance are ordered by
+``--tie-break`` (:mod:`modules.ranking`): ``random`` (default; a seeded
+permutation of the pixel positions, the same on every device), ``topk``
+(``torch.topk`` as the published loop calls it, on the evaluation device) or
+``raster`` (the top rows first).  Writes to ``--output-dir`` (default: next to
+results.hdf5): ``results.json`` (accuracy at p = 0, 0.1, ..., 0.9, the AUC
+of each direction run so far, the tie rule and seed, and per step the share
+of removed pixels that were tied with a kept one), ``<direction>/model_hits.npy``,
 ``<direction>/perturbations_hits.npy`` (per-image hits, as the published
-script) and ``perturbation.png`` (accuracy against the removed fraction,
-both directions when both were run).
+script), ``<direction>/tied_share.npy`` (per image and step) and
+``perturbation.png`` (accuracy against the removed fraction, both directions
+when both were run).  ``--pos`` and ``--neg`` may run at the same time on the
+same output folder: the files are written under unique temporary names and
+renamed, and the read-modify-write of results.json and the plot is locked.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -29,21 +38,40 @@ from tqdm import tqdm
 
 from baselines.ViT.perturbation_data import (RESULTS_NAME, InputError, RobustImageDataset, decode_maps,
                                              open_image_tree, read_results, set_tf32, weights_sha256)
-from baselines.ViT.perturbation_metrics import (DIRECTIONS, PERTURBATION_STEPS, auc, normalize_input,
-                                                pixels_to_remove, prepare_maps, removal_ranks, remove_pixels)
+from baselines.ViT.perturbation_metrics import (DEFAULT_TIE_BREAK, DEFAULT_TIE_SEED, DIRECTIONS, PERTURBATION_STEPS,
+                                                TIE_BREAKS, auc, normalize_input, pixels_to_remove, prepare_maps,
+                                                removal_masks, remove_masked, tied_share)
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
+from modules.cli import CLIError, atomic_write_bytes, atomic_write_json, file_lock
 from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
 
-__all__ = ["perturbation_hits", "evaluate", "update_results", "plot_results", "build_parser", "main", "run"]
+__all__ = ["perturbation_hits", "evaluate", "update_results", "plot_results", "write_outputs", "build_parser",
+           "main", "run"]
 
 FRACTIONS: Tuple[float, ...] = (0.0,) + PERTURBATION_STEPS
 JSON_NAME = "results.json"
 PLOT_NAME = "perturbation.png"
+LOCK_NAME = ".results.json.lock"
+
+
+def output_lock(output_dir: str):
+    """Exclusive lock on ``output_dir`` (``flock`` of ``.results.json.lock``,
+    :func:`modules.cli.file_lock`, waiting for it) held while one run writes
+    its outputs, so that concurrent runs (``--pos`` and ``--neg``) update
+    results.json and the plot one after the other."""
+    return file_lock(os.path.join(output_dir, LOCK_NAME), blocking=True, what=output_dir)
+
+
+def _save_npy(path: str, array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def perturbation_hits(model, images: Tensor, maps: Tensor, targets: Tensor, mean: Sequence[float],
-                      std: Sequence[float], direction: str,
-                      steps: Sequence[float] = PERTURBATION_STEPS) -> Tuple[Tensor, Tensor]:
+                      std: Sequence[float], direction: str, steps: Sequence[float] = PERTURBATION_STEPS,
+                      tie_break: str = DEFAULT_TIE_BREAK,
+                      tie_seed: int = DEFAULT_TIE_SEED) -> Tuple[Tensor, Tensor, Tensor]:
     """Hits of one batch before and after each perturbation step.
 
     Parameters
@@ -60,33 +88,46 @@ def perturbation_hits(model, images: Tensor, maps: Tensor, targets: Tensor, mean
         The model's input normalisation.
     direction:
         ``positive`` (remove the most relevant pixels first) or ``negative``.
+    steps:
+        The removed fractions p.
+    tie_break, tie_seed:
+        Order among pixels of equal relevance (:mod:`modules.ranking`):
+        ``random`` (seeded), ``topk`` (the published ``torch.topk``, on the
+        images' device) or ``raster``.
 
     Returns
     -------
-    (hits0, hits)
+    (hits0, hits, tied)
         (B,) bool: prediction == target on the unperturbed images; (S, B)
-        bool: the same after removing ``int(H*W*p)`` pixels for each p.
+        bool: the same after removing ``int(H*W*p)`` pixels for each p;
+        (S, B) float: share of the removed pixels that were tied with a kept
+        pixel (:func:`modules.ranking.tied_share`: what the rule decided).
     """
     H, W = images.shape[-2:]
-    ranks = removal_ranks(prepare_maps(maps.to(images.device), (H, W)), direction)
+    vis = prepare_maps(maps.to(images.device), (H, W))
+    removed = removal_masks(vis, direction, [pixels_to_remove(H, W, p) for p in steps], tie_break, tie_seed)
+    flat = vis.flatten(1)
     with torch.no_grad():
         hits0 = model(normalize_input(images, mean, std)).argmax(dim=-1) == targets
-        hits = []
-        for p in steps:
-            perturbed = remove_pixels(images, ranks, pixels_to_remove(H, W, p))
+        hits, tied = [], []
+        for mask in removed:
+            perturbed = remove_masked(images, mask)
             hits.append(model(normalize_input(perturbed, mean, std)).argmax(dim=-1) == targets)
-    return hits0, torch.stack(hits)
+            tied.append(tied_share(flat, mask))
+    return hits0, torch.stack(hits), torch.stack(tied)
 
 
 def evaluate(model, results_path: str, images, mean: Sequence[float], std: Sequence[float], direction: str,
              batch_size: int, device: torch.device, num_workers: int = 0,
-             input_size: Optional[Tuple[int, int]] = None) -> Dict:
+             input_size: Optional[Tuple[int, int]] = None, tie_break: str = DEFAULT_TIE_BREAK,
+             tie_seed: int = DEFAULT_TIE_SEED) -> Dict:
     """Run :func:`perturbation_hits` over every row of ``results_path``.
 
     Returns a dict with ``model_hits`` (n,), ``perturbations_hits`` (S, n)
     (float, NaN for an image unreadable now, which is left out of the
-    accuracies), ``accuracy`` (acc_0, acc_0.1, ..., acc_0.9), ``auc`` and
-    ``num_images``.
+    accuracies), ``tied`` (S, n) (share of tied removed pixels),
+    ``accuracy`` (acc_0, acc_0.1, ..., acc_0.9), ``auc``, ``tied_share``
+    (mean of ``tied`` per step), ``num_images`` and ``num_left_out``.
     """
     with h5py.File(results_path, "r") as f:
         index, target = f["index"][()], f["target"][()]
@@ -96,6 +137,7 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
         n = len(index)
         model_hits = np.full(n, np.nan)
         pert_hits = np.full((len(PERTURBATION_STEPS), n), np.nan)
+        tied = np.full((len(PERTURBATION_STEPS), n), np.nan)
         starts = list(range(0, n, batch_size))
         dataset = RobustImageDataset(images, input_size)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index[a:a + batch_size].tolist() for a in starts],
@@ -112,22 +154,31 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
                 continue
             keep = torch.from_numpy(ok)
             maps = torch.from_numpy(decode_maps(vis[a:b], vis_scale[a:b], vis_offset[a:b])[ok])
-            h0, h = perturbation_hits(model, batch[keep].to(device), maps, labels[keep].to(device), mean, std,
-                                      direction)
+            h0, h, t = perturbation_hits(model, batch[keep].to(device), maps, labels[keep].to(device), mean, std,
+                                         direction, tie_break=tie_break, tie_seed=tie_seed)
             rows = np.arange(a, b)[ok]
             model_hits[rows] = h0.cpu().numpy()
             pert_hits[:, rows] = h.cpu().numpy()
+            tied[:, rows] = t.cpu().numpy()
     counted = ~np.isnan(model_hits)
     if not counted.any():
         raise InputError("no readable image to evaluate")
     accuracy = [float(model_hits[counted].mean())] + [float(v) for v in pert_hits[:, counted].mean(axis=1)]
-    return {"model_hits": model_hits, "perturbations_hits": pert_hits, "accuracy": accuracy,
-            "auc": auc(accuracy, FRACTIONS), "num_images": int(counted.sum()), "num_left_out": int((~counted).sum())}
+    return {"model_hits": model_hits, "perturbations_hits": pert_hits, "tied": tied, "accuracy": accuracy,
+            "auc": auc(accuracy, FRACTIONS), "tied_share": [float(v) for v in tied[:, counted].mean(axis=1)],
+            "num_images": int(counted.sum()), "num_left_out": int((~counted).sum())}
+
+
+#: Header keys that must agree for two directions to share one results.json.
+SAME_RUN_KEYS: Tuple[str, ...] = ("maps", "tie_break", "tie_seed")
 
 
 def update_results(output_dir: str, header: Dict, direction: str, result: Dict) -> Dict:
-    """Add one direction's accuracies and AUC to ``results.json`` (written
-    atomically); entries of other maps (another header) are dropped."""
+    """Add one direction's accuracies, AUC and tied shares to ``results.json``
+    (written atomically under a unique temporary name); entries of other maps
+    or of another tie rule or seed (another header) are dropped with a
+    warning.  Concurrent runs must hold :func:`output_lock` around this
+    read-modify-write (:func:`write_outputs` does)."""
     path = os.path.join(output_dir, JSON_NAME)
     data: Dict = {}
     if os.path.isfile(path):
@@ -136,19 +187,23 @@ def update_results(output_dir: str, header: Dict, direction: str, result: Dict) 
                 data = json.load(f)
         except (OSError, ValueError):
             data = {}
-        if data.get("maps") != header.get("maps"):
+        if not isinstance(data, dict):
+            data = {}
+        differs = [k for k in SAME_RUN_KEYS if data.get(k) != header.get(k)]
+        if differs:
             stale = [d for d in DIRECTIONS if d in data]
             if stale:
-                tqdm.write(f"warning: {path} held results of other maps; dropping {', '.join(stale)}", file=sys.stderr)
+                what = "other maps" if "maps" in differs else \
+                    f"another tie rule ({', '.join(f'{k} {data.get(k)!r}' for k in differs)})"
+                tqdm.write(f"warning: {path} held results of {what}; dropping {', '.join(stale)}", file=sys.stderr)
             data = {}
     data.update(header)
     data["fractions"] = list(FRACTIONS)
     data[direction] = {"accuracy": result["accuracy"], "auc": result["auc"], "num_images": result["num_images"],
-                       "num_left_out": result["num_left_out"]}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+                       "num_left_out": result["num_left_out"], "tie_break": header.get("tie_break"),
+                       "tie_seed": header.get("tie_seed"), "tied_share": result.get("tied_share"),
+                       "device": header.get("device")}
+    atomic_write_json(path, data)
     return data
 
 
@@ -167,17 +222,33 @@ def plot_results(data: Dict, path: str) -> str:
                     label=f"{direction} (AUC {r['auc']:.2f})")
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{data.get('method_label', data.get('method'))} ({data.get('vis_class')})")
+    ax.set_title(f"{data.get('method_label', data.get('method'))} ({data.get('vis_class')}, "
+                 f"ties: {data.get('tie_break')})")
     ax.set_xlim(0, max(FRACTIONS))
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_outputs(output_dir: str, header: Dict, direction: str, result: Dict) -> Dict:
+    """Write one direction's files under :func:`output_lock`: the per-image
+    ``.npy`` arrays, results.json (:func:`update_results`) and the plot of
+    every direction it then holds.  Returns the results.json contents."""
+    os.makedirs(os.path.join(output_dir, direction), exist_ok=True)
+    with output_lock(output_dir):
+        for name, key in (("model_hits.npy", "model_hits"), ("perturbations_hits.npy", "perturbations_hits"),
+                          ("tied_share.npy", "tied")):
+            _save_npy(os.path.join(output_dir, direction, name), result[key])
+        data = update_results(output_dir, header, direction, result)
+        plot_results(data, os.path.join(output_dir, PLOT_NAME))
+    return data
 
 
 def _bool(text: str) -> bool:
@@ -214,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--num-workers", type=int, default=4, help="image-loading worker processes")
     p.add_argument("--output-dir", default=None, help="where results go; None: the directory of results.hdf5")
+    p.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, choices=TIE_BREAKS,
+                   help="order among pixels of equal relevance: random = a seeded permutation of the pixel "
+                        "positions (the same on every device); topk = torch.topk as the published loop calls it "
+                        "(on --device); raster = the top rows first")
+    p.add_argument("--tie-seed", type=int, default=DEFAULT_TIE_SEED, help="seed of the random tie order")
     p.add_argument("--tf32", action="store_true",
                    help="allow TensorFloat-32 on CUDA (faster; predictions may then differ from the stored ones)")
     return p
@@ -224,6 +300,8 @@ def run(args: argparse.Namespace) -> Dict:
     direction = "positive" if args.pos or args.neg is False else "negative"
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, not {args.batch_size}")
+    if args.tie_seed < 0:
+        raise InputError(f"--tie-seed must be non-negative, not {args.tie_seed}")
     results = args.results
     if results is None:
         if args.method is None:
@@ -263,18 +341,18 @@ def run(args: argparse.Namespace) -> Dict:
 
     out = args.output_dir or os.path.dirname(os.path.abspath(results))
     os.makedirs(os.path.join(out, direction), exist_ok=True)
+    tie_seed = args.tie_seed if args.tie_break == "random" else None
     result = evaluate(model, results, images, identity["mean"], identity["std"], direction, args.batch_size,
-                      device, args.num_workers, tuple(identity["input_size"]))
-    np.save(os.path.join(out, direction, "model_hits.npy"), result["model_hits"])
-    np.save(os.path.join(out, direction, "perturbations_hits.npy"), result["perturbations_hits"])
+                      device, args.num_workers, tuple(identity["input_size"]), args.tie_break, args.tie_seed)
     header = {"method": identity["method"], "method_label": info.get("method_label", identity["method"]),
               "vis_class": identity["vis_class"], "model": identity["model"], "results_hdf5": os.path.abspath(results),
-              "maps": identity}
-    data = update_results(out, header, direction, result)
-    plot_results(data, os.path.join(out, PLOT_NAME))
+              "maps": identity, "tie_break": args.tie_break, "tie_seed": tie_seed, "device": device.type}
+    data = write_outputs(out, header, direction, result)
     acc = " ".join(f"{100 * a:.1f}" for a in result["accuracy"])
+    tied = max(result["tied_share"])
     print(f"{identity['method']} {identity['vis_class']} {direction}: accuracy (%) at p=0..0.9: {acc}; "
-          f"AUC {result['auc']:.2f} over {result['num_images']} images")
+          f"AUC {result['auc']:.2f} over {result['num_images']} images (ties: {args.tie_break}, "
+          f"at most {100 * tied:.1f}% of the removed pixels tied)")
     return data
 
 
@@ -283,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (InputError, UnknownMethodError, OSError) as exc:
+    except (InputError, CLIError, UnknownMethodError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from baselines.ViT.ViT_explanation_generator import normalize, upsample
 from modules.methods import EVAL_START_LAYER
+from modules.ranking import DEFAULT_TIE_BREAK, DEFAULT_TIE_SEED, TIE_BREAKS, ranking_ranks, tied_share, top_k_masks
 
 __all__ = [
     "PERTURBATION_STEPS",
@@ -23,7 +24,13 @@ __all__ = [
     "pixels_to_remove",
     "prepare_maps",
     "removal_ranks",
+    "removal_masks",
     "remove_pixels",
+    "remove_masked",
+    "tied_share",
+    "TIE_BREAKS",
+    "DEFAULT_TIE_BREAK",
+    "DEFAULT_TIE_SEED",
     "normalize_input",
     "select_positions",
 ]
@@ -33,6 +40,12 @@ PERTURBATION_STEPS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
 
 #: ``positive`` removes the most relevant pixels first, ``negative`` the least.
 DIRECTIONS: Tuple[str, ...] = ("positive", "negative")
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+
 
 def eval_start_layer(method: str) -> int:
     """The rollout start layer the evaluation uses for a canonical method name."""
@@ -79,28 +92,44 @@ def prepare_maps(maps: Tensor, size: Tuple[int, int]) -> Tensor:
     return normalize(maps)
 
 
-def removal_ranks(maps: Tensor, direction: str) -> Tensor:
+def removal_ranks(maps: Tensor, direction: str, tie_break: str = DEFAULT_TIE_BREAK,
+                  seed: int = DEFAULT_TIE_SEED) -> Tensor:
     """Removal order of every pixel: (B, H, W) maps -> (B, H*W) long ranks.
 
     Rank 0 is removed first: the highest relevance for ``positive``, the
-    lowest for ``negative``.  Ties are broken by the lower flat pixel index
-    (stable sort), so the result does not depend on the device.  The pixels
-    removed at step k are exactly those with ``rank < k``.
+    lowest for ``negative``.  Ties follow ``tie_break`` (``random`` or
+    ``raster``, see :mod:`modules.ranking`; ``topk`` has no single order: use
+    :func:`removal_masks`).  The pixels removed at step k are exactly those
+    with ``rank < k``.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-    flat = maps.flatten(1)
-    order = torch.sort(flat, dim=1, descending=direction == "positive", stable=True).indices
-    ranks = torch.empty_like(order)
-    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(order)
-    return ranks.scatter_(1, order, positions)
+    _check_direction(direction)
+    return ranking_ranks(maps.flatten(1), direction == "positive", tie_break, seed)
+
+
+def removal_masks(maps: Tensor, direction: str, ks: Sequence[int], tie_break: str = DEFAULT_TIE_BREAK,
+                  seed: int = DEFAULT_TIE_SEED) -> Tensor:
+    """Pixels removed at each step: (B, H, W) maps -> (len(ks), B, H*W) bool.
+
+    ``ks`` are the numbers of pixels removed (:func:`pixels_to_remove`).
+    ``topk`` is the published loop: ``torch.topk(vis, k)`` on the flattened
+    maps, ``vis = -vis`` for the negative test, on the maps' device; ``random``
+    and ``raster`` as in :func:`removal_ranks` (METHODS §5, issue 16).
+    """
+    _check_direction(direction)
+    return top_k_masks(maps.flatten(1), ks, direction == "positive", tie_break, seed)
 
 
 def remove_pixels(images: Tensor, ranks: Tensor, k: int) -> Tensor:
     """Images (B, C, H, W) in [0, 1] with their first ``k`` pixels in removal
     order set to 0 in every channel (before normalisation, METHODS §5)."""
+    return remove_masked(images, ranks < k)
+
+
+def remove_masked(images: Tensor, removed: Tensor) -> Tensor:
+    """Images (B, C, H, W) in [0, 1] with the pixels of ``removed`` ((B, H*W)
+    or (B, H, W) bool) set to 0 in every channel (METHODS §5)."""
     B, C, H, W = images.shape
-    keep = (ranks >= k).reshape(B, 1, H, W)
+    keep = ~removed.reshape(B, 1, H, W)
     return images * keep.to(images.dtype)
 
 
