@@ -26,12 +26,12 @@ MAX_LENGTH = 40
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _write_tiny_bert(folder: Path, vocab) -> Path:
+def _write_tiny_bert(folder: Path, vocab, dropout: float = 0.0) -> Path:
     """A random encoder-only BERT in Hugging Face layout: config.json, model.safetensors, vocab.txt."""
     folder.mkdir(parents=True, exist_ok=True)
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+                        intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
     encoder = {k[len("bert."):]: v.contiguous() for k, v in model.state_dict().items() if k.startswith("bert.")}
@@ -51,6 +51,7 @@ def setup(tmp_path_factory):
     words = sorted({w for doc in load_flattened_documents(data).values() for w in doc})
     words.remove("masterpiece")  # so that some word maps to [UNK]
     model_dir = _write_tiny_bert(root / "tiny_bert", SPECIALS + words)
+    _write_tiny_bert(root / "tiny_bert_dropout", SPECIALS + words, dropout=0.1)
     params = {"pretrained": str(model_dir), "max_length": MAX_LENGTH, "classes": ["NEG", "POS"], "seed": 0,
               "train": {"batch_size": 4, "lr": 1e-3, "epochs": 2, "select_on_val": True, "eval_batch_size": 8},
               "explain": {"batch_size": 4, "k": KS, "heatmaps": 2}}
@@ -161,10 +162,11 @@ def test_resume_equals_uninterrupted_training(setup, capsys):
     params["train"]["select_on_val"] = False
     device = torch.device("cpu")
 
-    def fresh():
+    def fresh():  # dropout 0.1: the resumed epoch must draw the very dropout masks of the uninterrupted one
         torch.manual_seed(1)
         with pytest.warns(UserWarning, match="freshly initialised"):
-            return BertForSequenceClassification.from_pretrained(str(setup["model_dir"]), num_labels=2)
+            return BertForSequenceClassification.from_pretrained(str(setup["root"] / "tiny_bert_dropout"),
+                                                                 num_labels=2)
 
     straight = fresh()
     params["train"]["epochs"] = 2
@@ -176,14 +178,16 @@ def test_resume_equals_uninterrupted_training(setup, capsys):
     params["train"]["epochs"] = 1  # "interrupted" after the first epoch
     bp.train_classifier(first, train_docs, [], params, work, tok.pad_token_id, device)
     state = torch.load(work / bp.STATE_FILE, weights_only=True)
-    assert state["epoch"] == 0 and set(state) == {"model", "optimizer", "epoch", "log"}
+    assert state["epoch"] == 0 and set(state) == {"model", "optimizer", "epoch", "log", "rng"}
+    torch.manual_seed(12345)  # whatever the random state is now, the checkpoint restores its own
     resumed = fresh()
+    torch.manual_seed(12345)
     params["train"]["epochs"] = 2
     log2 = bp.train_classifier(resumed, train_docs, [], params, work, tok.pad_token_id, device)
     assert "resuming fine-tuning after epoch 1" in capsys.readouterr().out
     assert [e["epoch"] for e in log2["history"]] == [0, 1]
     a, b = straight.state_dict(), resumed.state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact, dropout included
     assert not torch.equal(a["classifier.weight"], fresh().state_dict()["classifier.weight"])
 
 

@@ -5,8 +5,12 @@ The ERASER Movie Reviews experiment of ../shared/METHODS.md section 6:
 1. Fine-tune :class:`~BERT_explainability.modules.BERT.BertForSequenceClassification.BertForSequenceClassification`
    from the local pretrained directory named in ``--model-params`` on the
    training split, unless ``OUTPUT_DIR/classifier`` already holds a trained
-   classifier.  A checkpoint (model, optimiser, epoch) is written after every
-   epoch, so an interrupted run resumes after its last finished epoch.
+   classifier.  A checkpoint (model, optimiser, epoch and every random state:
+   torch, CUDA, Python, NumPy) is written to ``OUTPUT_DIR/classifier.training``
+   after every epoch, so a run killed at any moment resumes after its last
+   finished epoch and ends with exactly the files of an uninterrupted run.
+   The classifier folder (model, tokenizer, training log) is built in a
+   temporary folder and appears by one rename, complete or not at all.
 2. Classify the chosen split and report the accuracy.
 3. Explain the **ground-truth** class of every document with each method;
    word score = maximum over the word's wordpieces (special tokens skipped);
@@ -14,6 +18,8 @@ The ERASER Movie Reviews experiment of ../shared/METHODS.md section 6:
    to ``OUTPUT_DIR/<method>/identifier_results_<k>.json`` (ERASER's results
    format, read by :mod:`BERT_rationale_benchmark.metrics`), plus HTML and
    LaTeX heatmaps of the first few documents under ``OUTPUT_DIR/<method>/heatmaps/``.
+   Each method's folder is published by one rename once all its files are
+   written; non-finite logits or relevance are refused (exit 2).
 
 Documents are tokenised as pre-split words (ERASER tokens), so every
 wordpiece maps back to a document token offset.  Documents longer than
@@ -28,9 +34,12 @@ Usage (the paper's run; ``bert-base-uncased`` a local Hugging Face directory)::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
+import random
+import shutil
 import sys
 import time
 import warnings
@@ -48,16 +57,18 @@ from tqdm import tqdm  # noqa: E402
 
 from BERT_rationale_benchmark.utils import (SPLITS, Annotation, ERASERFormatError, annotation_docid,  # noqa: E402
                                             check_evidence_offsets, load_flattened_documents, load_split)
+from modules import cli  # noqa: E402
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, resolve_method  # noqa: E402
 
 __all__ = [
     "DEFAULT_PARAMS", "EncodedDoc", "load_params", "resolve_pretrained", "load_tokenizer", "encode_documents",
     "make_batches", "train_classifier", "load_or_train_classifier", "predict", "top_k_words", "doc_word_scores",
-    "explain_documents", "run", "main",
+    "explain_documents", "run", "main", "build_parser", "validate_params", "classifier_state",
 ]
 
 PKG_PREFIX = "pkg:"
 CLASSIFIER_DIR = "classifier"
+TRAINING_DIR = "classifier.training"  # resume state while fine-tuning; removed once the classifier is saved
 STATE_FILE = "training_state.pt"
 BEST_FILE = "best_model.safetensors"
 
@@ -91,13 +102,62 @@ def load_params(path: str | Path) -> Dict[str, Any]:
             params[key].update(value)
         else:
             params[key] = value
-    ks = params["explain"]["k"]
-    if not ks or not all(isinstance(k, int) and k > 0 for k in ks):
-        raise ValueError(f"{path}: explain.k must be a list of positive integers, got {ks!r}")
-    if len(params["classes"]) < 2 or len(set(params["classes"])) != len(params["classes"]):
-        raise ValueError(f"{path}: classes must be at least two distinct labels, got {params['classes']!r}")
+    for section in ("train", "explain"):
+        if not isinstance(user.get(section, {}), dict):
+            raise ValueError(f"{path}: {section} must be a JSON object, got {user[section]!r}")
+    validate_params(params, str(path))
     params["_path"] = str(path)
     return params
+
+
+_TRAIN_KEYS = set(DEFAULT_PARAMS["train"])
+_EXPLAIN_KEYS = set(DEFAULT_PARAMS["explain"])
+
+
+def validate_params(params: Dict[str, Any], where: str = "parameters") -> None:
+    """Refuse, in one line, every parameter of the wrong type, sign or range.
+
+    A negative batch size gave accuracy from uninitialised memory, ``epochs:
+    0`` saved an untrained classifier as trained, ``max_length: 0`` meant
+    "no truncation" (issue 15): each number is checked here, before work.
+    Unknown keys in ``train`` / ``explain`` (typos) are refused too.
+    Raises :class:`modules.cli.CLIError` (a ``ValueError`` is not needed:
+    ``main`` reports either in one line, exit 2).
+    """
+    num = cli.check_number
+    if not isinstance(params.get("pretrained"), str) or not params["pretrained"].strip():
+        raise cli.CLIError(f"{where}: pretrained must be a non-empty string (a local model directory "
+                           f"or '{PKG_PREFIX}<package>'), got {params.get('pretrained')!r}")
+    num(params["max_length"], "max_length", int, minimum=3, where=where)  # [CLS], one word piece, [SEP]
+    num(params["seed"], "seed", int, minimum=0, maximum=2 ** 63 - 1, where=where)
+    classes = params["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise cli.CLIError(f"{where}: classes must be a list of strings, got {classes!r}")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise cli.CLIError(f"{where}: classes must be at least two distinct labels, got {classes!r}")
+    tp, ep = params["train"], params["explain"]
+    for section, keys, known in (("train", tp, _TRAIN_KEYS), ("explain", ep, _EXPLAIN_KEYS)):
+        unknown = sorted(set(keys) - known)
+        if unknown:
+            raise cli.CLIError(f"{where}: unknown {section} parameter(s) {', '.join(unknown)} "
+                               f"(known: {', '.join(sorted(known))})")
+    num(tp["batch_size"], "train.batch_size", int, minimum=1, where=where)
+    num(tp["eval_batch_size"], "train.eval_batch_size", int, minimum=1, where=where)
+    num(tp["epochs"], "train.epochs", int, minimum=1, where=where)
+    num(tp["patience"], "train.patience", int, minimum=0, where=where)
+    num(tp["lr"], "train.lr", float, minimum=0, min_open=True, where=where)
+    if tp["max_grad_norm"] is not None:
+        num(tp["max_grad_norm"], "train.max_grad_norm", float, minimum=0, where=where)
+    if not isinstance(tp["select_on_val"], bool):
+        raise cli.CLIError(f"{where}: train.select_on_val must be true or false, got {tp['select_on_val']!r}")
+    num(ep["batch_size"], "explain.batch_size", int, minimum=1, where=where)
+    num(ep["heatmaps"], "explain.heatmaps", int, minimum=0, where=where)
+    ks = ep["k"]
+    if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0
+                                                      for k in ks):
+        raise cli.CLIError(f"{where}: explain.k must be a list of positive integers, got {ks!r}")
+    if len(set(ks)) != len(ks):
+        raise cli.CLIError(f"{where}: explain.k repeats a value: {ks!r}")
 
 
 def _model_dir_of_package(dist_name: str) -> Path:
@@ -224,8 +284,54 @@ def predict(model, docs: Sequence[EncodedDoc], batch_size: int, pad_id: int, dev
     model.eval()
     probs = torch.empty(len(docs), model.num_labels)
     for idx, ids, mask, _ in tqdm(make_batches(docs, batch_size, pad_id, device), desc=desc, leave=False):
-        probs[idx] = F.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1).cpu()
+        logits = cli.check_finite(model(input_ids=ids, attention_mask=mask).logits.float(),
+                                  f"{desc}: the classifier's logits")
+        probs[idx] = F.softmax(logits, dim=-1).cpu()
     return probs
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    """Every random state a fine-tuning epoch reads (dropout: torch / CUDA),
+    plus Python's and NumPy's, as tensors and plain values (so the checkpoint
+    loads with ``weights_only=True``)."""
+    import numpy as np
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _load_training_state(path: Path, device: torch.device) -> Dict[str, Any]:
+    """The resume state, read with ``weights_only=True``; a hostile, truncated
+    or foreign file is a one-line error naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        raise cli.CLIError(f"{path}: not a training state this pipeline wrote ({cli.one_line(exc)}); "
+                           f"delete it to start fine-tuning over") from None
+    need = {"model", "optimizer", "epoch", "log", "rng"}
+    if not isinstance(state, dict) or not need <= set(state):
+        missing = sorted(need - set(state)) if isinstance(state, dict) else sorted(need)
+        raise cli.CLIError(f"{path}: training state lacks {', '.join(missing)} (written by an older version, "
+                           f"or not by this pipeline); delete it to start fine-tuning over")
+    return state
 
 
 def _accuracy(probs: Tensor, docs: Sequence[EncodedDoc]) -> float:
@@ -238,8 +344,10 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
     """Fine-tune ``model`` in place (Adam, summed cross-entropy, gradient
     clipping, as the published pipeline), resuming from ``work_dir/training_state.pt``.
 
-    After every epoch the model, optimiser state and epoch are saved (read back
-    with ``torch.load(weights_only=True)``).  With ``train.select_on_val`` the
+    After every epoch the model, optimiser state, epoch and random states
+    (torch, CUDA, Python, NumPy) are saved atomically (read back with
+    ``torch.load(weights_only=True)``), so that a resumed run continues with
+    the very dropout masks and data order of an uninterrupted one.  With ``train.select_on_val`` the
     epoch of best validation accuracy (ties: lower loss) is kept, else the last.
     On return ``model`` holds the selected weights.
 
@@ -248,7 +356,9 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
     dict
         The training history (per epoch loss and accuracies) and the selected epoch.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from modules.checkpoints import mismatch_report
 
     tp = params["train"]
     work = Path(work_dir)
@@ -259,12 +369,26 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
     select_on_val = bool(tp.get("select_on_val")) and len(val_docs) > 0
     log: Dict[str, Any] = {"history": [], "best_epoch": -1, "best_val_acc": None, "best_val_loss": None}
     start_epoch = 0
+    cli.remove_stale_temporaries(str(state_path))
+    cli.remove_stale_temporaries(str(best_path))
     if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
-        log = json.loads(state["log"])
+        state = _load_training_state(state_path, device)
+        problems = mismatch_report(model.state_dict(), state["model"]) if isinstance(state["model"], dict) \
+            else "not a state dict"
+        if problems:
+            raise cli.CLIError(f"{state_path} does not fit the model: {problems}; delete it to start over")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"]) + 1
+            log = json.loads(state["log"])
+            _set_rng_state(state["rng"], device)
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise cli.CLIError(f"{state_path}: unusable training state ({cli.one_line(exc)}); "
+                               "delete it to start over") from None
+        if select_on_val and log.get("best_epoch", -1) >= 0 and not best_path.is_file():
+            raise cli.CLIError(f"{best_path} is missing (the state names epoch {log['best_epoch'] + 1} as best); "
+                               f"delete {work} to start over")
         print(f"resuming fine-tuning after epoch {start_epoch} (of {tp['epochs']}) from {state_path}")
     epochs, patience = int(tp["epochs"]), int(tp.get("patience", tp["epochs"]))
     for epoch in range(start_epoch, epochs):
@@ -280,6 +404,9 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
         for _, ids, mask, labels in bar:
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss = F.cross_entropy(logits, labels, reduction="sum")  # summed over the batch, as published
+            if not torch.isfinite(loss):
+                raise cli.NonFiniteError(f"fine-tuning diverged: the loss is {float(loss.detach())} in epoch {epoch + 1} "
+                                         f"(lower train.lr, or check the pretrained weights)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tp.get("max_grad_norm"):
@@ -297,40 +424,82 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
             if log["best_val_acc"] is None or \
                     (entry["val_acc"], -entry["val_loss"]) > (log["best_val_acc"], -log["best_val_loss"]):
                 log.update(best_epoch=epoch, best_val_acc=entry["val_acc"], best_val_loss=entry["val_loss"])
-                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(best_path))
+                tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                cli.atomic_write_bytes(str(best_path), save(tensors))
         else:
             log["best_epoch"] = epoch
         log["history"].append(entry)
         print("epoch {epoch}: ".format(epoch=epoch + 1) + ", ".join(
             f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
-        tmp = state_path.with_suffix(".tmp")
+        buffer = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "log": json.dumps(log)}, tmp)
-        os.replace(tmp, state_path)  # atomic: a crash never leaves half a checkpoint
+                    "log": json.dumps(log), "rng": _rng_state(device)}, buffer)
+        cli.atomic_write_bytes(str(state_path), buffer.getvalue())  # a kill never leaves half a checkpoint
     if select_on_val and best_path.is_file():
         model.load_state_dict(load_file(str(best_path), device=str(device)))
     return log
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def classifier_state(cls_dir: str | Path) -> str:
+    """``"complete"`` when ``cls_dir`` holds a saved classifier (config,
+    weights, a tokenizer), ``"absent"`` when it does not exist, else
+    ``"incomplete"`` (a folder left by an older version killed while saving)."""
+    d = Path(cls_dir)
+    if not d.exists():
+        return "absent"
+    ok = (d / "config.json").is_file() and (d / "model.safetensors").is_file() and \
+        any((d / f).is_file() and (d / f).stat().st_size > 0 for f in _TOKENIZER_FILES)
+    return "complete" if ok else "incomplete"
+
+
+def _check_classifier_dir(cls_dir: Path) -> None:
+    state = classifier_state(cls_dir)
+    if state == "incomplete":
+        legacy = (cls_dir / STATE_FILE).is_file() and not (cls_dir / "model.safetensors").is_file()
+        hint = " (the resume state of an older version: delete the folder to fine-tune again)" if legacy else ""
+        raise cli.CLIError(f"{cls_dir} is an incomplete classifier folder (needs config.json, model.safetensors "
+                           f"and a tokenizer){hint}; delete it to fine-tune again")
+
+
 def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, output_dir: str | Path,
                              model_dir: Path, tokenizer, device: torch.device):
-    """The fine-tuned classifier of ``output_dir/classifier``, training it first when absent."""
+    """The fine-tuned classifier of ``output_dir/classifier``, training it first when absent.
+
+    Fine-tuning keeps its resume state in ``output_dir/classifier.training``;
+    the classifier folder (weights, config, tokenizer, training log) is
+    written to a temporary folder and published by one rename, so it is
+    complete or absent, never half-written.
+    """
     from BERT_explainability.modules.BERT.BertForSequenceClassification import BertForSequenceClassification
 
     cls_dir = Path(output_dir) / CLASSIFIER_DIR
+    work_dir = Path(output_dir) / TRAINING_DIR
     classes = params["classes"]
-    if (cls_dir / "model.safetensors").is_file() and (cls_dir / "config.json").is_file():
+    _check_classifier_dir(cls_dir)
+    if classifier_state(cls_dir) == "complete":
         print(f"using the trained classifier in {cls_dir}")
-        model = BertForSequenceClassification.from_pretrained(str(cls_dir), num_labels=len(classes))
+        try:
+            model = BertForSequenceClassification.from_pretrained(str(cls_dir), num_labels=len(classes))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise cli.CLIError(f"{cls_dir}: cannot load the classifier ({cli.one_line(exc)})") from None
         return model.to(device).eval()
     torch.manual_seed(int(params["seed"]))  # the fresh classifier head, then dropout: a run is reproducible
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*freshly initialised.*")  # expected: we fine-tune it now
-        model = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=len(classes))
+    random.seed(int(params["seed"]))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*freshly initialised.*")  # expected: we fine-tune it now
+            model = BertForSequenceClassification.from_pretrained(str(model_dir), num_labels=len(classes))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise cli.CLIError(f"{model_dir}: cannot load the pretrained model ({cli.one_line(exc)})") from None
     if model.config.max_position_embeddings < int(params["max_length"]):
         raise ValueError(f"max_length {params['max_length']} exceeds the model's "
                          f"{model.config.max_position_embeddings} positions")
     train = load_split(data_dir, "train")
+    if not train:
+        raise cli.CLIError(f"the train split of {data_dir} is empty: nothing to fine-tune on")
     val = load_split(data_dir, "val") if params["train"].get("select_on_val") and \
         (Path(data_dir) / "val.jsonl").is_file() else []
     docs = load_flattened_documents(data_dir, {annotation_docid(a) for a in train + val})
@@ -341,15 +510,17 @@ def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, outpu
     print(f"fine-tuning {model_dir} on {len(train_docs)} training documents "
           f"({sum(d.truncated for d in train_docs)} truncated to {max_length} wordpieces) on {device}")
     t0 = time.time()
-    log = train_classifier(model, train_docs, val_docs, params, cls_dir, tokenizer.pad_token_id, device)
+    log = train_classifier(model, train_docs, val_docs, params, work_dir, tokenizer.pad_token_id, device)
+    for name, p in model.named_parameters():
+        cli.check_finite(p.detach(), f"the fine-tuned weight {name}")
     model.config.id2label = dict(enumerate(classes))
     model.config.label2id = {c: i for i, c in enumerate(classes)}
-    model.save_pretrained(str(cls_dir))
-    tokenizer.save_pretrained(str(cls_dir))
     log["seconds"] = time.time() - t0
-    (cls_dir / "training_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
-    for name in (STATE_FILE, BEST_FILE):  # the classifier is saved; the resume state is no longer needed
-        (cls_dir / name).unlink(missing_ok=True)
+    with cli.atomic_directory(str(cls_dir)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "training_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(work_dir, ignore_errors=True)  # the classifier is saved; the resume state is no longer needed
     print(f"saved the classifier to {cls_dir} (epoch {log['best_epoch'] + 1} selected, {log['seconds']:.0f} s)")
     return model.eval()
 
@@ -392,7 +563,8 @@ def explain_documents(model, docs: Sequence[EncodedDoc], method: str, batch_size
     model.eval()
     out: List[Optional[List[Optional[float]]]] = [None] * len(docs)
     for idx, ids, mask, labels in tqdm(make_batches(docs, batch_size, pad_id, device), desc=method, leave=False):
-        cam = explain(model, ids, mask, method, index=labels).detach().float().cpu()
+        cam = cli.check_finite(explain(model, ids, mask, method, index=labels).detach().float().cpu(),
+                               f"{method} relevance of documents {[docs[i].annotation_id for i in idx]}")
         for row, i in enumerate(idx):
             out[i] = doc_word_scores(cam[row], docs[i])
     return out  # type: ignore[return-value]
@@ -424,6 +596,20 @@ def _write_heatmaps(folder: Path, i: int, doc: EncodedDoc, scores: List[Optional
     (folder / f"{stem}.tex").write_text(latex_document(render_latex(words, values), title=title), encoding="utf-8")
 
 
+def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[EncodedDoc],
+                         scores: List[List[Optional[float]]], probs: Tensor, classes: Sequence[str],
+                         method: str, heatmaps: int) -> None:
+    """Every file of one method (rationales for each k, heatmaps), written to
+    a temporary folder and published as ``folder`` by one rename."""
+    with cli.atomic_directory(str(folder)) as tmp:
+        for k in ks:
+            with open(Path(tmp) / f"identifier_results_{k}.json", "w", encoding="utf-8") as f:
+                for doc, s, p in zip(docs, scores, probs):
+                    f.write(json.dumps(_result_record(doc, top_k_words(s, k), p, classes)) + "\n")
+        for i in range(min(heatmaps, len(docs))):
+            _write_heatmaps(Path(tmp) / "heatmaps", i, docs[i], scores[i], method, probs[i], classes)
+
+
 def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], methods: Sequence[str],
         split: str = "test", device: str | torch.device = "cpu", pretrained: Optional[str] = None) -> Dict[str, Any]:
     """The whole pipeline: fine-tune (or load), classify ``split``, explain it
@@ -431,10 +617,11 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
     (also written to ``output_dir/summary_<split>.json``)."""
     device = torch.device(device)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cli.check_output_dir(str(out), flag="--output-dir")
     classes = list(params["classes"])
     cls_dir = out / CLASSIFIER_DIR
-    trained = (cls_dir / "model.safetensors").is_file()
+    _check_classifier_dir(cls_dir)
+    trained = classifier_state(cls_dir) == "complete"
     model_dir = cls_dir if trained else resolve_pretrained(pretrained or params["pretrained"], params.get("_path"))
     tokenizer = load_tokenizer(model_dir)
     model = load_or_train_classifier(params, data_dir, out, model_dir, tokenizer, device)
@@ -460,24 +647,18 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
     for method in methods:
         name = resolve_method(method).name
         folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         scores = explain_documents(model, docs, name, int(params["explain"]["batch_size"]),
                                    tokenizer.pad_token_id, device)
-        for k in ks:
-            with open(folder / f"identifier_results_{k}.json", "w", encoding="utf-8") as f:
-                for doc, s, p in zip(docs, scores, probs):
-                    f.write(json.dumps(_result_record(doc, top_k_words(s, k), p, classes)) + "\n")
-        for i in range(min(int(params["explain"]["heatmaps"]), len(docs))):
-            _write_heatmaps(folder / "heatmaps", i, docs[i], scores[i], name, probs[i], classes)
+        _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]))
         summary["methods"][name] = {"seconds": time.time() - t0}
         print(f"{name}: wrote identifier_results_{{{','.join(map(str, ks))}}}.json to {folder} "
               f"({time.time() - t0:.1f} s)")
-    (out / f"summary_{split}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    cli.atomic_write_json(str(out / f"summary_{split}.json"), summary)
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune BERT on an ERASER data set (Movie Reviews) and write top-k word rationales of "
                     "each explanation method (METHODS.md section 6).",
@@ -493,20 +674,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="explanation method")
     which.add_argument("--all-methods", action="store_true", help=f"run every method: {', '.join(METHOD_NAMES)}")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to classify and explain")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (cpu, cuda, cuda:1, ...)")
+    cli.add_device_arg(parser)
+    cli.add_threads_arg(parser)
     parser.add_argument("--pretrained", default=None,
                         help="override the params' pretrained model directory (or pkg:<package>)")
+    return parser
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.apply_threads(args.threads)
     try:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but CUDA is not available")
+        device = cli.resolve_device(args.device)
+        cli.set_tf32(False)
         params = load_params(args.model_params)
         methods = list(METHOD_NAMES) if args.all_methods else [args.method]
         run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained)
-    except (OSError, ValueError, RuntimeError) as e:
-        parser.exit(2, f"error: {str(e).splitlines()[0] if str(e) else e}\n")
+    except (ValueError, RuntimeError) as e:  # e.g. the tokenizer refusing a document; cli handles the rest
+        if isinstance(e, cli.input_error_types()):
+            raise
+        raise cli.CLIError(cli.one_line(e)) from None
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the pipeline; bad input exits 2 with one line, Ctrl-C exits 130
+    keeping every finished epoch and method folder."""
+    code = cli.run_main(_main, argv, interrupt_message="interrupted; finished epochs and method folders are kept, "
+                                                       "run the same command again to resume")
+    if code:
+        raise SystemExit(code)
     return 0
 
 
