@@ -85,6 +85,9 @@ class AttentionLayer:
     module: nn.Module
     hook_module: nn.Module
     index: Optional[int]
+    cross: bool = False  # queries from another stream (non-square maps allowed)
+    call_kwargs: Optional[dict] = None  # keyword arguments forced on the module's calls (scoped)
+    forward: Optional[Callable] = None  # a recording forward that replaces the module's (scoped)
 
 
 @dataclass
@@ -287,7 +290,8 @@ def _set_and_restore(stack: contextlib.ExitStack, items: Sequence, get: Callable
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, eval_mode: bool = True) -> Iterator[AttentionCapture]:
+def capture_attention(model: nn.Module, eval_mode: bool = True, layers: Optional[Sequence[AttentionLayer]] = None,
+                      family: Optional[str] = None) -> Iterator[AttentionCapture]:
     """Record every self-attention layer's probabilities while the context is open.
 
     Parameters
@@ -307,19 +311,22 @@ def capture_attention(model: nn.Module, eval_mode: bool = True) -> Iterator[Atte
     On exit the model is exactly as it was: no hook left, training,
     ``requires_grad``, timm ``fused_attn`` and Hugging Face attention
     implementation restored (also when an exception leaves the context).
+
+    ``layers`` (with ``family``) overrides :func:`find_attention_layers`: an
+    adapter that knows its model's attention modules passes them here.
     """
-    family, layers = find_attention_layers(model)
-    capture = AttentionCapture(family, layers)
+    if layers is None:
+        family, layers = find_attention_layers(model)
+    capture = AttentionCapture(family or "huggingface", list(layers))
     with contextlib.ExitStack() as stack:
         if eval_mode:
             _set_and_restore(stack, list(model.modules()), lambda m: m.training,
                              lambda m, v: setattr(m, "training", v), False)
         frozen = [p for p in model.parameters() if not p.requires_grad]
         _set_and_restore(stack, frozen, lambda p: p.requires_grad, lambda p, v: p.requires_grad_(v), True)
-        if family == "timm":
-            _set_and_restore(stack, [layer.module for layer in layers], lambda m: m.fused_attn,
-                             lambda m, v: setattr(m, "fused_attn", v), False)
-        else:
+        fused = [layer.module for layer in layers if hasattr(layer.module, "fused_attn")]
+        _set_and_restore(stack, fused, lambda m: m.fused_attn, lambda m, v: setattr(m, "fused_attn", v), False)
+        if "transformers" in sys.modules:
             configs = _hf_configs(model)
             _set_and_restore(stack, configs, lambda c: c._attn_implementation_internal,
                              lambda c, v: setattr(c, "_attn_implementation_internal", v), "eager")
@@ -329,15 +336,37 @@ def capture_attention(model: nn.Module, eval_mode: bool = True) -> Iterator[Atte
                 _set_and_restore(stack, [c for c in configs if hasattr(c, attr)], lambda c, a=attr: getattr(c, a),
                                  lambda c, v, a=attr: setattr(c, a, v), False)
         for layer in layers:
+            if layer.forward is not None:  # a scoped instance attribute, deleted on exit
+                layer.module.forward = _bound_recording_forward(capture, layer)
+                stack.callback(delattr, layer.module, "forward")
+                continue
+            if layer.call_kwargs:
+                pre = layer.module.register_forward_pre_hook(_kwargs_forcer(layer.call_kwargs), with_kwargs=True)
+                stack.callback(pre.remove)
             handle = layer.hook_module.register_forward_hook(_recorder(capture, layer))
             stack.callback(handle.remove)
         yield capture
 
 
+def _kwargs_forcer(forced: dict) -> Callable:
+    def hook(module: nn.Module, args, kwargs):
+        return args, {**kwargs, **forced}
+    return hook
+
+
+def _bound_recording_forward(capture: AttentionCapture, layer: AttentionLayer) -> Callable:
+    def forward(*args, **kwargs):
+        def record(probs: Tensor) -> None:
+            capture.records.append(AttentionRecord(layer.name, layer.module, probs))
+        return layer.forward(layer.module, record, *args, **kwargs)
+    return forward
+
+
 def _recorder(capture: AttentionCapture, layer: AttentionLayer) -> Callable:
     def hook(module: nn.Module, args, output) -> None:
         probs = output if layer.index is None else output[layer.index]
-        if not isinstance(probs, Tensor) or probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+        if not isinstance(probs, Tensor) or probs.dim() != 4 or (probs.shape[-1] != probs.shape[-2]
+                                                                   and not layer.cross):
             got = type(probs).__name__ if not isinstance(probs, Tensor) else f"shape {tuple(probs.shape)}"
             raise RuntimeError(f"{layer.name} ({type(layer.module).__name__}) gave no (B, H, N, N) attention "
                                f"probabilities ({got}); does it use eager attention?")

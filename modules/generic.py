@@ -39,9 +39,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from modules.methods import resolve_index
+from modules.adapters import InputsError, UnsupportedModelError, adapter_for
+from modules.adapters.hf_models import IMAGE_CLASSES, IMAGE_TEXT_CLASSES, TEXT_CLASSES, clip_pooled_index
 from modules.aggregation import add_identity, positive_head_mean, rollout, rollout_row
-from modules.attention_capture import UnsupportedModelError, capture_attention, find_attention_layers
+from modules.explain import StreamMaps, explain, explain_trace
+
+IMAGE_CLASSES_ = tuple(IMAGE_CLASSES)
+TEXT_CLASSES_ = tuple(TEXT_CLASSES)
 
 __all__ = [
     "generic_layer_maps",
@@ -110,30 +114,13 @@ def generic_relevance_row(attentions: Sequence[Tensor], gradients: Sequence[Tens
 
 
 # --------------------------------------------------------------------------
-# Which models, and how their score is computed
+# The entry points of before the one engine (thin wrappers of modules.explain)
 # --------------------------------------------------------------------------
-_HF_KINDS: Dict[str, str] = {
-    "ViTForImageClassification": "hf-image",
-    "DeiTForImageClassification": "hf-image",
-    "DeiTForImageClassificationWithTeacher": "hf-image",
-    "BertForSequenceClassification": "hf-text",
-    "RobertaForSequenceClassification": "hf-text",
-    "DistilBertForSequenceClassification": "hf-text",
-    "CLIPModel": "clip",
-}
-SUPPORTED_HF_CLASSES: Tuple[str, ...] = tuple(_HF_KINDS)
-"""Hugging Face classes :func:`explain_any` explains (subclasses included)."""
+SUPPORTED_HF_CLASSES: Tuple[str, ...] = IMAGE_CLASSES_ + TEXT_CLASSES_ + IMAGE_TEXT_CLASSES
+"""Hugging Face classes the engine explains unmodified (subclasses included)."""
 
-_SUPPORTED = ("timm VisionTransformer/DeiT with class-token pooling and a classification head, or Hugging Face "
-              + ", ".join(SUPPORTED_HF_CLASSES))
-
-
-class CLIPRelevance(NamedTuple):
-    """Relevance of a CLIP (image, text) pair: ``image`` (B, gh, gw) patches,
-    ``text`` (B, N) tokens of the paired text."""
-
-    image: Tensor
-    text: Tensor
+CLIPRelevance = StreamMaps
+"""Relevance of an image-text pair: ``image`` (B, gh, gw), ``text`` (B, N)."""
 
 
 @dataclass
@@ -168,79 +155,19 @@ class GenericExplanation:
 
 
 def model_kind(model: nn.Module) -> str:
-    """``"timm-image"``, ``"hf-image"``, ``"hf-text"`` or ``"clip"``; anything
-    else raises :class:`~modules.attention_capture.UnsupportedModelError`."""
-    family, _ = find_attention_layers(model)  # raises for models without recordable attention
-    name = type(model).__name__
-    if family == "timm":
-        problems = []
-        if getattr(model, "global_pool", "token") != "token" or getattr(model, "attn_pool", None) is not None:
-            problems.append(f"global_pool={getattr(model, 'global_pool', None)!r} (the method explains the class "
-                            "token's row, so only 'token' pooling)")
-        if not isinstance(getattr(model, "head", None), nn.Linear):
-            problems.append("no classification head (num_classes=0)")
-        if problems:
-            raise UnsupportedModelError(f"{name}: unsupported " + "; ".join(problems))
-        return "timm-image"
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_KINDS:
-            return _HF_KINDS[cls.__name__]
-    raise UnsupportedModelError(f"unsupported model {name}: explain_any handles {_SUPPORTED}")
+    """``"timm-image"``, ``"hf-image"``, ``"hf-text"`` or ``"clip"`` (any
+    image-text model); an unsupported model raises
+    :class:`~modules.attention_capture.UnsupportedModelError`."""
+    from modules.adapters.hf_models import HFImageClassifierAdapter, HFImageTextAdapter, HFTextClassifierAdapter
 
-
-def clip_pooled_index(text_model: nn.Module, input_ids: Tensor) -> Tensor:
-    """(B,) position of the token a Hugging Face ``CLIPTextModel`` pools (the
-    EOS token), with the model's own rule: the highest token id when
-    ``eos_token_id == 2`` (configs from before transformers PR #24773), else the
-    first position of ``eos_token_id``."""
-    ids = input_ids.to(torch.int)
-    if text_model.eos_token_id == 2:
-        return ids.argmax(dim=-1).long()
-    return (ids == text_model.eos_token_id).int().argmax(dim=-1).long()
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _feed(inputs: Inputs, main_key: str, device: torch.device) -> Dict[str, Any]:
-    """The model's keyword arguments: a tensor becomes ``{main_key: tensor}``;
-    tensors move to the model's device."""
-    if isinstance(inputs, Tensor):
-        feed = {main_key: inputs}
-    elif isinstance(inputs, Mapping):
-        feed = dict(inputs)
-    else:
-        raise TypeError(f"inputs must be a tensor or the dict a Hugging Face processor/tokenizer returns, "
-                        f"got {type(inputs).__name__}")
-    if main_key not in feed:
-        raise ValueError(f"inputs hold no {main_key!r} (keys: {', '.join(map(str, feed)) or 'none'})")
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in feed.items()}
-
-
-def _grid(images: Tensor, patch: Any) -> Tuple[int, int]:
-    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return images.shape[-2] // ph, images.shape[-1] // pw
-
-
-def _patch_map(row: Tensor, grid: Tuple[int, int], prefix: Optional[int], what: str) -> Tensor:
-    """Patch columns of a (B, N) row as (B, gh, gw); ``prefix`` None: every
-    column before the gh*gw patch columns is a prefix token."""
-    n, patches = row.shape[-1], grid[0] * grid[1]
-    prefix = n - patches if prefix is None else prefix
-    if prefix < 1 or prefix + patches != n:
-        raise RuntimeError(f"{what}: {n} tokens do not split into {prefix} prefix tokens and a "
-                           f"{grid[0]}x{grid[1]} patch grid")
-    return row[:, prefix:].reshape(row.shape[0], *grid)
-
-
-def _layer_stack(cap, prefix: Optional[str], what: str):
-    recs = cap.select(prefix)
-    expected = sum(1 for layer in cap.layers if prefix is None or layer.name.startswith(prefix))
-    if len(recs) != expected:
-        raise RuntimeError(f"{what}: recorded {len(recs)} attention maps for {expected} attention layers")
-    return [r.probs.detach() for r in recs], [r.grad for r in recs]
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(str(exc)) from None
+    if adapter.copy:
+        raise UnsupportedModelError(f"{type(model).__name__} is a model copy: use modules.explain.explain")
+    kinds = {HFImageClassifierAdapter: "hf-image", HFTextClassifierAdapter: "hf-text", HFImageTextAdapter: "clip"}
+    return kinds.get(type(adapter), "timm-image")
 
 
 def generic_explanation(model: nn.Module, inputs: Inputs, index: Index = None,
@@ -248,129 +175,31 @@ def generic_explanation(model: nn.Module, inputs: Inputs, index: Index = None,
     """Run :func:`explain_any` and return everything it computed (maps, the
     explained score and target); see :class:`GenericExplanation`."""
     kind = model_kind(model)
-    _, layers = find_attention_layers(model)
-    towers = ("vision_model.", "text_model.") if kind == "clip" else ("",)
-    depth = min(sum(layer.name.startswith(t) for layer in layers) for t in towers)
-    if not 0 <= start_layer < depth:  # checked before any forward pass
-        raise ValueError(f"start_layer={start_layer} outside 0..{depth - 1}")
-    device = _device(model)
-    with torch.enable_grad(), capture_attention(model) as cap:
-        if kind == "clip":
-            return _explain_clip(model, cap, inputs, index, start_layer, device)
-        if kind == "timm-image":
-            feed = _feed(inputs, "pixel_values", device)
-            images = feed["pixel_values"]
-            logits = model(images)
-        else:
-            feed = _feed(inputs, "pixel_values" if kind == "hf-image" else "input_ids", device)
-            logits = model(**feed, return_dict=True).logits
-        if logits.dim() != 2:
-            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)}, "
-                               "not (B, classes)")
-        target = resolve_index(index, logits)
-        score = logits.gather(1, target[:, None]).squeeze(1)  # one-hot seed per row
-        cap.compute_gradients(score.sum())
-        attentions, gradients = _layer_stack(cap, None, type(model).__name__)
-        with torch.no_grad():
-            row = generic_relevance_row(attentions, gradients, row=0, start_layer=start_layer)
-            if kind == "timm-image":
-                rel = _patch_map(row, _grid(images, model.patch_embed.patch_size), model.num_prefix_tokens,
-                                 type(model).__name__)
-            elif kind == "hf-image":
-                rel = _patch_map(row, _grid(feed["pixel_values"], model.config.patch_size), None, type(model).__name__)
-            else:
-                rel = row
-        return GenericExplanation(rel.detach(), score.detach(), target, "text" if kind == "hf-text" else "image")
-
-
-def _clip_pairs(n_images: int, n_texts: int, index: Index, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """(image, text) index of every explained pair."""
-    if index is not None:
-        texts = torch.as_tensor(index, device=device).long().reshape(-1)
-        if texts.numel() == 1:
-            texts = texts.expand(n_images)
-        if texts.numel() != n_images:
-            raise ValueError(f"index names {texts.numel()} texts for {n_images} images (one text per image)")
-        if bool(((texts < 0) | (texts >= n_texts)).any()):
-            raise ValueError(f"text index {texts.tolist()} out of range: {n_texts} texts (0..{n_texts - 1})")
-        return torch.arange(n_images, device=device), texts
-    if n_images == n_texts:
-        return torch.arange(n_images, device=device), torch.arange(n_texts, device=device)
-    if n_images == 1:
-        return torch.zeros(n_texts, dtype=torch.long, device=device), torch.arange(n_texts, device=device)
-    if n_texts == 1:
-        return torch.arange(n_images, device=device), torch.zeros(n_images, dtype=torch.long, device=device)
-    raise ValueError(f"CLIP explains (image i, text i) pairs: got {n_images} images and {n_texts} texts; "
-                     "pass index= (the text for each image)")
-
-
-def _explain_clip(model: nn.Module, cap, inputs: Inputs, index: Index, start_layer: int,
-                  device: torch.device) -> GenericExplanation:
-    if not isinstance(inputs, Mapping):
-        raise TypeError("CLIP needs the dict a CLIPProcessor returns (pixel_values, input_ids, attention_mask)")
-    feed = _feed(inputs, "pixel_values", device)
-    if "input_ids" not in feed:
-        raise ValueError("inputs hold no 'input_ids': CLIP explains image-text pairs")
-    img, txt = _clip_pairs(feed["pixel_values"].shape[0], feed["input_ids"].shape[0], index, device)
-    feed["pixel_values"] = feed["pixel_values"][img]
-    for key in ("input_ids", "attention_mask", "position_ids"):
-        if isinstance(feed.get(key), Tensor) and feed[key].dim() == 2:
-            feed[key] = feed[key][txt]
-    out = model(**feed, return_dict=True)
-    # pair b is (image img[b], text txt[b]); the pairs' similarities are the
-    # diagonal of the similarity matrix the model returns for them
-    score = out.logits_per_image.diagonal()
-    cap.compute_gradients(score.sum())
-    name = type(model).__name__
-    vis_a, vis_g = _layer_stack(cap, "vision_model.", f"{name}.vision_model")
-    txt_a, txt_g = _layer_stack(cap, "text_model.", f"{name}.text_model")
-    eos = clip_pooled_index(model.text_model, feed["input_ids"])
-    with torch.no_grad():
-        image_row = generic_relevance_row(vis_a, vis_g, row=0, start_layer=start_layer)
-        image_rel = _patch_map(image_row, _grid(feed["pixel_values"], model.config.vision_config.patch_size), 1,
-                               f"{name}.vision_model")
-        text_rel = generic_relevance_row(txt_a, txt_g, row=eos, start_layer=start_layer)
-    return GenericExplanation(image_rel.detach(), score.detach(), txt, "image-text", text_rel.detach(), eos)
+    try:
+        exp = explain_trace(model, inputs, "generic_attribution", index=index, start_layer=start_layer)
+    except InputsError as exc:
+        raise ValueError(str(exc)) from None
+    if isinstance(exp.maps, StreamMaps):
+        text_row = exp.trace.streams["text"].readout.weights.argmax(dim=1)
+        return GenericExplanation(exp.maps.image, exp.score, exp.target, "image-text", exp.maps.text, text_row)
+    return GenericExplanation(exp.maps, exp.score, exp.target, "text" if kind == "hf-text" else "image")
 
 
 def explain_any(model: nn.Module, inputs: Inputs, index: Index = None,
-                start_layer: int = 0) -> Union[Tensor, CLIPRelevance]:
+                start_layer: int = 0) -> Union[Tensor, StreamMaps]:
     """Generic attention relevance (METHODS.md section 2, ``generic_attribution``)
-    of an unmodified timm or Hugging Face model.
+    of an unmodified timm or Hugging Face model: a thin wrapper of
+    :func:`modules.explain.explain` kept for existing code.
 
-    Parameters
-    ----------
-    model:
-        A supported model (see the module docstring); it is run in eval mode
-        and left exactly as it was.
-    inputs:
-        Images (B, C, H, W), normalised as the model expects (timm, or Hugging
-        Face image classifiers), or the dict a Hugging Face image processor /
-        tokenizer / CLIPProcessor returns.  Tensors follow the model's device.
-    index:
-        Classifiers: None (each sample's predicted class), an int, or one class
-        per sample; the chosen logit is explained with a one-hot seed per
-        sample (a DeiT-with-teacher model: the averaged logits it outputs).
-        CLIP: None pairs image i with text i (one image or one text is paired
-        with every text or image); otherwise the text index for each image.
-        The explained value is the pair's entry of ``logits_per_image``
-        (scaled cosine similarity) as the model returns it.
-    start_layer:
-        First block of the update R <- R + Abar_l R.
-
-    Returns
-    -------
-    Tensor or CLIPRelevance
-        Raw relevance: (B, gh, gw) for images (patch columns after the 1 or 2
-        prefix tokens), (B, N) for text (row of [CLS], all N columns); for CLIP
-        ``CLIPRelevance(image=(B, gh, gw), text=(B, N))``, the text map being
-        the row of the pooled EOS token (the causal text tower's summary token,
-        which is what CLIP projects), so tokens after it get 0.
+    Returns raw relevance: (B, gh, gw) for images, (B, N) for text; for CLIP
+    ``CLIPRelevance(image=(B, gh, gw), text=(B, N))``, the text map being the
+    row of the pooled EOS token (tokens after it get 0).
     """
-    exp = generic_explanation(model, inputs, index=index, start_layer=start_layer)
-    if exp.kind == "image-text":
-        return CLIPRelevance(exp.relevance, exp.text_relevance)
-    return exp.relevance
+    model_kind(model)
+    try:
+        return explain(model, inputs, "generic_attribution", index=index, start_layer=start_layer)
+    except InputsError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------

@@ -440,10 +440,11 @@ def test_unsupported_models_named_with_what_was_looked_for():
         find_attention_layers(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(UnsupportedModelError, match=r"Sequential"):
         explain_any(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 2))
-    avg = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=1, num_heads=4, num_classes=5,
-                            global_pool="avg")
-    with pytest.raises(UnsupportedModelError, match="global_pool='avg'"):
-        explain_any(avg, images(1))
+    # avg and map pooling are supported (METHODS.md section 8); max pooling has no row to explain
+    pooled = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=1, num_heads=4, num_classes=5,
+                               global_pool="max")
+    with pytest.raises(UnsupportedModelError, match="global_pool='max'"):
+        explain_any(pooled, images(1))
     base = tf.BertModel(tf.BertConfig(**_text_kwargs()))
     with pytest.raises(UnsupportedModelError, match=r"BertModel.*BertForSequenceClassification"):
         explain_any(base, text_batch())

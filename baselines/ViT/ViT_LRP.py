@@ -522,3 +522,51 @@ def load_model(name: str, weights: Optional[str] = None) -> VisionTransformer:
     if weights is not None:
         load_checkpoint(model, weights)
     return model.eval()
+
+
+# --------------------------------------------------------------------------
+# How modules.explain explains this copy (every method)
+# --------------------------------------------------------------------------
+from modules.adapters import check_images, column_mask, feed_dict, model_device, one_hot_rows, register_adapter  # noqa: E402
+from modules.adapters.native import CopyAdapter  # noqa: E402
+from modules.trace import Readout, Stream  # noqa: E402
+
+
+@register_adapter
+class ViTCopyAdapter(CopyAdapter):
+    """The ViT/DeiT copy: [CLS] row (DeiT-distilled: the averaged heads'
+    logits, still read at [CLS] per METHODS.md section 2), patch columns
+    after the 1 or 2 prefix tokens; full LRP to the pixels."""
+
+    family = "ViT/DeiT LRP copy (baselines.ViT.ViT_LRP.VisionTransformer)"
+    examples = tuple(MODEL_FACTORIES)
+    stream_name = "image"
+    attention_prefix = "blocks"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def depths(self) -> Dict[str, int]:
+        return {"image": len(self.model.blocks)}
+
+    def prepare(self, inputs, index):
+        feed = feed_dict(inputs, "pixel_values", model_device(self.model))
+        feed["grid"] = check_images(feed["pixel_values"], self.model.patch_embed.patch_size, "VisionTransformer")
+        return feed
+
+    def forward(self, feed, method):
+        x = feed["pixel_values"].detach()
+        return self.model(x.requires_grad_(True) if method.needs_grad else x)  # a leaf: frozen models work too
+
+    def streams(self, feed, state):
+        calls = self.calls(state)
+        B, N = calls[0].probs.shape[0], calls[0].probs.shape[-1]
+        device = calls[0].probs.device
+        readout = Readout(one_hot_rows(B, N, 0, device, calls[0].probs.dtype), column_mask(B, N, self.model.num_prefix_tokens, device),
+                          grid=feed["grid"])
+        return {"image": Stream("image", list(calls), readout)}
+
+    def run_relprop(self, seed, stop, feed):
+        r = self.model.relprop(seed, stop_block=stop, image_size=tuple(feed["pixel_values"].shape[-2:]))
+        return None if r is None else r.sum(dim=1)

@@ -212,3 +212,55 @@ def convert_hf_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
             continue
         out[key] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# How modules.explain explains this copy (every method, METHODS.md section 3)
+# ------------------------------------------------------------------------------------------------
+from modules.adapters import check_text, feed_dict, model_device, one_hot_rows, register_adapter  # noqa: E402
+from modules.adapters.native import CopyAdapter  # noqa: E402
+from modules.trace import Readout, Stream  # noqa: E402
+
+
+@register_adapter
+class BertCopyAdapter(CopyAdapter):
+    """The BERT copy: [CLS] row with the published BERT conventions
+    (METHODS.md section 3), every wordpiece a column, padding masked."""
+
+    family = "BERT LRP copy (BERT_explainability...BertForSequenceClassification)"
+    examples = ("BertForSequenceClassification (copy)",)
+    stream_name = "text"
+    attention_prefix = "bert.encoder.layer"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, BertForSequenceClassification)
+
+    def depths(self):
+        return {"text": len(self.model.bert.encoder.layer)}
+
+    def prepare(self, inputs, index):
+        feed = feed_dict(inputs, "input_ids", model_device(self.model))
+        feed["real"] = check_text(feed, "BertForSequenceClassification")
+        return feed
+
+    def forward(self, feed, method):
+        # the word embeddings as a leaf, so the attention maps have a graph
+        # even when every parameter is frozen
+        embeds = self.model.bert.embeddings.word_embeddings(feed["input_ids"]).detach()
+        if method.needs_grad:
+            embeds.requires_grad_(True)
+        return self.model(inputs_embeds=embeds, attention_mask=feed["attention_mask"],
+                          token_type_ids=feed.get("token_type_ids")).logits
+
+    def streams(self, feed, state):
+        calls = self.calls(state)
+        real = feed["real"]
+        B, N = real.shape
+        readout = Readout(one_hot_rows(B, N, 0, real.device, calls[0].probs.dtype), torch.ones_like(real),
+                          self_column=0, token_mask=real)
+        return {"text": Stream("text", list(calls), readout, text_conventions=True)}
+
+    def run_relprop(self, seed, stop, feed):
+        r = self.model.relprop(seed, stop_layer=stop)
+        return None if r is None else r.sum(dim=-1)

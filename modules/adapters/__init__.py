@@ -1,0 +1,261 @@
+"""Model adapters: one small class per model family.
+
+An adapter knows how to feed a family's inputs, where its attention is
+recorded (natively in the project's LRP copies, by scoped hooks in models
+as timm or Hugging Face built them), which row its head reads, its prefix
+tokens and its patch grid.  It turns one call into a
+:class:`~modules.trace.Trace`; the methods never see the model.
+
+Adapters register themselves with :func:`register_adapter`, in the order
+they should be tried; :func:`adapter_for` picks the first that matches.
+:func:`supported_models` lists them (the README's list is generated from it).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modules.attention_capture import UnsupportedModelError
+from modules.methods import ATTENTION_METHODS, METHOD_NAMES, Index, Method, resolve_index
+from modules.trace import AttentionCall, Stream, Trace, last_call
+
+__all__ = ["Adapter", "register_adapter", "adapter_for", "supported_models", "copies_offering",
+           "UnsupportedModelError", "UnsupportedMethodError", "InputsError", "model_device"]
+
+
+class UnsupportedMethodError(ValueError):
+    """The method needs something this model cannot give (an LRP pass)."""
+
+
+class InputsError(ValueError):
+    """Inputs that do not fit the model (one-line message)."""
+
+
+_REGISTRY: List[Type["Adapter"]] = []
+
+
+def register_adapter(cls: Type["Adapter"]) -> Type["Adapter"]:
+    """Class decorator: make ``cls`` available to :func:`adapter_for`."""
+    if cls not in _REGISTRY:
+        _REGISTRY.append(cls)
+    return cls
+
+
+def _load_library_adapters() -> None:
+    """Register the timm / Hugging Face adapters once their library is in use
+    (a model of theirs implies the library was imported)."""
+    if "timm" in sys.modules:
+        import modules.adapters.timm_models  # noqa: F401
+    if "transformers" in sys.modules:
+        import modules.adapters.hf_models  # noqa: F401
+
+
+def adapter_for(model: nn.Module) -> "Adapter":
+    """The adapter of ``model``'s family; :class:`UnsupportedModelError` naming
+    what is supported otherwise."""
+    _load_library_adapters()
+    for cls in _REGISTRY:
+        if cls.matches(model):
+            return cls(model)
+    raise UnsupportedModelError(f"unsupported model {type(model).__name__}; supported: "
+                                + "; ".join(f"{c.family} ({', '.join(c.examples)})" for c in _REGISTRY))
+
+
+def supported_models() -> List[Tuple[str, Sequence[str], Tuple[str, ...], str]]:
+    """(family, example classes, methods, notes) of every registered adapter."""
+    import modules.adapters.timm_models  # noqa: F401
+    import modules.adapters.hf_models  # noqa: F401
+    try:
+        import baselines.ViT.ViT_LRP  # noqa: F401  (the copies register their own adapters)
+        import BERT_explainability.modules.BERT.BertForSequenceClassification  # noqa: F401
+    except ImportError:  # pragma: no cover - installed without the copies
+        pass
+    return [(c.family, tuple(c.examples), c.method_names(), c.notes) for c in _REGISTRY]
+
+
+def copies_offering(method: str) -> List[str]:
+    """The families (model copies) that run ``method``."""
+    supported_models()
+    return [c.family for c in _REGISTRY if method in c.method_names()]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class Adapter:
+    """Base class: how one model family is explained.
+
+    Subclasses set the class attributes and implement :meth:`matches`,
+    :meth:`depths`, :meth:`prepare`, :meth:`recording`, :meth:`forward` and
+    :meth:`streams` (and :meth:`relprop` for copies).
+    """
+
+    family: ClassVar[str] = ""
+    examples: ClassVar[Sequence[str]] = ()
+    copy: ClassVar[bool] = False  # True: an LRP copy (every method)
+    notes: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- what the family is --------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def method_names(cls) -> Tuple[str, ...]:
+        return METHOD_NAMES if cls.copy else ATTENTION_METHODS
+
+    def methods(self) -> Tuple[str, ...]:
+        return self.method_names()
+
+    def depths(self) -> Dict[str, int]:
+        """Number of self-attention layers of each stream (for the start-layer check)."""
+        raise NotImplementedError
+
+    # -- one call ------------------------------------------------------------
+    def prepare(self, inputs: Any, index: Index) -> Dict[str, Any]:
+        """Check the inputs and build what :meth:`forward` feeds (on the model's device)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def recording(self, method: Method) -> Iterator[Any]:
+        """A context in which the forward pass records its attention calls."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def forward(self, feed: Dict[str, Any], method: Method) -> Any:
+        raise NotImplementedError
+
+    def score(self, feed: Dict[str, Any], output: Any, index: Index) -> Tuple[Tensor, Tensor, Tensor]:
+        """(logits (B, C), target (B,), one-hot seed (B, C)) of the explained output."""
+        logits = output if isinstance(output, Tensor) else output.logits
+        if logits.dim() != 2:
+            raise RuntimeError(f"{type(self.model).__name__} returned logits of shape {tuple(logits.shape)}, "
+                               "not (B, classes)")
+        target = resolve_index(index, logits)
+        return logits, target, F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+
+    def streams(self, feed: Dict[str, Any], recorder: Any) -> Dict[str, Stream]:
+        raise NotImplementedError
+
+    def relprop(self, seed: Tensor, stop: Optional[int], feed: Dict[str, Any], recorder: Any,
+                streams: Dict[str, Stream]) -> Optional[Tensor]:
+        """LRP pass from the logits (copies only), down to attention layer
+        ``stop`` (None: to the input).  Fills each call's ``relevance`` and
+        returns the input relevance as a pixel map (B, H, W) or a token row
+        (B, N), or None when stopped early."""
+        raise NotImplementedError
+
+    # -- the template --------------------------------------------------------
+    def record(self, inputs: Any, method: Method, index: Index, start_layer: Optional[int]) -> Trace:
+        """Forward pass, the gradients and relevance ``method`` needs, as a :class:`Trace`."""
+        feed = self.prepare(inputs, index)
+        with self.recording(method) as recorder, torch.set_grad_enabled(method.needs_grad):
+            output = self.forward(feed, method)
+            logits, target, one_hot = self.score(feed, output, index)
+            streams = self.streams(feed, recorder)
+            needed: List[AttentionCall] = []
+            stops: List[int] = []
+            for stream in streams.values():
+                start = method.default_start_layer(stream) if start_layer is None else start_layer
+                calls = stream.calls
+                if not calls:
+                    raise RuntimeError(f"{type(self.model).__name__}: no attention was recorded")
+                cross = [op for op in stream.ops if isinstance(op, AttentionCall) and not op.is_self]
+                chosen = [last_call(stream)] if method.last_layer_only else calls[start:] + cross
+                needed += chosen
+                stops.append(len(calls) - 1 if method.last_layer_only else start)
+            score = (logits * one_hot).sum(dim=-1)
+            if method.needs_grad:
+                # per-sample seed: one-hot(c_b) in row b, so sample b gets d y_{b,c_b} / d A
+                probs = [c.probs for c in needed]
+                if not score.requires_grad or not all(p.requires_grad for p in probs):
+                    raise RuntimeError("the attention probabilities carry no autograd graph: run outside "
+                                       "torch.no_grad() / torch.inference_mode()")
+                grads = torch.autograd.grad(score.sum(), probs, allow_unused=True)
+                for call, g in zip(needed, grads):
+                    call.grad = torch.zeros_like(call.probs) if g is None else g.detach()
+            input_relevance = None
+            if method.rule_set is not None:
+                stop = None if method.to_input else min(stops)
+                with torch.no_grad():
+                    input_relevance = self.relprop(one_hot.detach(), stop, feed, recorder, streams)
+            for stream in streams.values():
+                for op in stream.ops:
+                    if isinstance(op, AttentionCall):
+                        op.probs = op.probs.detach()
+        return Trace(logits.detach(), target, score.detach(), streams, input_relevance)
+
+
+# --------------------------------------------------------------------------
+# Small shared pieces of the adapters
+# --------------------------------------------------------------------------
+def feed_dict(inputs: Any, main_key: str, device: torch.device) -> Dict[str, Any]:
+    """The model's keyword arguments: a tensor becomes ``{main_key: tensor}``,
+    a mapping (a Hugging Face ``BatchEncoding`` / ``BatchFeature``) a dict;
+    tensors move to ``device``."""
+    from collections.abc import Mapping
+
+    if isinstance(inputs, Tensor):
+        feed = {main_key: inputs}
+    elif isinstance(inputs, Mapping):
+        feed = dict(inputs)
+    else:
+        raise InputsError(f"inputs must be a tensor or the dict a Hugging Face processor/tokenizer returns, "
+                          f"got {type(inputs).__name__}")
+    if not isinstance(feed.get(main_key), Tensor):
+        raise InputsError(f"inputs hold no {main_key!r} tensor (keys: {', '.join(map(str, feed)) or 'none'})")
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in feed.items()}
+
+
+def check_images(images: Tensor, patch: Tuple[int, int], what: str) -> Tuple[int, int]:
+    """(gh, gw) of a (B, C, H, W) batch whose sides are multiples of the patch size."""
+    if images.dim() != 4:
+        raise InputsError(f"{what}: images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    H, W = images.shape[-2:]
+    ph, pw = patch
+    if H % ph or W % pw:
+        raise InputsError(f"{what}: image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+    return H // ph, W // pw
+
+
+def one_hot_rows(batch: int, tokens: int, row: Any, device: torch.device, dtype=torch.float32) -> Tensor:
+    """(B, N) read-out weights with a single 1 per sample at ``row`` (an int
+    or a (B,) tensor of positions)."""
+    w = torch.zeros(batch, tokens, dtype=dtype, device=device)
+    rows = torch.as_tensor(row, device=device).long().reshape(-1).expand(batch)
+    w[torch.arange(batch, device=device), rows] = 1
+    return w
+
+
+def column_mask(batch: int, tokens: int, first: int, device: torch.device) -> Tensor:
+    """(B, N) True from column ``first`` on (the patch columns after the prefix tokens)."""
+    cols = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    cols[:, first:] = True
+    return cols
+
+
+def check_text(feed: Dict[str, Any], what: str) -> Tensor:
+    """Validate ``input_ids`` (B, N) and ``attention_mask`` (default: all 1)
+    in ``feed`` (filled in place); returns the (B, N) bool mask of real tokens."""
+    ids = feed["input_ids"]
+    if ids.dim() != 2:
+        raise InputsError(f"{what}: input_ids must be (B, N), got shape {tuple(ids.shape)}")
+    mask = feed.get("attention_mask")
+    if mask is None:
+        mask = feed["attention_mask"] = torch.ones_like(ids)
+    if mask.shape != ids.shape:
+        raise InputsError(f"{what}: attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    real = mask.bool()
+    if not bool(real.any(dim=1).all()):
+        raise InputsError(f"{what}: a sample has no token with attention_mask = 1")
+    return real

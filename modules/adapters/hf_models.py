@@ -1,0 +1,364 @@
+"""Adapters for Hugging Face transformers models, unmodified.
+
+Attention is recorded at the modules each model declares in
+``_can_record_outputs["attentions"]`` (their eager path returns the
+probabilities that multiply the values), or, for models that declare none
+(DeBERTa-v2), at the dropout module applied right after the softmax.
+Inside the context every config asks for eager attention; everything is put
+back on exit.
+
+Which row is explained (METHODS.md sections 2, 3 and 8; beyond the papers
+the definitions are the project's own):
+
+* image classifiers: ViT and DeiT read [CLS] (DeiT with teacher: the
+  averaged logits, still read at [CLS] as METHODS.md section 2 says); BEiT
+  with mean pooling the mean of the patch rows; DINOv2 (+ registers), whose
+  classifier reads the concatenation of [CLS] and the mean of the patch
+  tokens, half the [CLS] row plus half the mean of the patch rows;
+* text classifiers: the [CLS] row with the published BERT conventions
+  (METHODS.md section 3) for BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT,
+  ELECTRA, DeBERTa-v2 and ModernBERT (``classifier_pooling="mean"``: the
+  mean of the real tokens' rows); decoder-only classifiers (GPT-2, Llama,
+  Qwen2) the row of the last non-padding token, found by the model's own rule;
+* CLIP and SigLIP: two streams (image, text); the explained value is
+  ``logits_per_image`` of each (image, text) pair; CLIP's image map reads
+  [CLS] and its text map the pooled EOS token; SigLIP's image map reads its
+  attention-pooling head (a cross-attention from the probe), its text map
+  the last token.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modules.adapters import (InputsError, UnsupportedModelError, check_images, check_text, column_mask, feed_dict,
+                              model_device, one_hot_rows, register_adapter)
+from modules.adapters.hooks import HookAdapter
+from modules.attention_capture import AttentionLayer, _hf_layers
+from modules.methods import resolve_index
+from modules.trace import AttentionCall, Readout, Stream
+
+__all__ = ["HFImageClassifierAdapter", "HFTextClassifierAdapter", "HFImageTextAdapter", "IMAGE_CLASSES",
+           "TEXT_CLASSES", "IMAGE_TEXT_CLASSES", "clip_pooled_index"]
+
+# class name -> (prefix tokens: int, or the config attribute holding the register count; pooling)
+IMAGE_CLASSES: Dict[str, Tuple[Any, str]] = {
+    "ViTForImageClassification": (1, "cls"),
+    "DeiTForImageClassification": (2, "cls"),
+    "DeiTForImageClassificationWithTeacher": (2, "cls"),
+    "Dinov2ForImageClassification": (1, "cls+mean"),
+    "Dinov2WithRegistersForImageClassification": ("num_register_tokens", "cls+mean"),
+    "BeitForImageClassification": (1, "beit"),
+}
+# class name -> pooling ("cls", "last", "modernbert")
+TEXT_CLASSES: Dict[str, str] = {
+    "BertForSequenceClassification": "cls",
+    "RobertaForSequenceClassification": "cls",
+    "XLMRobertaForSequenceClassification": "cls",
+    "DistilBertForSequenceClassification": "cls",
+    "AlbertForSequenceClassification": "cls",
+    "ElectraForSequenceClassification": "cls",
+    "DebertaV2ForSequenceClassification": "cls",
+    "ModernBertForSequenceClassification": "modernbert",
+    "GPT2ForSequenceClassification": "last",
+    "LlamaForSequenceClassification": "last",
+    "Qwen2ForSequenceClassification": "last",
+}
+IMAGE_TEXT_CLASSES: Tuple[str, ...] = ("CLIPModel", "SiglipModel")
+
+
+def _hf_class(model: nn.Module, names) -> Optional[str]:
+    """The first class of ``model``'s MRO from transformers whose name is in ``names``."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__ in names:
+            return cls.__name__
+    return None
+
+
+def _dropout_after_softmax_layers(model: nn.Module, attention_class: str) -> List[AttentionLayer]:
+    """Modules of class ``attention_class`` whose ``dropout`` child is applied
+    to the probabilities right after the softmax (DeBERTa-v2)."""
+    layers = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == attention_class:
+            drop = getattr(module, "dropout", None)
+            if not isinstance(drop, nn.Module):
+                raise UnsupportedModelError(f"{name} ({attention_class}) has no dropout module after its softmax")
+            layers.append(AttentionLayer(name, module, drop, None))
+    return layers
+
+
+def _layers(model: nn.Module) -> List[AttentionLayer]:
+    layers = _hf_layers(model) or []
+    if not layers and _hf_class(model, {"DebertaV2ForSequenceClassification"}):
+        layers = _dropout_after_softmax_layers(model, "DisentangledSelfAttention")
+    if not layers:
+        raise UnsupportedModelError(f"{type(model).__name__}: no attention modules found")
+    return layers
+
+
+def _albert_calls(model: nn.Module, layer: AttentionLayer) -> int:
+    cfg = model.config
+    return cfg.num_hidden_layers // max(cfg.num_hidden_groups, 1)
+
+
+class _HFAdapter(HookAdapter):
+    library = "huggingface"
+
+    def attention_layers(self) -> List[AttentionLayer]:
+        return _layers(self.model)
+
+    def calls_per_module(self, layer: AttentionLayer) -> int:
+        if _hf_class(self.model, {"AlbertForSequenceClassification"}):
+            return _albert_calls(self.model, layer)
+        return 1
+
+    def model_kwargs(self, feed: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in feed.items() if not k.startswith("_")}
+
+
+@register_adapter
+class HFImageClassifierAdapter(_HFAdapter):
+    family = "Hugging Face image classifiers (unmodified)"
+    examples = tuple(IMAGE_CLASSES)
+    notes = "BEiT mean pooling, DINOv2 [CLS]+mean: METHODS.md section 8 (ours)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _hf_class(model, IMAGE_CLASSES) is not None
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        prefix, self.pooling = IMAGE_CLASSES[_hf_class(model, IMAGE_CLASSES)]
+        self.prefix = prefix if isinstance(prefix, int) else 1 + int(getattr(model.config, prefix, 0) or 0)
+        if self.pooling == "beit":
+            self.pooling = "mean" if getattr(model.config, "use_mean_pooling", True) else "cls"
+
+    def stream_of(self, name: str) -> str:
+        return "image"
+
+    def prepare(self, inputs, index):
+        feed = feed_dict(inputs, "pixel_values", model_device(self.model))
+        patch = self.model.config.patch_size
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        feed["_grid"] = check_images(feed["pixel_values"], patch, type(self.model).__name__)
+        return feed
+
+    def forward(self, feed, method):
+        return self.model(**self.model_kwargs(feed), return_dict=True)
+
+    def streams(self, feed, cap):
+        calls = self.calls(cap)
+        first = calls[0].probs
+        B, N = first.shape[0], first.shape[-1]
+        gh, gw = feed["_grid"]
+        if N != self.prefix + gh * gw:
+            raise RuntimeError(f"{type(self.model).__name__}: {N} tokens do not split into {self.prefix} prefix "
+                               f"tokens and a {gh}x{gw} patch grid")
+        device, dtype = first.device, first.dtype
+        weights = one_hot_rows(B, N, 0, device, dtype)
+        if self.pooling in ("mean", "cls+mean"):
+            mean = torch.zeros_like(weights)
+            mean[:, self.prefix if self.pooling == "cls+mean" else 1:] = 1.0
+            mean = mean / mean.sum(dim=1, keepdim=True)
+            weights = mean if self.pooling == "mean" else 0.5 * weights + 0.5 * mean
+        readout = Readout(weights, column_mask(B, N, self.prefix, device), grid=(gh, gw))
+        return {"image": Stream("image", calls, readout)}
+
+
+@register_adapter
+class HFTextClassifierAdapter(_HFAdapter):
+    family = "Hugging Face text classifiers (unmodified)"
+    examples = tuple(TEXT_CLASSES)
+    notes = "[CLS] models: METHODS.md section 3 conventions; last-token and mean pooling: section 8 (ours)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _hf_class(model, TEXT_CLASSES) is not None
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.pooling = TEXT_CLASSES[_hf_class(model, TEXT_CLASSES)]
+        if self.pooling == "modernbert":
+            self.pooling = "cls" if getattr(model.config, "classifier_pooling", "cls") == "cls" else "mean"
+
+    def stream_of(self, name: str) -> str:
+        return "text"
+
+    def prepare(self, inputs, index):
+        feed = feed_dict(inputs, "input_ids", model_device(self.model))
+        feed["_real"] = check_text(feed, type(self.model).__name__)
+        return feed
+
+    def forward(self, feed, method):
+        return self.model(**self.model_kwargs(feed), return_dict=True)
+
+    def pooled_position(self, input_ids: Tensor) -> Tensor:
+        """(B,) the position a decoder-only classifier reads, by the model's own
+        rule: the last token that is not ``pad_token_id`` (the last position
+        when the config has no pad token)."""
+        pad = getattr(self.model.config, "pad_token_id", None)
+        n = input_ids.shape[-1]
+        if pad is None:
+            return torch.full((input_ids.shape[0],), n - 1, dtype=torch.long, device=input_ids.device)
+        non_pad = (input_ids != pad).int()
+        return (torch.arange(n, device=input_ids.device) * non_pad).argmax(-1)
+
+    def streams(self, feed, cap):
+        calls = self.calls(cap)
+        real = feed["_real"]
+        B, N = real.shape
+        dtype = calls[0].probs.dtype
+        self_column = None
+        if self.pooling == "cls":
+            weights, self_column = one_hot_rows(B, N, 0, real.device, dtype), 0
+        elif self.pooling == "mean":
+            weights = real.to(dtype) / real.sum(dim=1, keepdim=True).to(dtype)
+        else:
+            weights = one_hot_rows(B, N, self.pooled_position(feed["input_ids"]), real.device, dtype)
+        readout = Readout(weights, torch.ones_like(real), self_column=self_column, token_mask=real)
+        return {"text": Stream("text", calls, readout, text_conventions=True)}
+
+
+def clip_pooled_index(text_model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B,) position of the token a Hugging Face ``CLIPTextModel`` pools (the
+    EOS token), with the model's own rule: the highest token id when
+    ``eos_token_id == 2`` (configs from before transformers PR #24773), else the
+    first position of ``eos_token_id``."""
+    ids = input_ids.to(torch.int)
+    if text_model.eos_token_id == 2:
+        return ids.argmax(dim=-1).long()
+    return (ids == text_model.eos_token_id).int().argmax(dim=-1).long()
+
+
+def _mha_forward(mha: nn.MultiheadAttention, record, query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """``nn.MultiheadAttention.forward`` (batch_first, one projection matrix,
+    no masks) with the softmax explicit and recorded."""
+    if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn \
+            or key_padding_mask is not None or attn_mask is not None or is_causal:
+        raise UnsupportedModelError("attention pooling with an nn.MultiheadAttention other than batch_first, "
+                                    "unmasked, one in-projection")
+    B, Lq, E = query.shape
+    H = mha.num_heads
+    d = E // H
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+    wq, wk, wv = w.chunk(3)
+    q = F.linear(query, wq, bq).reshape(B, Lq, H, d).transpose(1, 2)
+    k = F.linear(key, wk, bk).reshape(B, key.shape[1], H, d).transpose(1, 2)
+    v = F.linear(value, wv, bv).reshape(B, value.shape[1], H, d).transpose(1, 2)
+    attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    record(attn)
+    out = mha.out_proj((attn @ v).transpose(1, 2).reshape(B, Lq, E))
+    return out, (attn.mean(dim=1) if average_attn_weights else attn) if need_weights else None
+
+
+@register_adapter
+class HFImageTextAdapter(_HFAdapter):
+    family = "Hugging Face image-text models (unmodified)"
+    examples = IMAGE_TEXT_CLASSES
+    notes = "explains logits_per_image of each (image, text) pair; two maps (image, text)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _hf_class(model, IMAGE_TEXT_CLASSES) is not None
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.kind = _hf_class(model, IMAGE_TEXT_CLASSES)
+        head = getattr(model.vision_model, "head", None) if self.kind == "SiglipModel" else None
+        self.pool_head = head if isinstance(getattr(head, "attention", None), nn.MultiheadAttention) else None
+
+    def attention_layers(self) -> List[AttentionLayer]:
+        layers = [layer for layer in _layers(self.model) if layer.name.startswith(("vision_model.", "text_model."))]
+        if self.pool_head is not None:
+            mha = self.pool_head.attention
+            layers.append(AttentionLayer("vision_model.head.attention", mha, mha, None, cross=True,
+                                         forward=_mha_forward))
+        return layers
+
+    def stream_of(self, name: str) -> str:
+        return "image" if name.startswith("vision_model.") else "text"
+
+    def prepare(self, inputs, index):
+        if not isinstance(inputs, Mapping):
+            raise InputsError(f"{self.kind} needs the dict its processor returns (pixel_values, input_ids)")
+        feed = feed_dict(inputs, "pixel_values", model_device(self.model))
+        if not isinstance(feed.get("input_ids"), Tensor):
+            raise InputsError(f"inputs hold no 'input_ids': {self.kind} explains image-text pairs")
+        img, txt = _pairs(feed["pixel_values"].shape[0], feed["input_ids"].shape[0], index,
+                          feed["pixel_values"].device)
+        feed["pixel_values"] = feed["pixel_values"][img]
+        for key in ("input_ids", "attention_mask", "position_ids"):
+            if isinstance(feed.get(key), Tensor) and feed[key].dim() == 2:
+                feed[key] = feed[key][txt]
+        feed["_text_index"] = txt
+        patch = self.model.config.vision_config.patch_size
+        feed["_grid"] = check_images(feed["pixel_values"], (patch, patch), self.kind)
+        return feed
+
+    def forward(self, feed, method):
+        return self.model(**self.model_kwargs(feed), return_dict=True)
+
+    def score(self, feed, output, index):
+        # pair b is (image b, text b) after prepare; its similarity is the diagonal
+        logits = output.logits_per_image
+        one_hot = torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        return logits, feed["_text_index"], one_hot
+
+    def streams(self, feed, cap):
+        calls = []
+        for r in cap.records:
+            if r.name == "vision_model.head.attention":
+                calls.append(AttentionCall(r.name, r.probs, "pool", "image"))
+            else:
+                s = self.stream_of(r.name)
+                calls.append(AttentionCall(r.name, r.probs, s, s))
+        image_calls = [c for c in calls if c.key == "image"]
+        text_calls = [c for c in calls if c.key == "text"]
+        ids = feed["input_ids"]
+        B, T = ids.shape
+        dtype, device = image_calls[0].probs.dtype, ids.device
+        n_img = image_calls[0].probs.shape[-1]
+        gh, gw = feed["_grid"]
+        prefix = n_img - gh * gw
+        if self.pool_head is not None:
+            image_weights = torch.ones(B, 1, dtype=dtype, device=device)
+        else:
+            image_weights = one_hot_rows(B, n_img, 0, device, dtype)
+        image = Stream("image", image_calls, Readout(image_weights, column_mask(B, n_img, prefix, device),
+                                                      grid=(gh, gw)))
+        if self.kind == "CLIPModel":
+            text_row = clip_pooled_index(self.model.text_model, ids)
+        else:
+            text_row = torch.full((B,), T - 1, dtype=torch.long, device=device)
+        mask = feed.get("attention_mask")
+        real = mask.bool() if isinstance(mask, Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        text = Stream("text", text_calls, Readout(one_hot_rows(B, T, text_row, device, dtype), torch.ones_like(real),
+                                                  token_mask=real))
+        self.text_row = text_row
+        return {"image": image, "text": text}
+
+
+def _pairs(n_images: int, n_texts: int, index: Any, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(image, text) index of every explained pair: image i with text i by
+    default (one image or one text is paired with every text or image);
+    ``index`` names the text for each image."""
+    if index is not None:
+        texts = resolve_index(index, torch.zeros(n_images, n_texts, device=device), what="text")
+        return torch.arange(n_images, device=device), texts
+    if n_images == n_texts:
+        return torch.arange(n_images, device=device), torch.arange(n_texts, device=device)
+    if n_images == 1:
+        return torch.zeros(n_texts, dtype=torch.long, device=device), torch.arange(n_texts, device=device)
+    if n_texts == 1:
+        return torch.arange(n_images, device=device), torch.zeros(n_images, dtype=torch.long, device=device)
+    raise InputsError(f"image-text models explain (image i, text i) pairs: got {n_images} images and {n_texts} "
+                      "texts; pass index= (the text for each image)")

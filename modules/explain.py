@@ -1,0 +1,155 @@
+"""One explanation engine for every model and every method.
+
+    from modules.explain import explain
+    maps = explain(model, inputs, method="generic_attribution", index=None, start_layer=None)
+
+``model`` is one of the project's LRP copies (every method) or a model as
+timm or Hugging Face built it, unmodified (the methods that need only
+attention and gradients: :data:`modules.methods.ATTENTION_METHODS`).
+``inputs`` is an image tensor or the dict a Hugging Face tokenizer / image
+processor / processor returns.
+
+How it works: an :class:`~modules.adapters.Adapter` (one small class per model
+family, chosen by :func:`~modules.adapters.adapter_for`) feeds the inputs,
+records every attention call in a :class:`~modules.trace.Trace` (natively in
+the copies, by scoped hooks otherwise) and says which row the head reads;
+this module takes the gradients and relevance the method asks for; the
+method's registry entry (:mod:`modules.methods`) combines the trace; the
+read-out here turns its token row into the map (prefix tokens dropped, patch
+grid, the published BERT conventions for text).  The model is left exactly
+as found.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modules.adapters import (Adapter, UnsupportedMethodError, UnsupportedModelError, adapter_for,
+                              copies_offering, supported_models)
+from modules.methods import Index, Method, masked_min, minmax, resolve_method
+from modules.trace import Stream, Trace
+
+__all__ = ["explain", "explain_trace", "Explanation", "StreamMaps", "UnsupportedModelError",
+           "UnsupportedMethodError", "supported_models", "supported_methods", "check_start_layer"]
+
+
+class StreamMaps(NamedTuple):
+    """Relevance of a two-stream model: one field per stream (CLIP: image, text)."""
+
+    image: Tensor
+    text: Tensor
+
+
+class Explanation(NamedTuple):
+    """What :func:`explain_trace` returns: the maps, the explained value and class."""
+
+    maps: Union[Tensor, StreamMaps]
+    score: Tensor  # (B,) the explained value as the model returned it
+    target: Tensor  # (B,) the explained class (CLIP: the text paired with each image)
+    trace: Trace
+
+
+def supported_methods(model: nn.Module) -> Tuple[str, ...]:
+    """The canonical method names ``model`` supports."""
+    return adapter_for(model).methods()
+
+
+def check_start_layer(start_layer: Optional[int], depth: int, what: str = "start_layer") -> None:
+    """The one start-layer check: an int in 0 .. depth-1 (None is always fine)."""
+    if start_layer is None:
+        return
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int):
+        raise ValueError(f"{what}={start_layer!r} is not an integer")
+    if not 0 <= start_layer < depth:
+        raise ValueError(f"{what}={start_layer} outside 0..{depth - 1}")
+
+
+def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution", index: Index = None,
+            start_layer: Optional[int] = None) -> Union[Tensor, StreamMaps]:
+    """Raw relevance of the inputs for the explained output.
+
+    Parameters
+    ----------
+    model:
+        A model copy of this project, or a supported timm / Hugging Face model
+        (:func:`supported_models`), in any mode: it runs in eval mode and is
+        left exactly as it was.
+    inputs:
+        Images (B, C, H, W) normalised as the model expects, or the dict a
+        Hugging Face tokenizer / image processor / processor returns (text
+        batches padded, with their ``attention_mask``).  Tensors follow the
+        model's device.
+    method:
+        A name from :data:`modules.methods.METHOD_CHOICES`.
+    index:
+        None: each sample's predicted class; an int, or one class per sample.
+        CLIP: the text paired with each image (default: image i with text i).
+    start_layer:
+        First attention layer of the rollout-type methods; None: 0, or the
+        last layer for transformer attribution on text (METHODS.md section 3).
+
+    Returns
+    -------
+    Tensor or StreamMaps
+        (B, gh, gw) patches for images (Swin: its finest grid), (B, N) tokens
+        for text (padding 0), (B, H, W) pixels for ``lrp`` on images; a
+        two-stream model returns a :class:`StreamMaps`.
+    """
+    return explain_trace(model, inputs, method, index, start_layer).maps
+
+
+def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution",
+                  index: Index = None, start_layer: Optional[int] = None) -> Explanation:
+    """:func:`explain`, returning also the explained score, class and the trace."""
+    m = resolve_method(method)
+    adapter = adapter_for(model)
+    if m.name not in adapter.methods():
+        offering = copies_offering(m.name)
+        raise UnsupportedMethodError(
+            f"{m.name} needs an LRP pass, which only the model copies offer ({', '.join(offering)}); "
+            f"{type(model).__name__} supports {', '.join(adapter.methods())}")
+    for stream, depth in adapter.depths().items():
+        check_start_layer(start_layer, depth)
+    trace = adapter.record(inputs, m, index, start_layer)
+    maps = {name: _read_out(m, stream, trace, start_layer) for name, stream in trace.streams.items()}
+    if len(maps) == 1:
+        out: Union[Tensor, StreamMaps] = next(iter(maps.values()))
+    else:
+        out = StreamMaps(**maps)
+    return Explanation(out, trace.score, trace.target, trace)
+
+
+def _read_out(m: Method, stream: Stream, trace: Trace, start_layer: Optional[int]) -> Tensor:
+    """The method's token row -> the map: the published conventions, the
+    kept columns, the patch grid."""
+    start = m.default_start_layer(stream) if start_layer is None else start_layer
+    check_start_layer(start, len(stream.calls))
+    with torch.no_grad():
+        row = m.compute(stream, start, trace)
+        readout = stream.readout
+        if row.dim() == 3:  # a finished pixel map (full LRP on images)
+            return row.detach()
+        if readout.grid is None:  # text: METHODS.md section 3 conventions, padding 0
+            real = readout.token_mask if readout.token_mask is not None else torch.ones_like(row, dtype=torch.bool)
+            row = row.clone()
+            if readout.self_column is not None and m.self_entry is not None:
+                s = readout.self_column
+                row[:, s] = 0 if m.self_entry == "zero" else masked_min(row, real)
+            cols = readout.columns & real
+            return row.masked_fill(~cols, 0.0).detach()
+        B = row.shape[0]
+        kept = row[readout.columns].reshape(B, -1)
+        if m.normalized:
+            kept = minmax(kept)
+        return kept.reshape(B, *readout.grid).detach()
+
+
+def upsample(maps: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of (B, h, w) maps to (B, *size)."""
+    maps = maps.unsqueeze(1)
+    if not maps.is_floating_point():
+        maps = maps.float()
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)

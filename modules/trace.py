@@ -1,0 +1,275 @@
+"""What one explanation records, and how relevance is carried through it.
+
+A :class:`Trace` is the record of one forward (and backward) pass: per token
+*stream* (``"image"``, ``"text"``, ...) the sequence of operations that map
+tokens to tokens — attention calls (:class:`AttentionCall`: probabilities
+(B', H, Nq, Nk), their gradients and, for the model copies, their LRP
+relevance) and token merges (:class:`Merge`, Swin's patch merging) — and the
+:class:`Readout` that says which row the model's head reads and which columns
+form the map.  Query and key streams are tagged on every call, so
+cross-attention between two streams has its place beside self-attention.
+
+Every method of :mod:`modules.methods` is written against this structure
+only, never against a model.  The common computation is
+:func:`propagate_row`: the explained row of ``M_{L-1} ... M_s`` (one matrix per
+attention call, identity where a method skips a call, merges in between),
+evaluated from the left as a vector so it costs O(L N^2), and exact (no
+arithmetic at all) for a one-hot read-out row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["WindowLayout", "AttentionCall", "Merge", "Readout", "Stream", "Trace", "propagate_row",
+           "propagate_column", "attention_calls", "last_call", "pooling_call"]
+
+
+@dataclass
+class WindowLayout:
+    """Where the tokens of windowed attention (Swin) sit in the stream.
+
+    The layer attends within windows: its probabilities are
+    (B * nW, H, w, w).  ``index`` (nW, w) holds, for each window and position
+    in it, the stream token (0 .. N-1) it is, with the cyclic shift already
+    undone; every token appears exactly once.
+    """
+
+    index: Tensor  # (nW, w) long
+    num_tokens: int
+
+    def gather(self, v: Tensor) -> Tensor:
+        """(B, N) token values -> (B, nW, w) per window."""
+        return v[:, self.index]
+
+    def scatter(self, v: Tensor) -> Tensor:
+        """(B, nW, w) per-window values -> (B, N) token values."""
+        out = v.new_zeros(v.shape[0], self.num_tokens)
+        out[:, self.index.reshape(-1)] = v.reshape(v.shape[0], -1)
+        return out
+
+    def dense(self, local: Tensor) -> Tensor:
+        """(B * nW, w, w) window maps -> (B, N, N) block-sparse map (zero between windows)."""
+        nW, w = self.index.shape
+        B = local.shape[0] // nW
+        out = local.new_zeros(B, self.num_tokens, self.num_tokens)
+        rows = self.index[:, :, None].expand(nW, w, w).reshape(-1)
+        cols = self.index[:, None, :].expand(nW, w, w).reshape(-1)
+        out[:, rows, cols] = local.reshape(B, -1)
+        return out
+
+
+@dataclass
+class AttentionCall:
+    """One call of an attention layer.
+
+    Attributes
+    ----------
+    name:
+        Dotted path of the module that was called (``"blocks.3.attn"``).
+    probs:
+        Attention probabilities (B', H, Nq, Nk) after softmax, as the forward
+        pass used them; B' = B except for windowed attention (B * nW).
+    query, key:
+        Streams of the queries and the keys (equal for self-attention).
+    grad:
+        d score / d probs (per-sample one-hot seed), when a method needs it.
+    relevance:
+        LRP relevance of the probabilities (model copies only).
+    windows:
+        The :class:`WindowLayout` of windowed attention, else None.
+    key_offset:
+        The keys are the key stream's tokens from this position on (an
+        attention-pooling head that skips the prefix tokens).
+    """
+
+    name: str
+    probs: Tensor
+    query: str = "main"
+    key: str = "main"
+    grad: Optional[Tensor] = None
+    relevance: Optional[Tensor] = None
+    windows: Optional[WindowLayout] = None
+    key_offset: int = 0
+
+    @property
+    def is_self(self) -> bool:
+        return self.query == self.key
+
+    def apply(self, v: Tensor, local: Tensor) -> Tensor:
+        """``v @ M`` for a (B, Nq) row vector and this call's head-combined
+        matrix M given in its own layout ``local`` (B', Nq, Nk)."""
+        if self.windows is None:
+            out = torch.bmm(v.unsqueeze(1), local).squeeze(1)
+            return F.pad(out, (self.key_offset, 0)) if self.key_offset else out
+        win = self.windows
+        nW, w = win.index.shape
+        vw = win.gather(v).reshape(-1, 1, w)  # (B * nW, 1, w)
+        return win.scatter(torch.bmm(vw, local).reshape(v.shape[0], nW, w))
+
+
+@dataclass
+class Merge:
+    """Token merging: the stream's next tokens are ``matrix @ tokens``
+    (N_new, N_old) — each merged token the mean of the tokens it replaces."""
+
+    name: str
+    matrix: Tensor  # (N_new, N_old)
+
+    def apply(self, v: Tensor) -> Tensor:
+        return v @ self.matrix.to(v.dtype)
+
+
+Op = Union[AttentionCall, Merge]
+
+
+@dataclass
+class Readout:
+    """How the model's head reads a stream, and which columns form the map.
+
+    Attributes
+    ----------
+    weights:
+        (B, N_last) the explained row as weights over the stream's last
+        tokens: one-hot for [CLS] / last-token pooling, 1/|P| over the pooled
+        tokens for mean pooling (METHODS.md section 8).
+    columns:
+        (B, N_0) bool: the columns (input tokens) that form the map.
+    grid:
+        (gh, gw) for image streams: the kept columns reshape to it; None for text.
+    self_column:
+        The explained token's own column when it is part of a text map
+        ([CLS] of a BERT-style classifier), where the published BERT
+        conventions set it (METHODS.md section 3); None otherwise.
+    token_mask:
+        (B, N_0) bool: real (non-padding) tokens of a text stream.
+    """
+
+    weights: Tensor
+    columns: Tensor
+    grid: Optional[Tuple[int, int]] = None
+    self_column: Optional[int] = None
+    token_mask: Optional[Tensor] = None
+
+    @property
+    def row(self) -> Optional[int]:
+        """The one row all samples read (one-hot weights), else None."""
+        w = self.weights
+        hot = (w == 1).sum(dim=1) == 1
+        if not bool(hot.all()) or not bool(((w == 0) | (w == 1)).all()):
+            return None
+        rows = w.argmax(dim=1)
+        return int(rows[0]) if bool((rows == rows[0]).all()) else None
+
+
+@dataclass
+class Stream:
+    """One token stream: its operations in forward order and its read-out.
+
+    ``text_conventions`` selects the published BERT conventions of
+    METHODS.md section 3 (row-normalised transformer attribution, GradCAM
+    over the whole map, last layer as the default start of transformer
+    attribution) over the ViT ones of section 2.
+    """
+
+    name: str
+    ops: List[Op]
+    readout: Readout
+    text_conventions: bool = False
+
+    @property
+    def calls(self) -> List[AttentionCall]:
+        """The stream's self-attention calls, in forward order (the "layers"
+        that ``start_layer`` counts)."""
+        return [op for op in self.ops if isinstance(op, AttentionCall) and op.query == self.name
+                and op.key == self.name]
+
+
+@dataclass
+class Trace:
+    """Everything one explanation recorded (all tensors detached)."""
+
+    logits: Tensor
+    target: Tensor
+    score: Tensor
+    streams: Dict[str, Stream]
+    input_relevance: Optional[Tensor] = None
+
+
+def last_call(stream: Stream) -> AttentionCall:
+    """The stream's last attention call (an attention-pooling head's, if any)."""
+    for op in reversed(stream.ops):
+        if isinstance(op, AttentionCall):
+            return op
+    raise RuntimeError(f"stream {stream.name!r} recorded no attention")
+
+
+def pooling_call(stream: Stream) -> Optional[AttentionCall]:
+    """The cross-attention call of an attention-pooling head reading the stream, else None."""
+    last = last_call(stream)
+    return None if last.is_self else last
+
+
+def attention_calls(stream: Stream, start_layer: int) -> List[AttentionCall]:
+    """The calls from ``start_layer`` on (the layers a rollout includes)."""
+    return stream.calls[start_layer:]
+
+
+def propagate_row(stream: Stream, layer_matrix: Callable[[AttentionCall], Optional[Tensor]],
+                  start_layer: int = 0, weights: Optional[Tensor] = None) -> Tensor:
+    """The explained row of ``M_{L-1} ... M_s`` over the stream's input tokens, (B, N_0).
+
+    ``layer_matrix(call)`` gives a call's matrix in its own layout
+    (B', Nq, Nk), or None for the identity.  Self-attention calls before
+    ``start_layer`` are the identity; cross-attention calls into the stream
+    (an attention-pooling head) and merges always apply.  Evaluated from the
+    left, ``v <- v M``, starting at the read-out weights (or ``weights``).
+    """
+    calls = stream.calls
+    if not 0 <= start_layer < max(len(calls), 1):
+        raise ValueError(f"start_layer={start_layer} outside 0..{len(calls) - 1}")
+    skipped = {id(c) for c in calls[:start_layer]}
+    v = stream.readout.weights if weights is None else weights
+    row = stream.readout.row if weights is None else None
+    first = True
+    for op in reversed(stream.ops):
+        if isinstance(op, Merge):
+            v = op.apply(v)
+            first = False
+            continue
+        if id(op) in skipped:
+            continue
+        m = layer_matrix(op)
+        if m is None:
+            continue
+        if first and row is not None and op.windows is None:
+            v = m[:, row].clone()  # the row itself: no arithmetic
+            if op.key_offset:
+                v = F.pad(v, (op.key_offset, 0))
+        else:
+            v = op.apply(v, m)
+        first = False
+    return v
+
+
+def propagate_column(stream: Stream, layer_matrix: Callable[[AttentionCall], Optional[Tensor]],
+                     start_layer: int = 0) -> Tensor:
+    """``M_{L-1} ... M_s 1`` (B, N): the row sums of the self-attention
+    product, evaluated from the right (streams without windows or merges)."""
+    calls = stream.calls
+    x = None
+    for call in calls[start_layer:]:
+        if call.windows is not None or any(isinstance(op, Merge) for op in stream.ops):
+            raise NotImplementedError("row sums of windowed or merged streams")
+        m = layer_matrix(call)
+        if m is None:
+            continue
+        x = m.sum(dim=-1) if x is None else torch.bmm(m, x.unsqueeze(-1)).squeeze(-1)
+    if x is None:
+        n = calls[0].probs.shape[-1]
+        x = calls[0].probs.new_ones(calls[0].probs.shape[0], n)
+    return x
