@@ -53,6 +53,11 @@ def _load_library_adapters() -> None:
         import modules.adapters.timm_models  # noqa: F401
     if "transformers" in sys.modules:
         import modules.adapters.hf_models  # noqa: F401
+    if "timm" in sys.modules or "transformers" in sys.modules:
+        try:
+            import modules.adapters.swin  # noqa: F401
+        except ImportError:  # pragma: no cover - written in its own step
+            pass
 
 
 def adapter_for(model: nn.Module) -> "Adapter":
@@ -68,8 +73,9 @@ def adapter_for(model: nn.Module) -> "Adapter":
 
 def supported_models() -> List[Tuple[str, Sequence[str], Tuple[str, ...], str]]:
     """(family, example classes, methods, notes) of every registered adapter."""
-    import modules.adapters.timm_models  # noqa: F401
-    import modules.adapters.hf_models  # noqa: F401
+    import timm  # noqa: F401
+    import transformers  # noqa: F401
+    _load_library_adapters()
     try:
         import baselines.ViT.ViT_LRP  # noqa: F401  (the copies register their own adapters)
         import BERT_explainability.modules.BERT.BertForSequenceClassification  # noqa: F401
