@@ -1,0 +1,493 @@
+"""Class-specificity benchmark: does a method's map follow the explained class?
+
+(Ours; neither paper has it, though the CVPR paper's signature figure - a
+dog and a cat, a different map for each - is its qualitative version.)
+
+For every picture holding two objects of different classes, every method
+explains each of the two classes (whatever the model predicts); each map is
+brought to the input's resolution (bilinear) and scored against the two
+objects' regions (:mod:`baselines.ViT.class_specificity_metrics`):
+
+* pointing game - the map's maximum lies inside the explained class's
+  object (share of the picture-class pairs), and the share of pictures
+  where both maps point to their own object;
+* class sensitivity - the map for A puts more positive relevance on A than
+  on B **and** the map for B more on B than on A (share of pictures; a
+  method that ignores the class scores 0 by construction);
+* own-object share - positive relevance on the explained object over that
+  on both objects (mean).
+
+Each figure is also given for the pictures whose two classes are the
+model's two highest logits ("recognised").
+
+Input: a COCO-style instances JSON and its image folder.  The offline
+stand-in is written by ``data/scenes.py``::
+
+    python data/scenes.py --out-dir outputs/demo/scenes --split val --count 200 --seed 0 \\
+        --min-objects 2 --max-objects 2 --distinct-classes --separated --formats coco
+    python baselines/ViT/class_specificity.py --annotations outputs/demo/scenes/annotations/instances_val.json \\
+        --image-dir outputs/demo/scenes/val --weights samples/synthetic_scenes_vit --output-dir outputs/demo/class_specificity
+
+Outputs in ``--output-dir``: ``results.json``, ``table.md``, ``plot.png``,
+``overlays/`` (a map per class per method for the first pictures),
+``per_image.jsonl`` (one line per picture, appended as it goes; with
+``--resume`` the pictures already there are skipped) and ``run.json`` (the
+run's identity, checked on resume).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np
+import torch
+
+from baselines.ViT.class_specificity_metrics import class_sensitive, own_share, pointing_hits, positive_mass
+from baselines.ViT.ViT_explanation_generator import explain, upsample
+from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
+from modules.methods import EVAL_START_LAYER, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
+
+__all__ = ["TABLE_ORDER", "PairDataError", "Pair", "read_pairs", "load_pair", "explain_pair_batch",
+           "summarize", "format_table", "build_parser", "main"]
+
+TABLE_ORDER: Tuple[str, ...] = ("rollout", "attn_last_layer", "attn_gradcam", "lrp", "lrp_last_layer",
+                                "generic_attribution", "transformer_attribution")
+
+EPILOG = """\
+expected input (--annotations, COCO-style instances JSON; --image-dir holds the files):
+  {"images": [{"id": 1, "file_name": "dog_and_cat.jpg", "width": 640, "height": 480}, ...],
+   "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [x, y, w, h],
+                    "segmentation": RLE or polygons (optional: without it the box is the region)}, ...],
+   "categories": [{"id": 2, "name": "tiger cat", "model_index": 282}, ...]}
+  Pictures whose annotations cover exactly two categories are used (several boxes of a
+  category are united); other pictures are skipped and counted.  A category's model output
+  is its "model_index", else the model's class of the same name (model folders with
+  class_names), else an error.  Pictures are resized to the model's input size (no crop),
+  regions with nearest-neighbour.  Real-data example (ImageNet pictures with two annotated
+  classes, a local ViT-B checkpoint):
+    python baselines/ViT/class_specificity.py --annotations pairs.json --image-dir pictures/ \\
+        --model vit_base_patch16_224 --weights vit_base_patch16_224.pth --device cuda
+"""
+
+
+class PairDataError(ValueError):
+    """An annotations file or picture that cannot be used (one-line message)."""
+
+
+@dataclass
+class Pair:
+    """One picture with two classes: ``image_id``, ``path``, the two model
+    class indices ``classes`` and their category names ``names``, and the
+    annotations of each class (``anns[k]`` for ``classes[k]``)."""
+
+    image_id: int
+    path: str
+    classes: Tuple[int, int]
+    names: Tuple[str, str]
+    anns: Tuple[List[Dict], List[Dict]]
+    height: int
+    width: int
+
+
+def read_pairs(annotations: str, image_dir: str, class_names: Sequence[str] = (),
+               num_classes: Optional[int] = None) -> Tuple[List[Pair], Dict[str, int]]:
+    """The usable pictures of a COCO-style file (see ``--help``) and counts of
+    what was skipped.  Raises :class:`PairDataError` on a file that is
+    missing, not JSON, or lacks images/annotations/categories, and on a
+    category that maps to no model output."""
+    if not os.path.isfile(annotations):
+        raise PairDataError(f"{annotations}: file not found (a COCO-style instances JSON)")
+    if not os.path.isdir(image_dir):
+        raise PairDataError(f"{image_dir}: not a folder (the pictures of {os.path.basename(annotations)})")
+    try:
+        with open(annotations) as fh:
+            data = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PairDataError(f"{annotations}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise PairDataError(f"{annotations}: needs lists 'images', 'annotations' and 'categories' (COCO layout)")
+    index_of = {name: i for i, name in enumerate(class_names)}
+    cats: Dict[int, Tuple[int, str]] = {}
+    for c in data["categories"]:
+        try:
+            cid, name = int(c["id"]), str(c.get("name", c["id"]))
+        except (KeyError, TypeError, ValueError):
+            raise PairDataError(f"{annotations}: a category without an integer 'id': {c}") from None
+        if "model_index" in c:
+            idx = c["model_index"]
+        elif name in index_of:
+            idx = index_of[name]
+        else:
+            raise PairDataError(f"{annotations}: category {cid} ({name!r}) has no 'model_index' and the model has "
+                                "no class of that name")
+        if not isinstance(idx, int) or idx < 0 or (num_classes is not None and idx >= num_classes):
+            raise PairDataError(f"{annotations}: category {cid} ({name!r}) maps to output {idx!r}, outside the "
+                                f"model's 0..{(num_classes or 1) - 1}")
+        cats[cid] = (idx, name)
+    by_image: Dict[int, List[Dict]] = {}
+    for a in data["annotations"]:
+        try:
+            by_image.setdefault(int(a["image_id"]), []).append(a)
+        except (KeyError, TypeError, ValueError):
+            raise PairDataError(f"{annotations}: an annotation without an integer 'image_id': {a.get('id')}") from None
+    pairs, skipped = [], {"not_two_classes": 0, "unknown_category": 0}
+    for img in data["images"]:
+        try:
+            iid, fname = int(img["id"]), str(img["file_name"])
+        except (KeyError, TypeError, ValueError):
+            raise PairDataError(f"{annotations}: an image without 'id' and 'file_name': {img}") from None
+        anns = by_image.get(iid, [])
+        if any(int(a.get("category_id", -1)) not in cats for a in anns):
+            skipped["unknown_category"] += 1
+            continue
+        groups: Dict[int, List[Dict]] = {}
+        for a in anns:
+            groups.setdefault(cats[int(a["category_id"])][0], []).append(a)
+        if len(groups) != 2:
+            skipped["not_two_classes"] += 1
+            continue
+        (ca, la), (cb, lb) = sorted(groups.items())
+        name_of = {idx: name for idx, name in cats.values()}
+        pairs.append(Pair(iid, os.path.join(image_dir, fname), (ca, cb), (name_of[ca], name_of[cb]), (la, lb),
+                          int(img.get("height", 0)), int(img.get("width", 0))))
+    return pairs, skipped
+
+
+def _region(anns: List[Dict], h: int, w: int) -> np.ndarray:
+    """Union of the annotations' masks (segmentation when given, else the filled box), (h, w) bool."""
+    out = np.zeros((h, w), bool)
+    for a in anns:
+        seg = a.get("segmentation")
+        if seg:
+            from pycocotools import mask as mask_utils
+
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                rle = seg
+            out |= mask_utils.decode(rle).astype(bool)
+        else:
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            out[max(0, int(round(y))):int(round(y + bh)), max(0, int(round(x))):int(round(x + bw))] = True
+    return out
+
+
+def load_pair(pair: Pair, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The picture resized to ``size`` (H, W) and normalised, (3, H, W), and
+    the two regions resized with nearest neighbour, (2, H, W) bool."""
+    import cv2
+
+    bgr = cv2.imread(pair.path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise PairDataError(f"{pair.path}: missing or not a picture")
+    h, w = bgr.shape[:2]
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    regions = [_region(anns, h, w) for anns in pair.anns]
+    if (h, w) != tuple(size):
+        rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA if h > size[0] else cv2.INTER_LINEAR)
+        regions = [cv2.resize(r.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+                   for r in regions]
+    x = (rgb.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(np.stack(regions))
+
+
+def _maps(model, x: torch.Tensor, method: str, index: torch.Tensor) -> torch.Tensor:
+    maps = explain(model, x, method, index=index.to(x.device), start_layer=EVAL_START_LAYER.get(method, 0))
+    if tuple(maps.shape[-2:]) != tuple(x.shape[-2:]):
+        maps = upsample(maps, tuple(x.shape[-2:]))
+    return maps.detach().float().cpu()
+
+
+def explain_pair_batch(model, x: torch.Tensor, regions: torch.Tensor, classes: torch.Tensor,
+                       methods: Sequence[str]) -> Tuple[List[Dict], Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+    """Explain both classes of each picture with every method and score them.
+
+    ``x`` (B, 3, H, W) on the model's device, ``regions`` (B, 2, H, W) bool,
+    ``classes`` (B, 2) long.  Returns one record per picture (``top2``, and
+    per method the two pointing hits, the four masses, class sensitivity
+    and the two own-object shares) and the maps (method -> (maps for the
+    first class, maps for the second), CPU)."""
+    with torch.no_grad():
+        logits = model(x).float().cpu()
+    top2 = torch.topk(logits, 2, dim=1).indices.sort(dim=1).values
+    recognised = (top2 == classes.sort(dim=1).values).all(dim=1)
+    ra, rb = regions[:, 0], regions[:, 1]
+    recs = [{"top2": bool(recognised[i]), "logits": [round(float(logits[i, c]), 4) for c in classes[i]],
+             "methods": {}} for i in range(x.shape[0])]
+    all_maps = {}
+    for m in methods:
+        ma, mb = _maps(model, x, m, classes[:, 0]), _maps(model, x, m, classes[:, 1])
+        all_maps[m] = (ma, mb)
+        hit_a, hit_b = pointing_hits(ma, ra), pointing_hits(mb, rb)
+        sens = class_sensitive(ma, mb, ra, rb)
+        masses = [positive_mass(ma, ra), positive_mass(ma, rb), positive_mass(mb, rb), positive_mass(mb, ra)]
+        sa, sb = own_share(ma, ra, rb), own_share(mb, rb, ra)
+        for i, r in enumerate(recs):
+            r["methods"][m] = {"pointing": [bool(hit_a[i]), bool(hit_b[i])], "sensitive": bool(sens[i]),
+                               "own_share": [float(sa[i]), float(sb[i])],
+                               "mass": [float(v[i]) for v in masses]}
+    return recs, all_maps
+
+
+def summarize(records: Sequence[Dict], methods: Sequence[str]) -> Dict:
+    """Per method, over all pictures and over the recognised ones: pointing
+    game (share of picture-class pairs), both pointed (share of pictures),
+    class sensitivity (share of pictures), own-object share (mean); with the
+    counts."""
+    def block(recs: Sequence[Dict]) -> Dict:
+        out = {}
+        for m in methods:
+            rs = [r["methods"][m] for r in recs]
+            n = len(rs)
+            out[m] = {"n_images": n,
+                      "pointing_game": sum(sum(r["pointing"]) for r in rs) / (2 * n) if n else None,
+                      "both_pointed": sum(all(r["pointing"]) for r in rs) / n if n else None,
+                      "class_sensitivity": sum(r["sensitive"] for r in rs) / n if n else None,
+                      "own_share": sum(sum(r["own_share"]) for r in rs) / (2 * n) if n else None}
+        return out
+
+    rec = [r for r in records if r["top2"]]
+    return {"all": block(records), "recognised": block(rec), "n_images": len(records), "n_recognised": len(rec),
+            "recognised_share": len(rec) / len(records) if records else None}
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def format_table(summary: Dict, methods: Sequence[str], title: str = "") -> str:
+    """Markdown: one row per method (paper order), the figures in %."""
+    lines = ([title, ""] if title else []) + [
+        "| method | class-specific | pointing game | both pointed | class sensitivity | own-object share "
+        f"| class sensitivity, recognised ({summary['n_recognised']}) |",
+        "|---|:---:|---:|---:|---:|---:|---:|"]
+    order = [m for m in TABLE_ORDER if m in methods] + [m for m in methods if m not in TABLE_ORDER]
+    for m in order:
+        a, r = summary["all"][m], summary["recognised"][m]
+        lines.append(f"| {METHODS[m].label} | {'yes' if METHODS[m].class_specific else 'no'} | "
+                     f"{_pct(a['pointing_game'])} | {_pct(a['both_pointed'])} | {_pct(a['class_sensitivity'])} | "
+                     f"{_pct(a['own_share'])} | {_pct(r['class_sensitivity'])} |")
+    return "\n".join(lines)
+
+
+def _plot(path: str, summary: Dict, methods: Sequence[str], title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [m for m in TABLE_ORDER if m in methods] + [m for m in methods if m not in TABLE_ORDER]
+    keys = [("pointing_game", "pointing game"), ("both_pointed", "both pointed"),
+            ("class_sensitivity", "class sensitivity")]
+    fig, ax = plt.subplots(figsize=(1.3 * len(order) + 2, 3.6))
+    width = 0.8 / len(keys)
+    for k, (key, label) in enumerate(keys):
+        vals = [100 * (summary["all"][m][key] or 0.0) for m in order]
+        ax.bar(np.arange(len(order)) + (k - 1) * width, vals, width, label=label)
+    ax.set_xticks(np.arange(len(order)))
+    ax.set_xticklabels([METHODS[m].label.replace(" (ours)", "\n(ours)") for m in order], fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _overlay(path: str, image: torch.Tensor, regions: torch.Tensor, names: Sequence[str], maps: Dict,
+             methods: Sequence[str], mean, std, title: str) -> str:
+    from baselines.ViT.visualization import draw_outline, overlay, save_grid, to_display_image
+
+    img = to_display_image(image, mean, std)
+    base = (img * 255).round().astype(np.uint8)
+    colours = ((255, 255, 255), (255, 0, 255))
+    outlined = draw_outline(draw_outline(base, regions[0].numpy(), colours[0]), regions[1].numpy(), colours[1])
+    rows = [[(f"{names[0]} (white) / {names[1]} (magenta)", outlined)]]
+    for m in methods:
+        row = []
+        for k in range(2):
+            pic = overlay(img, maps[m][k].numpy(), clip_percentile=99.5 if m == "lrp" else None)
+            row.append((f"{METHODS[m].label}: {names[k]}", draw_outline(pic, regions[k].numpy(), colours[k])))
+        rows.append(row)
+    return save_grid(path, rows, title=title)
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({platform.machine()})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Class-specificity benchmark of ViT explanations on pictures with two classes: pointing game "
+                    "and class sensitivity for every method (ours, beyond both papers).",
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110), epilog=EPILOG)
+    p.add_argument("--annotations", required=True, help="COCO-style instances JSON (layout below)")
+    p.add_argument("--image-dir", required=True, help="folder of the pictures named in the JSON")
+    p.add_argument("--weights", required=True, help="model folder (config.json + model.safetensors, e.g. "
+                   "samples/synthetic_scenes_vit) or a local checkpoint file for --model; nothing is downloaded")
+    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES),
+                   help="factory model for a checkpoint file (ignored for a model folder) (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
+                   help="methods to compare (default: all: %(default)s)")
+    p.add_argument("--output-dir", default=os.path.join("outputs", "class_specificity"),
+                   help="where results go (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="pictures per batch (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N usable pictures (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--num-overlays", type=int, default=2, help="pictures drawn with a map per class per method "
+                   "(default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="skip the pictures already in --output-dir/per_image.jsonl")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_done(path: str) -> Dict[int, Dict]:
+    done: Dict[int, Dict] = {}
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    r = json.loads(line)
+                    done[int(r["image_id"])] = r
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by an interruption
+    return done
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    from tqdm import tqdm
+
+    from baselines.ViT.imagenet_seg_eval import load_model
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0) or args.num_overlays < 0:
+        parser.exit(2, "error: --batch-size and --limit must be positive, --num-overlays non-negative\n")
+    if args.threads is not None:
+        if args.threads <= 0:
+            parser.exit(2, "error: --threads must be positive\n")
+        torch.set_num_threads(args.threads)
+    try:
+        methods = list(dict.fromkeys(resolve_method(m).name for m in args.methods))
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise PairDataError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        model, info = load_model(args.model, args.weights, str(device))
+        cfg = model.default_cfg
+        size, mean, std = tuple(cfg["input_size"][-2:]), cfg["mean"], cfg["std"]
+        pairs, skipped = read_pairs(args.annotations, args.image_dir, cfg.get("class_names") or (),
+                                    model.head.out_features)
+        if not pairs:
+            raise PairDataError(f"{args.annotations}: no picture with exactly two annotated classes "
+                                f"(skipped: {skipped})")
+        if args.limit is not None:
+            pairs = pairs[:args.limit]
+        os.makedirs(args.output_dir, exist_ok=True)
+        # pictures are keyed by image id, so a run may be resumed with another --limit
+        identity = {"annotations": os.path.abspath(args.annotations), "methods": methods,
+                    "model": info["model"], "weights_sha256": info["weights_sha256"], "input_size": list(size)}
+        run_path, lines_path = os.path.join(args.output_dir, "run.json"), os.path.join(args.output_dir, "per_image.jsonl")
+        done: Dict[int, Dict] = {}
+        if args.resume and os.path.isfile(run_path):
+            with open(run_path) as fh:
+                old = json.load(fh)
+            if old != identity:
+                diff = sorted(k for k in identity if old.get(k) != identity[k])
+                raise PairDataError(f"{run_path} belongs to another run (differs in: {', '.join(diff)}); "
+                                    "remove the folder or drop --resume")
+            done = _read_done(lines_path)
+            print(f"resuming: {len(done)} of {len(pairs)} pictures already scored")
+        else:
+            if os.path.exists(lines_path):
+                os.remove(lines_path)
+        _write_json(run_path, identity)
+        todo = [p for p in pairs if p.image_id not in done]
+        start = time.time()
+        overlays = []
+        with open(lines_path, "a") as out:
+            bar = tqdm(range(0, len(todo), args.batch_size), desc="class specificity", disable=args.quiet,
+                       unit="batch")
+            for b in bar:
+                chunk = todo[b:b + args.batch_size]
+                loaded = [load_pair(p, size, mean, std) for p in chunk]
+                x = torch.stack([t[0] for t in loaded]).to(device)
+                regions = torch.stack([t[1] for t in loaded])
+                classes = torch.tensor([p.classes for p in chunk], dtype=torch.long)
+                recs, maps = explain_pair_batch(model, x, regions, classes, methods)
+                for p, r in zip(chunk, recs):
+                    r.update(image_id=p.image_id, file=os.path.basename(p.path), classes=list(p.classes),
+                             names=list(p.names))
+                    out.write(json.dumps(r) + "\n")
+                    done[p.image_id] = r
+                out.flush()
+                for i, p in enumerate(chunk):
+                    if len(overlays) < args.num_overlays and pairs.index(p) < args.num_overlays:
+                        overlays.append(_overlay(
+                            os.path.join(args.output_dir, "overlays", f"image_{p.image_id}.png"), x[i].cpu(),
+                            regions[i], p.names, {m: (maps[m][0][i], maps[m][1][i]) for m in methods}, methods,
+                            mean, std, f"{os.path.basename(p.path)}: a map per class"))
+    except (PairDataError, CheckpointError, UnknownMethodError, OSError) as exc:
+        _fail(str(exc).splitlines()[0])
+    except ValueError as exc:
+        _fail(str(exc).splitlines()[0])
+    records = [done[p.image_id] for p in pairs if p.image_id in done]
+    summary = summarize(records, methods)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    title = (f"Class specificity: {info['model']} on {os.path.basename(args.annotations)}, {len(records)} pictures "
+             f"with two classes; both classes the top 2 for {summary['n_recognised']} "
+             f"({_pct(summary['recognised_share'])}%); {device}, {stamp}")
+    results = {"model": info["model"], "weights": info["weights"], "weights_sha256": info["weights_sha256"],
+               "annotations": identity["annotations"], "image_dir": os.path.abspath(args.image_dir),
+               "skipped": skipped, "input_size": list(size), "methods": methods,
+               "start_layers": {m: EVAL_START_LAYER.get(m, 0) for m in methods},
+               "class_specific": {m: METHODS[m].class_specific for m in methods}, **summary,
+               "device": str(device), "machine": _machine(device), "torch": torch.__version__, "date": stamp,
+               "seconds_this_run": round(time.time() - start, 2),
+               "overlays": [os.path.relpath(p, args.output_dir) for p in overlays]}
+    _write_json(os.path.join(args.output_dir, "results.json"), results)
+    table = format_table(summary, methods, title)
+    with open(os.path.join(args.output_dir, "table.md"), "w") as fh:
+        fh.write(table + "\n")
+    _plot(os.path.join(args.output_dir, "plot.png"), summary, methods,
+          f"{info['model']}: {len(records)} two-class pictures")
+    print(table)
+    print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Train the multi-object scene classifier stand-in (``samples/synthetic_scenes_vit``).
+
+Our :class:`~baselines.ViT.ViT_LRP.VisionTransformer` (96x96 input, patch 8,
+4 blocks of width 96, 4 heads, as ``samples/synthetic_vit``) learns which of
+the eight shape classes are present in a scene of :mod:`data.scenes`
+(one logit per class; by default softmax cross-entropy against soft targets,
+the present classes sharing the target equally, which keeps the
+single-object model's softmax head; ``--loss bce`` for independent
+binary cross-entropy).  By default it starts from the single-object model
+``samples/synthetic_vit`` (its sha256 is recorded) and is fine-tuned on a
+pool of generated scenes of 1-3 objects (possibly occluding each other),
+each drawn under a random rotation by a multiple of 90 degrees and
+mirroring.  Everything is seeded, so the same command on the same software
+and thread count reproduces the shipped model::
+
+    python baselines/ViT/train_scenes.py --out-dir samples/synthetic_scenes_vit
+
+Validation: two-object scenes of two different classes, apart from each
+other (the scenes of the class-specificity benchmark), and the share of them
+whose two classes are the model's top 2 (``top_k_all_present``: for a scene
+with k distinct classes, every present class is among the k highest logits).
+``config.json`` records the command, the data seed, this accuracy and the
+training history; the folder loads with
+:func:`baselines.ViT.ViT_LRP.load_model_dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.ViT.train_synthetic import (DEFAULT_SAMPLE_DIR, HALF, _lr_at, dihedral, load_synthetic_model,
+                                           save_model, sincos_pos_embed)
+from baselines.ViT.ViT_LRP import VisionTransformer
+from data.scenes import CLASS_NAMES, SCENE_VERSION, SceneConfig, SceneDataset
+from modules.checkpoints import weights_sha256
+
+__all__ = ["DEFAULT_OUT_DIR", "VAL_CONFIG", "top_k_all_present", "evaluate", "make_pool", "train", "build_parser",
+           "main"]
+
+DEFAULT_OUT_DIR = os.path.join(os.path.dirname(DEFAULT_SAMPLE_DIR), "synthetic_scenes_vit")
+VAL_CONFIG = SceneConfig(size=96, min_objects=2, max_objects=2, distinct_classes=True, separated=True)
+"""Validation scenes: two objects of different classes, apart from each other."""
+
+
+def top_k_all_present(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every present class (``labels`` (B, C) multi-hot) is among
+    the k highest ``logits`` (B, C), k = the number of present classes.
+
+    Ties are broken by ``torch.topk`` (lowest index first)."""
+    out = torch.zeros(logits.shape[0], dtype=torch.bool)
+    present = labels > 0.5
+    for b in range(logits.shape[0]):
+        k = int(present[b].sum())
+        if k == 0:
+            continue
+        top = set(torch.topk(logits[b], k).indices.tolist())
+        out[b] = top == set(present[b].nonzero().flatten().tolist())
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: str) -> Dict[str, float]:
+    """``top_k_all_present`` share, mean per-class accuracy at logit 0, and
+    the count of scenes over ``loader`` ((image, multi-hot) batches)."""
+    model.eval()
+    hits = correct = total = n = 0
+    for x, y in loader:
+        logits = model(x.to(device)).float().cpu()
+        hits += int(top_k_all_present(logits, y).sum())
+        correct += int(((logits > 0) == (y > 0.5)).sum())
+        total += int(y.numel())
+        n += int(y.shape[0])
+    return {"top_k_all_present": hits / max(n, 1), "label_accuracy": correct / max(total, 1), "n_scenes": n}
+
+
+def scene_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "soft_ce") -> torch.Tensor:
+    """``soft_ce``: cross-entropy of the softmax against the present classes
+    sharing the target equally (1/k each); ``bce``: binary cross-entropy of
+    each logit against the multi-hot labels."""
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if kind != "soft_ce":
+        raise ValueError(f"unknown loss {kind!r}")
+    target = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def make_pool(n: int, seed: int, config: SceneConfig, quiet: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` scenes of the ``train`` split: uint8 (n, 3, H, W) and multi-hot (n, 8)."""
+    from tqdm import tqdm
+
+    ds = SceneDataset(n, seed=seed, split="train", config=config, raw=True)
+    xs = torch.empty((n, 3, config.size, config.size), dtype=torch.uint8)
+    ys = torch.empty((n, len(CLASS_NAMES)), dtype=torch.float32)
+    for i in tqdm(range(n), desc="generating training scenes", disable=quiet, leave=False):
+        xs[i], ys[i] = ds[i]
+    return xs, ys
+
+
+def _cached_pool(args: argparse.Namespace, cfg: SceneConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`make_pool`, read from / written to ``args.pool_cache`` when given
+    (the file records what it holds and is regenerated when that differs)."""
+    key = {"n": args.pool_size, "seed": args.data_seed, "config": dict(cfg.__dict__), "scene_version": SCENE_VERSION}
+    path = getattr(args, "pool_cache", None)
+    if path and os.path.isfile(path):
+        with np.load(path) as f:
+            if json.loads(str(f["key"])) == key:
+                return torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+    x, y = make_pool(args.pool_size, args.data_seed, cfg, args.quiet)
+    if path:
+        np.savez(path, x=x.numpy(), y=y.numpy(), key=json.dumps(key))
+    return x, y
+
+
+def _batches(pool_x: torch.Tensor, pool_y: torch.Tensor, steps: int, batch_size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, pool_x.shape[0], (batch_size,), generator=g)
+        k = torch.randint(0, 8, (batch_size,), generator=g)
+        x = (pool_x[idx].float() / 255.0 - 0.5) / 0.5  # mean = std = 0.5
+        yield dihedral(x, k), pool_y[idx]
+
+
+def _initial_model(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
+    if args.init != "none":
+        model = load_synthetic_model(args.init, "cpu")
+        kw = model.patch_embed
+        if tuple(kw.img_size) != (args.size, args.size) or model.head.out_features != len(CLASS_NAMES):
+            raise ValueError(f"--init {args.init}: model input {tuple(kw.img_size)} / {model.head.out_features} "
+                             f"classes does not fit --size {args.size} and {len(CLASS_NAMES)} classes")
+        return model, {"init": os.path.relpath(os.path.abspath(args.init)), "init_sha256": weights_sha256(args.init)}
+    model = VisionTransformer(img_size=args.size, patch_size=args.patch_size, in_chans=3, num_classes=len(CLASS_NAMES),
+                              embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
+                              mlp_ratio=args.mlp_ratio, qkv_bias=True, distilled=False)
+    with torch.no_grad():
+        model.pos_embed[0, model.num_prefix_tokens:] = sincos_pos_embed(model.patch_embed.grid_size, model.embed_dim)
+    return model, {"init": "none"}
+
+
+def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
+    """Train as ``args`` says; returns the model (eval mode) and a record of
+    the run (losses, validation figures, seconds)."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)
+    model, init = _initial_model(args)
+    model = model.to(args.device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "pos_embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    train_cfg = SceneConfig(size=args.size, min_objects=args.min_objects, max_objects=args.max_objects)
+    val_cfg = SceneConfig(**dict(VAL_CONFIG.__dict__, size=args.size))
+    val_loader = DataLoader(SceneDataset(args.n_val, seed=args.data_seed, split="val", config=val_cfg),
+                            batch_size=100, shuffle=False)
+    history: Dict = dict(init, loss=[], val={})
+    start = time.time()
+    pool_x, pool_y = _cached_pool(args, train_cfg)
+    history["pool_seconds"] = round(time.time() - start, 1)
+    bar = tqdm(_batches(pool_x, pool_y, args.steps, args.batch_size, args.seed + 1), total=args.steps,
+               desc="training", disable=args.quiet)
+    running = None
+    for step, (x, y) in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, args.steps, args.warmup, args.lr)
+        loss = scene_loss(model(x.to(args.device)), y.to(args.device), args.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % 20 == 0:
+            history["loss"].append([step, round(running, 4)])
+        bar.set_postfix(loss=f"{running:.3f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            r = evaluate(model, val_loader, args.device)
+            history["val"][step + 1] = r
+            msg = (f"step {step + 1}: top-k {r['top_k_all_present']:.3f}, label acc {r['label_accuracy']:.3f}, "
+                   f"loss {running:.3f} ({time.time() - start:.0f} s)")
+            bar.write(msg) if not args.quiet else print(msg, flush=True)
+            model.train()
+    model.eval()
+    history["train_seconds"] = round(time.time() - start, 1)
+    history["final"] = evaluate(model, val_loader, args.device)
+    return model, history
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the multi-label ViT stand-in on synthetic scenes (data/scenes.py) "
+                                            "and save model.safetensors + config.json.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where to write the model folder")
+    p.add_argument("--init", default=DEFAULT_SAMPLE_DIR,
+                   help="model folder to start from (the single-object stand-in), or 'none' for a fresh model")
+    p.add_argument("--size", type=int, default=96, help="image side (pixels)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (with --init none)")
+    p.add_argument("--embed-dim", type=int, default=96, help="token width (with --init none)")
+    p.add_argument("--depth", type=int, default=4, help="transformer blocks (with --init none)")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads (with --init none)")
+    p.add_argument("--mlp-ratio", type=float, default=2.0, help="MLP width / token width (with --init none)")
+    p.add_argument("--min-objects", type=int, default=1, help="fewest objects per training scene")
+    p.add_argument("--max-objects", type=int, default=3, help="most objects per training scene")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--pool-size", type=int, default=12000, help="training scenes generated once and reused "
+                                                                "under random 90-degree rotations and mirroring")
+    p.add_argument("--loss", choices=("soft_ce", "bce"), default="soft_ce",
+                   help="soft_ce: softmax cross-entropy with the present classes sharing the target; "
+                        "bce: multi-label binary cross-entropy")
+    p.add_argument("--pool-cache", default=None, help="optional .npz to keep the generated pool in between runs")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the scenes")
+    p.add_argument("--n-val", type=int, default=400, help="two-object validation scenes")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps (0: only at the end)")
+    p.add_argument("--min-accuracy", type=float, default=0.8,
+                   help="exit with status 1 (model still saved) if the final top-k share is lower")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device (the shipped model was trained on the CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (progress lines still printed)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "n_val", "threads", "size", "pool_size", "patch_size", "embed_dim",
+                 "depth", "num_heads"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not 1 <= args.min_objects <= args.max_objects <= 4:
+        parser.error("need 1 <= --min-objects <= --max-objects <= 4")
+    torch.set_num_threads(args.threads)
+    try:
+        model, history = train(args)
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"error: {str(exc).splitlines()[0]}\n")
+    final = history["final"]
+    config = {
+        "architecture": "synthetic_scenes_vit",
+        "mean": list(HALF), "std": list(HALF),
+        "input_size": [3, args.size, args.size],
+        "class_names": list(CLASS_NAMES),
+        "multi_label": True,
+        "data": {"generator": "data/scenes.py", "scene_version": SCENE_VERSION, "seed": args.data_seed,
+                 "train_split": "train", "train_objects": [args.min_objects, args.max_objects],
+                 "pool_size": args.pool_size, "val_split": "val", "val_config": dict(VAL_CONFIG.__dict__, size=args.size),
+                 "n_val": args.n_val},
+        "training": dict(vars(args)),
+        "val_top_k_all_present": final["top_k_all_present"],
+        "val_label_accuracy": final["label_accuracy"],
+        "history": history,
+        "torch_version": torch.__version__,
+        "command": "python baselines/ViT/train_scenes.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    weights, cfg_path = save_model(model, args.out_dir, config)
+    print(f"two-object validation scenes: every present class in the top 2 for {final['top_k_all_present']:.4f} "
+          f"of {final['n_scenes']}; label accuracy {final['label_accuracy']:.4f}; trained "
+          f"{history['train_seconds']:.0f} s; wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB)")
+    if final["top_k_all_present"] < args.min_accuracy:
+        print(f"warning: top-k share {final['top_k_all_present']:.4f} is below --min-accuracy {args.min_accuracy}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
