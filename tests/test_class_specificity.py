@@ -226,3 +226,41 @@ def test_shipped_scene_model_loads_and_its_accuracy_holds():
     ds = SceneDataset(n, seed=data["seed"], split=data["val_split"], config=SceneConfig(**data["val_config"]))
     got = evaluate(model, DataLoader(ds, batch_size=30), "cpu")
     assert abs(got["top_k_all_present"] - recorded) <= 0.12, (got, recorded)
+
+
+# --------------------------------------------------------------------------
+# The training script: its measures by hand, and a tiny deterministic run
+# --------------------------------------------------------------------------
+def test_top_k_and_loss_by_hand():
+    import math
+
+    from baselines.ViT.train_scenes import scene_loss, top_k_all_present
+
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [3.0, 1.0, 2.0, 0.0], [3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    labels = torch.tensor([[1.0, 0, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
+    assert top_k_all_present(logits, labels).tolist() == [True, False, False, True]
+    assert scene_loss(torch.zeros(1, 2), torch.ones(1, 2)).item() == pytest.approx(math.log(2))
+    assert scene_loss(torch.tensor([[math.log(3), 0.0]]), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(
+        -math.log(0.75))
+    # soft targets: two present classes share the target
+    assert scene_loss(torch.tensor([[math.log(3), 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])).item() == \
+        pytest.approx(-(0.5 * math.log(0.6) + 0.5 * math.log(0.2)))
+    assert scene_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), "bce").item() == pytest.approx(math.log(2))
+
+
+def test_tiny_training_run_is_deterministic_and_loadable(tmp_path):
+    from baselines.ViT.train_scenes import main as train_main
+    from baselines.ViT.ViT_LRP import load_model_dir
+
+    args = ["--init", "none", "--size", "32", "--patch-size", "8", "--embed-dim", "16", "--depth", "1",
+            "--num-heads", "2", "--steps", "3", "--pool-size", "8", "--n-val", "4", "--eval-every", "0",
+            "--min-accuracy", "0", "--data-seed", "3", "--quiet"]
+    for name in ("a", "b"):
+        assert train_main(args + ["--out-dir", str(tmp_path / name)]) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["command"].startswith("python baselines/ViT/train_scenes.py --init none")
+    assert cfg["data"]["seed"] == 3 and 0.0 <= cfg["val_top_k_all_present"] <= 1.0
+    a, b = load_model_dir(str(tmp_path / "a")), load_model_dir(str(tmp_path / "b"))
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert a.default_cfg["class_names"] == cfg["class_names"]
