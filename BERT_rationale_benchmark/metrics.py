@@ -21,6 +21,11 @@ Usage::
 
 The second form scores ``OUT/<method>/identifier_results_<k>.json`` for every
 method folder and k, prints the table and writes ``token_f1.{md,csv,json,png}``.
+
+A results file must cover every annotation of the split: an incomplete or
+empty one is refused (exit 2) naming what is missing, since the missing
+documents would silently count as F1 0.  ``--allow-subset`` scores only the
+documents present (the truth restricted to them) and says so.
 """
 from __future__ import annotations
 
@@ -39,10 +44,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from BERT_rationale_benchmark.utils import (SPLITS, Annotation, ERASERFormatError, PathLike,  # noqa: E402
                                             annotation_docid, check_evidence_offsets, load_flattened_documents,
                                             load_jsonl, load_split)
+from modules import cli  # noqa: E402
 
 __all__ = [
     "PRF", "TokenScores", "f1", "prf", "score_token_sets", "truth_token_sets", "predicted_token_sets",
-    "load_results", "score_results", "find_result_files", "score_results_dir", "format_table",
+    "load_results", "covered_annotations", "score_results", "find_result_files", "score_results_dir", "format_table",
     "write_table", "plot_f1", "main",
 ]
 
@@ -172,8 +178,31 @@ def load_results(path: PathLike, annotations: Sequence[Annotation], documents: M
         docids, repeated ids, spans outside their document.
     """
     results = load_jsonl(path)
+    if not results:
+        raise ERASERFormatError(f"{path}: no records (an empty results file scores nothing)")
     _check_results(results, path, {a.annotation_id: a for a in annotations}, documents, split)
     return results
+
+
+def covered_annotations(results: Sequence[dict], annotations: Sequence[Annotation], path: PathLike,
+                        split: str = "test", allow_subset: bool = False) -> List[Annotation]:
+    """The annotations ``results`` are scored against.
+
+    All of the split when ``results`` covers every annotation; otherwise an
+    :class:`ERASERFormatError` naming how many and which are missing, unless
+    ``allow_subset``, when only the annotations present are returned (the
+    missing documents are then left out, not counted as F1 0).
+    """
+    present = {r["annotation_id"] for r in results}
+    missing = [a.annotation_id for a in annotations if a.annotation_id not in present]
+    if not missing:
+        return list(annotations)
+    if not allow_subset:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ERASERFormatError(f"{path}: results for {len(present)} of {len(annotations)} documents of the {split} "
+                                f"split; missing {len(missing)} ({shown}); pass --allow-subset to score only "
+                                f"those present")
+    return [a for a in annotations if a.annotation_id in present]
 
 
 def score_results(results: Sequence[dict], annotations: Sequence[Annotation]) -> TokenScores:
@@ -211,8 +240,11 @@ def _method_order(names: Iterable[str]) -> List[str]:
     return known + sorted(n for n in names if n not in known)
 
 
-def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str) -> Dict[str, Dict[int, TokenScores]]:
-    """Scores of every method and k under ``results_dir`` (see :func:`find_result_files`)."""
+def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str,
+                      allow_subset: bool = False) -> Dict[str, Dict[int, TokenScores]]:
+    """Scores of every method and k under ``results_dir`` (see
+    :func:`find_result_files`); each file must cover the whole split unless
+    ``allow_subset`` (:func:`covered_annotations`)."""
     files = find_result_files(results_dir)
     if not files:
         raise FileNotFoundError(f"no identifier_results_<k>.json files in {results_dir} or its subfolders")
@@ -221,8 +253,11 @@ def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str) -> 
     check_evidence_offsets(annotations, documents)
     table: Dict[str, Dict[int, TokenScores]] = {}
     for method in _method_order(files):
-        table[method] = {k: score_results(load_results(p, annotations, documents, split), annotations)
-                         for k, p in sorted(files[method].items())}
+        table[method] = {}
+        for k, p in sorted(files[method].items()):
+            results = load_results(p, annotations, documents, split)
+            table[method][k] = score_results(results, covered_annotations(results, annotations, p, split,
+                                                                          allow_subset))
     return table
 
 
@@ -242,10 +277,11 @@ def write_table(table: Mapping[str, Mapping[int, TokenScores]], out_dir: PathLik
                 stem: str = "token_f1") -> List[Path]:
     """Write the table as markdown (macro and micro F1), CSV and JSON (every
     figure) under ``out_dir``; returns the paths."""
+    import io
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{stem}.md"
-    md.write_text(format_table(table, "macro") + "\n\n" + format_table(table, "micro") + "\n", encoding="utf-8")
+    cli.atomic_write_text(str(md), format_table(table, "macro") + "\n\n" + format_table(table, "micro") + "\n")
     rows = []
     for method, row in table.items():
         for k, s in sorted(row.items()):
@@ -254,18 +290,21 @@ def write_table(table: Mapping[str, Mapping[int, TokenScores]], out_dir: PathLik
                          "micro_precision": s.micro.precision, "micro_recall": s.micro.recall, "micro_f1": s.micro.f1,
                          "accuracy": s.accuracy})
     csv_path = out / f"{stem}.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method", "k"])
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["method", "k"])
+    writer.writeheader()
+    writer.writerows(rows)
+    cli.atomic_write_text(str(csv_path), buffer.getvalue())
     json_path = out / f"{stem}.json"
-    json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    cli.atomic_write_json(str(json_path), rows)
     return [md, csv_path, json_path]
 
 
 def plot_f1(table: Mapping[str, Mapping[int, TokenScores]], path: PathLike, title: str = "") -> Path:
     """PNG of token F1 against k for every method (macro solid, micro dashed),
     the paper's Movie Reviews figure."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -284,8 +323,10 @@ def plot_f1(table: Mapping[str, Mapping[int, TokenScores]], path: PathLike, titl
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
+    cli.atomic_write_bytes(str(path), buffer.getvalue())
     return Path(path)
 
 
@@ -298,7 +339,7 @@ def _print_single(path: PathLike, split: str, s: TokenScores) -> None:
         print(f"classification accuracy: {s.accuracy:.4f}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Token-level precision / recall / F1 of top-k rationales against ERASER human evidence "
                     "(METHODS.md section 6).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -312,21 +353,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out-dir", default=None,
                         help="where --results-dir writes token_f1.{md,csv,json,png} (default: the results dir)")
     parser.add_argument("--score-file", default=None, help="with --results: also write the scores as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--allow-subset", action="store_true",
+                        help="score results that cover only part of the split (only the documents present); "
+                             "without it an incomplete results file is an error")
+    return parser
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.results:
+            if args.score_file:
+                cli.check_output_file(args.score_file, flag="--score-file")
             annotations = load_split(args.data_dir, args.split)
+            if not annotations:
+                raise ERASERFormatError(f"the {args.split} split of {args.data_dir} is empty: nothing to score")
             documents = load_flattened_documents(args.data_dir, {annotation_docid(a) for a in annotations})
             check_evidence_offsets(annotations, documents)
-            s = score_results(load_results(args.results, annotations, documents, args.split), annotations)
+            results = load_results(args.results, annotations, documents, args.split)
+            scored = covered_annotations(results, annotations, args.results, args.split, args.allow_subset)
+            s = score_results(results, scored)
+            if len(scored) < len(annotations):
+                print(f"--allow-subset: scoring {len(scored)} of {len(annotations)} documents of the {args.split} split")
             _print_single(args.results, args.split, s)
             if args.score_file:
-                Path(args.score_file).write_text(json.dumps(
-                    {"documents": s.documents, "macro": asdict(s.macro), "micro": asdict(s.micro),
-                     "accuracy": s.accuracy}, indent=2) + "\n", encoding="utf-8")
+                cli.atomic_write_json(args.score_file, {
+                    "documents": s.documents, "split_documents": len(annotations), "macro": asdict(s.macro),
+                    "micro": asdict(s.micro), "accuracy": s.accuracy})
             return 0
-        table = score_results_dir(args.results_dir, args.data_dir, args.split)
         out_dir = Path(args.out_dir or args.results_dir)
+        if not Path(args.results_dir).is_dir():
+            raise ERASERFormatError(f"--results-dir {args.results_dir}: not a directory")
+        cli.check_output_dir(str(out_dir), flag="--out-dir")
+        table = score_results_dir(args.results_dir, args.data_dir, args.split, args.allow_subset)
         n_docs = next(iter(next(iter(table.values())).values())).documents
         print(f"token-level rationale F1, {args.split} split, {n_docs} documents\n")
         print(format_table(table, "macro"))
@@ -336,8 +395,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths.append(plot_f1(table, out_dir / "token_f1.png", title=f"ERASER token F1 vs k ({args.split})"))
         print("\nwrote " + ", ".join(str(p) for p in paths))
         return 0
-    except (OSError, ValueError, KeyError) as e:
-        parser.exit(2, f"error: {e}\n")
+    except (ValueError, KeyError) as e:
+        if isinstance(e, cli.input_error_types()):
+            raise
+        raise cli.CLIError(cli.one_line(e)) from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Score; bad or incomplete input exits 2 with one line."""
+    code = cli.run_main(_main, argv)
+    if code:
+        raise SystemExit(code)
+    return 0
 
 
 if __name__ == "__main__":

@@ -143,12 +143,23 @@ def _evidence_from_dict(d: Any, where: str) -> Evidence:
     end = _as_int(d["end_token"], "end_token", where)
     if not 0 <= start <= end:
         raise ERASERFormatError(f"{where}: evidence span [{start}, {end}) of {d['docid']!r} is not 0 <= start <= end")
-    text = d.get("text", "")
+    text = d.get("text")
+    if text is None:
+        text = ""
+    elif not isinstance(text, str):
+        if not isinstance(text, list):
+            raise ERASERFormatError(f"{where}: evidence text must be a string or a list of tokens, got {text!r}")
+        text = " ".join(map(str, text))
     return Evidence(
-        docid=d["docid"], start_token=start, end_token=end,
-        text=text if isinstance(text, str) else " ".join(map(str, text)),
-        start_sentence=int(d.get("start_sentence", -1)), end_sentence=int(d.get("end_sentence", -1)),
+        docid=d["docid"], start_token=start, end_token=end, text=text,
+        start_sentence=_optional_int(d.get("start_sentence"), "start_sentence", where),
+        end_sentence=_optional_int(d.get("end_sentence"), "end_sentence", where),
     )
+
+
+def _optional_int(value: Any, field: str, where: str) -> int:
+    """An optional evidence index: absent or ``null`` (ERASER writes both) is -1."""
+    return -1 if value is None else _as_int(value, field, where)
 
 
 def _annotation_from_dict(d: Dict[str, Any], where: str) -> Annotation:

@@ -132,10 +132,24 @@ def test_cli_single_file(data_dir: Path, tmp_path: Path, capsys):
     # micro: 3 hits of 4 predicted and 5 true
     assert s["micro"]["precision"] == pytest.approx(3 / 4) and s["micro"]["recall"] == pytest.approx(3 / 5)
     assert s["accuracy"] == 0.5
-    # a missing prediction counts as an empty one for that document
-    res2 = _write(tmp_path / "r2.json", [_record("a.txt", [0, 1, 2, 3])])
+    # an empty prediction counts as F1 0 for that document
+    res2 = _write(tmp_path / "r2.json", [_record("a.txt", [0, 1, 2, 3]), _record("b.txt", [])])
     assert metrics.main(["--data-dir", str(data_dir), "--results", str(res2), "--score-file", str(score_file)]) == 0
     assert json.loads(score_file.read_text())["macro"]["f1"] == pytest.approx(0.5)
+    # a missing document is refused (issue 15: it used to count as F1 0 with exit 0) ...
+    res3 = _write(tmp_path / "r3.json", [_record("a.txt", [0, 1, 2, 3])])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        metrics.main(["--data-dir", str(data_dir), "--results", str(res3), "--score-file", str(score_file)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "results for 1 of 2 documents" in err and "b.txt" in err
+    assert "--allow-subset" in err and len(err.strip().splitlines()) == 1
+    # ... unless asked for: then only the documents present are scored
+    assert metrics.main(["--data-dir", str(data_dir), "--results", str(res3), "--score-file", str(score_file),
+                         "--allow-subset"]) == 0
+    assert "scoring 1 of 2 documents" in capsys.readouterr().out
+    s = json.loads(score_file.read_text())
+    assert s["macro"]["f1"] == pytest.approx(1.0) and s["documents"] == 1 and s["split_documents"] == 2
 
 
 def test_cli_results_dir_writes_table_and_plot(data_dir: Path, tmp_path: Path, capsys):
