@@ -237,9 +237,27 @@ def test_demo_driver_writes_table_and_skips_finished_work(tmp_path, capsys, monk
         assert r["negative"] == data["negative"]["auc"] and r["positive"] == data["positive"]["auc"]
         assert r["num_images"] == 8
     assert "| Rollout (`rollout`) |" in capsys.readouterr().out
+    assert "ties: random, seed 0" in open(tmp_path / "pert" / "table.md").read()
+    # every tie rule on the same stored maps (the default rule's results are reused)
+    compare = argv[:6] + ["--methods", "rollout", "--device", "cpu", "--batch-size", "4", "--compare-tie-breaks"]
+    assert demo.main(compare) == 0
+    (row,) = json.load(open(tmp_path / "pert" / "tie_breaks.json"))
+    main = json.load(open(tmp_path / "pert" / "rollout" / "top" / "results.json"))
+    for rule in ("random", "topk", "raster"):
+        res = main if rule == "random" else \
+            json.load(open(tmp_path / "pert" / "rollout" / "top" / "ties" / rule / "results.json"))
+        assert res["tie_break"] == rule
+        for d in ("positive", "negative"):
+            assert row["auc"][rule][d] == res[d]["auc"] and row["accuracy"][rule][d] == res[d]["accuracy"]
+    for d in ("positive", "negative"):
+        acc = np.array([row["accuracy"][t][d] for t in ("random", "topk", "raster")])
+        assert row["max_step_diff"][d] == pytest.approx(100 * (acc.max(axis=0) - acc.min(axis=0)).max())
+    assert "| Rollout (`rollout`) |" in open(tmp_path / "pert" / "tie_breaks.md").read()
     calls = []
     monkeypatch.setattr(pe, "main", lambda *a, **k: calls.append(a) or 0)
     assert demo.main(argv) == 0 and not calls  # a rerun reuses the finished results
+    assert demo.main(compare) == 0 and not calls  # of every rule
+    assert demo.main(argv + ["--tie-break", "raster"]) == 0 and len(calls) == 4  # another rule is new work
 
 
 def test_float16_storage_keeps_tiny_and_offset_maps_precise():
