@@ -12,11 +12,13 @@ from typing import Dict, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "read_state_dict", "mismatch_report", "file_sha256", "weights_sha256"]
+__all__ = ["CheckpointError", "read_state_dict", "read_sharded_state_dict", "mismatch_report", "file_sha256",
+           "weights_sha256", "check_state_finite", "validate_vit_config", "read_model_config"]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
+    """A checkpoint that cannot be read or does not fit the model (scripts
+    report it in one line, exit 2: :mod:`modules.cli`)."""
 
 
 def read_state_dict(path: str) -> Dict[str, Tensor]:
@@ -42,6 +44,127 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
     return obj
+
+
+def read_sharded_state_dict(index_path: str) -> Dict[str, Tensor]:
+    """Tensors of the shards a Hugging Face ``*.index.json`` names.
+
+    The index must be a JSON object whose ``weight_map`` maps tensor names to
+    shard files in the index's folder; every named tensor must be found in
+    its shard.  Raises :class:`CheckpointError` in one line otherwise (bad
+    JSON, no ``weight_map``, a shard outside the folder or missing).
+    """
+    import json
+    folder = os.path.dirname(os.path.abspath(index_path))
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index_path}: cannot be read ({_first_line(exc)})") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{index_path}: not valid JSON ({_first_line(exc)})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: a shard index needs a non-empty 'weight_map' object "
+                              "(tensor name -> shard file)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names (strings)")
+    state: Dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.normpath(os.path.join(folder, shard))
+        if os.path.dirname(path) != folder:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is not a file in the index's folder")
+        state.update(read_state_dict(path))
+    missing = sorted(k for k in weight_map if k not in state)
+    if missing:
+        raise CheckpointError(f"{index_path}: {len(missing)} tensors named in weight_map are in no shard "
+                              f"({_first(missing)})")
+    return state
+
+
+def check_state_finite(state: Mapping[str, Tensor], path: str) -> None:
+    """Raise :class:`CheckpointError` naming the first tensor of ``state``
+    that holds NaN or Inf (a model with such weights gives NaN maps)."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN/Inf values of {value.numel()}")
+
+
+_VIT_INT_KWARGS = {"num_classes": (0, 1 << 20), "embed_dim": (1, 1 << 14), "depth": (1, 256),
+                   "num_heads": (1, 1024), "in_chans": (1, 64)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    import math
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def validate_vit_config(cfg: Mapping, path: str) -> None:
+    """Check a ViT model folder's ``config.json`` (as :func:`baselines.ViT.ViT_LRP.model_config`
+    writes it) before any model is built: integers where integers belong,
+    in range, image size a multiple of the patch size, width a multiple of
+    the heads, finite positive ``mlp_ratio`` / ``eps``, three finite means
+    and positive stds.  Raises :class:`CheckpointError` in one line."""
+    kwargs = cfg.get("model_kwargs") if isinstance(cfg, Mapping) else None
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(f"{path}: no 'model_kwargs' object")
+
+    def bad(name, want):
+        raise CheckpointError(f"{path}: model_kwargs.{name} must be {want}, got {kwargs.get(name)!r}")
+
+    for name, (lo, hi) in _VIT_INT_KWARGS.items():
+        if name in kwargs and not (_is_int(kwargs[name]) and lo <= kwargs[name] <= hi):
+            bad(name, f"an integer in {lo}..{hi}")
+    sizes = {}
+    for name in ("img_size", "patch_size"):
+        if name not in kwargs:
+            continue
+        v = kwargs[name]
+        pair = [v, v] if _is_int(v) else v
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(x) and 1 <= x <= 8192
+                                                                          for x in pair)):
+            bad(name, "an integer or a pair of integers in 1..8192")
+        sizes[name] = pair
+    if len(sizes) == 2 and any(i % p for i, p in zip(sizes["img_size"], sizes["patch_size"])):
+        bad("img_size", f"a multiple of patch_size {sizes['patch_size']}")
+    if _is_int(kwargs.get("embed_dim")) and _is_int(kwargs.get("num_heads")) and \
+            kwargs["embed_dim"] % kwargs["num_heads"]:
+        bad("embed_dim", f"a multiple of num_heads {kwargs['num_heads']}")
+    for name in ("mlp_ratio", "eps"):
+        if name in kwargs and not (_is_number(kwargs[name]) and kwargs[name] > 0):
+            bad(name, "a finite positive number")
+    for name in ("qkv_bias", "distilled"):
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            bad(name, "true or false")
+    for name in ("mean", "std"):
+        if name in cfg:
+            v = cfg[name]
+            if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)
+                    and (name == "mean" or all(x > 0 for x in v))):
+                raise CheckpointError(f"{path}: {name} must be three finite numbers"
+                                      f"{' > 0' if name == 'std' else ''}, got {v!r}")
+
+
+def read_model_config(directory: str) -> dict:
+    """The validated ``config.json`` of a ViT model folder (see
+    :func:`validate_vit_config`); :class:`CheckpointError` when missing,
+    not JSON, or wrong."""
+    import json
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({_first_line(exc)})") from None
+    validate_vit_config(cfg, path)
+    return cfg
 
 
 def _first_line(exc: BaseException) -> str:

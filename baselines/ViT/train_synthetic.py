@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.ViT.ViT_LRP import CONFIG_NAME, WEIGHTS_NAME, VisionTransformer, load_model_dir, save_model_dir
-from modules.checkpoints import file_sha256
+from modules import cli
+from modules.checkpoints import file_sha256, read_model_config
 from data.synthetic import CLASS_NAMES, GENERATOR_VERSION, SyntheticShapes
 
 __all__ = ["CONFIG_FORMAT", "MODEL_FILE", "CONFIG_FILE", "DEFAULT_SAMPLE_DIR", "model_kwargs_from_args",
@@ -73,6 +74,7 @@ def load_synthetic_model(path: str, device: str = "cpu") -> VisionTransformer:
     is wrong.
     """
     folder = _model_folder(path)
+    read_model_config(folder)  # strings or absurd numbers in config.json: one-line CheckpointError
     model = load_model_dir(folder)
     try:
         with open(os.path.join(folder, CONFIG_FILE)) as fh:
@@ -87,16 +89,29 @@ def save_model(model: VisionTransformer, out_dir: str, config: Dict, fp16: bool 
     """Write the model folder with :func:`~baselines.ViT.ViT_LRP.save_model_dir`
     (float16 storage with ``fp16``); ``config.json`` also gets ``config``,
     a format tag and the weights' sha256."""
+    import shutil
+    import tempfile
+
     model.default_cfg = {"architecture": config.get("architecture", "synthetic_vit"),
                          "mean": tuple(config.get("mean", HALF)), "std": tuple(config.get("std", HALF))}
-    save_model_dir(model, out_dir, extra=dict(config, format=CONFIG_FORMAT), half=fp16)
-    weights, cfg_path = os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, CONFIG_FILE)
-    with open(cfg_path) as fh:
-        written = json.load(fh)
-    written.update(weights_sha256=file_sha256(weights), weights_dtype="float16" if fp16 else "float32")
-    with open(cfg_path, "w") as fh:
-        json.dump(written, fh, indent=2)
-        fh.write("\n")
+    os.makedirs(out_dir, exist_ok=True)
+    # both files are written in a temporary folder beside them, then each is renamed into place:
+    # a kill leaves the previous model (or none), never a truncated file
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".model.", suffix=".tmp")
+    try:
+        save_model_dir(model, tmp, extra=dict(config, format=CONFIG_FORMAT), half=fp16)
+        with open(os.path.join(tmp, CONFIG_FILE)) as fh:
+            written = json.load(fh)
+        written.update(weights_sha256=file_sha256(os.path.join(tmp, MODEL_FILE)),
+                       weights_dtype="float16" if fp16 else "float32")
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
+            json.dump(written, fh, indent=2)
+            fh.write("\n")
+        weights, cfg_path = os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, CONFIG_FILE)
+        os.replace(os.path.join(tmp, MODEL_FILE), weights)
+        os.replace(os.path.join(tmp, CONFIG_FILE), cfg_path)  # config last: it names the weights' sha256
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return weights, cfg_path
 
 
@@ -233,6 +248,9 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         value = loss.item()
+        if not math.isfinite(value):
+            raise cli.NonFiniteError(f"training diverged: the loss is {value} at step {step + 1}; nothing saved "
+                                     "(lower --lr)")
         running = value if running is None else 0.98 * running + 0.02 * value
         if step % 20 == 0:
             history["loss"].append([step, round(running, 4)])
@@ -249,61 +267,84 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
     return model, history
 
 
+MAX_SIZE = 512
+"""Largest --size: a 512x512 image is 4096 tokens of patch 8; beyond, a CPU run takes hours."""
+MAX_POOL_BYTES = 8 << 30
+"""Largest training pool (uint8 pixels held in memory)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a small ViT on the synthetic shapes stand-in (CPU, minutes) "
                                             "and save model.safetensors + config.json.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out-dir", default=DEFAULT_SAMPLE_DIR, help="where to write the model folder")
-    p.add_argument("--size", type=int, default=96, help="image side (pixels)")
-    p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (pixels)")
-    p.add_argument("--embed-dim", type=int, default=96, help="token width")
-    p.add_argument("--depth", type=int, default=4, help="transformer blocks")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    p.add_argument("--mlp-ratio", type=float, default=2.0, help="MLP hidden width / token width")
-    p.add_argument("--steps", type=int, default=5000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    p.add_argument("--pool-size", type=int, default=20480,
+    p.add_argument("--out-dir", default=DEFAULT_SAMPLE_DIR,
+                   help="where to write the model folder (checked for writing before training)")
+    p.add_argument("--size", type=cli.int_range(16, MAX_SIZE), default=96, help="image side (pixels)")
+    p.add_argument("--patch-size", type=cli.int_range(1, MAX_SIZE), default=8, help="ViT patch side (pixels)")
+    p.add_argument("--embed-dim", type=cli.int_range(4, 4096), default=96, help="token width")
+    p.add_argument("--depth", type=cli.int_range(1, 64), default=4, help="transformer blocks")
+    p.add_argument("--num-heads", type=cli.int_range(1, 256), default=4, help="attention heads")
+    p.add_argument("--mlp-ratio", type=cli.float_range(0.0, 64.0, lo_open=True), default=2.0,
+                   help="MLP hidden width / token width")
+    p.add_argument("--steps", type=cli.int_range(1, 10_000_000), default=5000, help="optimiser steps")
+    p.add_argument("--batch-size", type=cli.int_range(1, 65536), default=32, help="training batch size")
+    p.add_argument("--pool-size", type=cli.non_negative_int, default=20480,
                    help="training images generated once and reused with random 90-degree rotations and "
                         "mirroring (0: new images every step)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=cli.non_negative_float, default=0.05,
+                   help="AdamW weight decay (matrices only)")
     p.add_argument("--sincos-init", type=int, choices=(0, 1), default=1,
                    help="1: initialise the position embedding with a 2-D sine-cosine code")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model initialisation")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
-    p.add_argument("--n-val", type=int, default=400, help="validation images")
-    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps (0: only at the end)")
-    p.add_argument("--min-accuracy", type=float, default=0.9,
+    p.add_argument("--label-smoothing", type=cli.float_range(0.0, 1.0, hi_open=True), default=0.1,
+                   help="cross-entropy label smoothing")
+    p.add_argument("--seed", type=cli.int_range(0, 2 ** 63 - 1), default=0, help="seed of the model initialisation")
+    p.add_argument("--data-seed", type=cli.int_range(0, 2 ** 31 - 1), default=0, help="seed of the synthetic images")
+    p.add_argument("--n-val", type=cli.int_range(1, 1_000_000), default=400, help="validation images")
+    p.add_argument("--eval-every", type=cli.non_negative_int, default=500,
+                   help="validate every N steps (0: only at the end)")
+    p.add_argument("--min-accuracy", type=cli.probability, default=0.9,
                    help="exit with status 1 (model still saved) if final validation accuracy is lower")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--num-workers", type=int, default=1, help="data-generation worker processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (the shipped model was trained on the CPU)")
+    cli.add_threads_arg(p, default=2)
+    p.add_argument("--num-workers", type=cli.int_range(0, 64), default=1, help="data-generation worker processes")
+    cli.add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "n_val", "threads", "size", "patch_size", "embed_dim", "depth", "num_heads"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.size % args.patch_size:
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-flag checks that argparse types cannot make; ``parser.error`` (exit 2)."""
+    if args.patch_size > args.size or args.size % args.patch_size:
         parser.error(f"--size {args.size} is not a multiple of --patch-size {args.patch_size}")
     if args.embed_dim % args.num_heads:
         parser.error(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
-    if args.num_workers < 0 or args.pool_size < 0:
-        parser.error("--num-workers and --pool-size must be non-negative")
+    if args.sincos_init and args.embed_dim % 4:
+        parser.error(f"--sincos-init 1 needs --embed-dim a multiple of 4, not {args.embed_dim}")
+    pool_bytes = args.pool_size * 3 * args.size * args.size
+    if pool_bytes > MAX_POOL_BYTES:
+        parser.error(f"--pool-size {args.pool_size} at --size {args.size} needs {pool_bytes / 2 ** 30:.1f} GiB "
+                     f"of memory (limit {MAX_POOL_BYTES >> 30} GiB); use a smaller pool or 0")
+    if args.batch_size * 3 * args.size * args.size * 4 > MAX_POOL_BYTES:
+        parser.error(f"--batch-size {args.batch_size} at --size {args.size} does not fit in memory")
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    args.device = str(cli.resolve_device(args.device))
+    cli.check_output_dir(args.out_dir, flag="--out-dir")  # before minutes of training, not after
+    cli.apply_threads(args.threads)
+    cli.set_tf32(False)
     try:
-        torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device: {exc}")
-    torch.set_num_threads(args.threads)
-    model, history = train(args)
+        model, history = train(args)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted during training; nothing was saved (training keeps no checkpoints)") \
+            from None
+    for name, p in model.named_parameters():
+        cli.check_finite(p.detach(), f"the trained weight {name}")
     config = {
         "architecture": "synthetic_vit",
         "input_size": [3, args.size, args.size],
@@ -335,6 +376,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{args.min_accuracy}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Train and save; bad flags or an unusable --out-dir / --device exit 2
+    before training, Ctrl-C exits 130, a final accuracy below
+    --min-accuracy exits 1 (the model is still saved)."""
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":
