@@ -68,7 +68,12 @@ def adapter_for(model: nn.Module) -> "Adapter":
         if cls.matches(model):
             return cls(model)
     raise UnsupportedModelError(f"unsupported model {type(model).__name__}; supported: "
-                                + "; ".join(f"{c.family} ({', '.join(c.examples)})" for c in _REGISTRY))
+                                + "; ".join(f"{c.family} ({', '.join(c.examples)})" for c in _ordered()))
+
+
+def _ordered() -> List[Type["Adapter"]]:
+    """The registered adapters, copies first, then by family name (a stable order for lists)."""
+    return sorted(_REGISTRY, key=lambda c: (not c.copy, c.family))
 
 
 def supported_models() -> List[Tuple[str, Sequence[str], Tuple[str, ...], str]]:
@@ -81,13 +86,13 @@ def supported_models() -> List[Tuple[str, Sequence[str], Tuple[str, ...], str]]:
         import BERT_explainability.modules.BERT.BertForSequenceClassification  # noqa: F401
     except ImportError:  # pragma: no cover - installed without the copies
         pass
-    return [(c.family, tuple(c.examples), c.method_names(), c.notes) for c in _REGISTRY]
+    return [(c.family, tuple(c.examples), c.method_names(), c.notes) for c in _ordered()]
 
 
 def copies_offering(method: str) -> List[str]:
     """The families (model copies) that run ``method``."""
     supported_models()
-    return [c.family for c in _REGISTRY if method in c.method_names()]
+    return [c.family for c in _ordered() if method in c.method_names()]
 
 
 def model_device(model: nn.Module) -> torch.device:
