@@ -84,7 +84,7 @@ COLOURS: Dict[str, Tuple[float, float, float]] = {
 """The palette: colour name -> RGB in [0, 1] (shaded by at most -20% when painted)."""
 COLOUR_NAMES: Tuple[str, ...] = tuple(COLOURS)
 
-SIZES: Dict[str, Tuple[float, float]] = {"small": (0.035, 0.065), "large": (0.09, 0.16)}
+SIZES: Dict[str, Tuple[float, float]] = {"small": (0.06, 0.10), "large": (0.12, 0.20)}
 """Size name -> range of the object's shape area as a fraction of the picture."""
 
 PLURALS: Dict[str, str] = {"cross": "crosses"}

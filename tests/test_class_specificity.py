@@ -264,3 +264,15 @@ def test_tiny_training_run_is_deterministic_and_loadable(tmp_path):
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
     assert a.default_cfg["class_names"] == cfg["class_names"]
+
+
+def test_patch_targets_by_hand():
+    from baselines.ViT.train_scenes import patch_targets
+
+    cmap = np.array([[0, 0, -1, -1],
+                     [0, -1, -1, 3],
+                     [5, 5, 3, 3],
+                     [5, 1, 3, -1]])
+    assert patch_targets(cmap, 2, 2).tolist() == [[0, 8], [5, 3]]
+    assert patch_targets(cmap, 2, 4).tolist() == [[8, 8], [8, 8]]  # no class covers all 4 pixels
+    assert patch_targets(cmap, 4, 1).tolist() == [[3]]  # class 3: 5 pixels, the most

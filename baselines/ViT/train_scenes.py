@@ -10,7 +10,10 @@ binary cross-entropy).  By default it starts from the single-object model
 ``samples/synthetic_vit`` (its sha256 is recorded) and is fine-tuned on a
 pool of generated scenes of 1-3 objects (possibly occluding each other),
 each drawn under a random rotation by a multiple of 90 degrees and
-mirroring.  Everything is seeded, so the same command on the same software
+mirroring.  A training-only dense loss speeds learning up: a linear layer on
+each final patch token names the class of the object covering the patch
+(or background), from the scenes' exact masks; it is dropped when the model
+is saved, so the shipped model is the plain classifier.  Everything is seeded, so the same command on the same software
 and thread count reproduces the shipped model::
 
     python baselines/ViT/train_scenes.py --out-dir samples/synthetic_scenes_vit
@@ -44,10 +47,10 @@ from torch import nn
 from baselines.ViT.train_synthetic import (DEFAULT_SAMPLE_DIR, HALF, _lr_at, dihedral, load_synthetic_model,
                                            save_model, sincos_pos_embed)
 from baselines.ViT.ViT_LRP import VisionTransformer
-from data.scenes import CLASS_NAMES, SCENE_VERSION, SceneConfig, SceneDataset
+from data.scenes import CLASS_NAMES, NUM_CLASSES, SCENE_VERSION, SceneConfig, SceneDataset, generate_scene
 from modules.checkpoints import weights_sha256
 
-__all__ = ["DEFAULT_OUT_DIR", "VAL_CONFIG", "top_k_all_present", "evaluate", "make_pool", "train", "build_parser",
+__all__ = ["DEFAULT_OUT_DIR", "VAL_CONFIG", "top_k_all_present", "scene_loss", "evaluate", "patch_targets", "make_pool", "train", "build_parser",
            "main"]
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(DEFAULT_SAMPLE_DIR), "synthetic_scenes_vit")
@@ -98,40 +101,66 @@ def scene_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "soft_ce"
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def make_pool(n: int, seed: int, config: SceneConfig, quiet: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` scenes of the ``train`` split: uint8 (n, 3, H, W) and multi-hot (n, 8)."""
+def patch_targets(class_map: np.ndarray, patch: int, min_pixels: int) -> np.ndarray:
+    """(gh, gw) int64 class of each patch of a (H, W) ``class_map`` (-1 for
+    background): the class covering most of the patch's pixels when it
+    covers at least ``min_pixels`` of them, else 8 (background)."""
+    H, W = class_map.shape
+    onehot = np.zeros((H, W, NUM_CLASSES), np.int32)
+    fg = class_map >= 0
+    onehot[fg, class_map[fg]] = 1
+    counts = onehot.reshape(H // patch, patch, W // patch, patch, NUM_CLASSES).sum(axis=(1, 3))
+    best = counts.argmax(axis=-1)
+    return np.where(counts.max(axis=-1) >= min_pixels, best, NUM_CLASSES).astype(np.int64)
+
+
+def make_pool(n: int, seed: int, config: SceneConfig, patch: int = 8, quiet: bool = True
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``n`` scenes of the ``train`` split: uint8 (n, 3, H, W),
+    multi-hot (n, 8) and the patch classes (n, gh, gw) of :func:`patch_targets`
+    (a patch is an object's when the object covers a quarter of it)."""
     from tqdm import tqdm
 
-    ds = SceneDataset(n, seed=seed, split="train", config=config, raw=True)
-    xs = torch.empty((n, 3, config.size, config.size), dtype=torch.uint8)
-    ys = torch.empty((n, len(CLASS_NAMES)), dtype=torch.float32)
+    S = config.size
+    xs = torch.empty((n, 3, S, S), dtype=torch.uint8)
+    ys = torch.empty((n, NUM_CLASSES), dtype=torch.float32)
+    ps = torch.empty((n, S // patch, S // patch), dtype=torch.int64)
     for i in tqdm(range(n), desc="generating training scenes", disable=quiet, leave=False):
-        xs[i], ys[i] = ds[i]
-    return xs, ys
+        sc = generate_scene(i, seed, "train", config)
+        cmap = np.full((S, S), -1, np.int64)
+        for o in sc.objects:
+            cmap[o.mask.astype(bool)] = o.label
+        xs[i] = torch.from_numpy(sc.image.transpose(2, 0, 1).copy())
+        ys[i] = torch.from_numpy(sc.labels)
+        ps[i] = torch.from_numpy(patch_targets(cmap, patch, max(1, patch * patch // 4)))
+    return xs, ys, ps
 
 
-def _cached_pool(args: argparse.Namespace, cfg: SceneConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+def _cached_pool(args: argparse.Namespace, cfg: SceneConfig, patch: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`make_pool`, read from / written to ``args.pool_cache`` when given
     (the file records what it holds and is regenerated when that differs)."""
-    key = {"n": args.pool_size, "seed": args.data_seed, "config": dict(cfg.__dict__), "scene_version": SCENE_VERSION}
+    key = {"n": args.pool_size, "seed": args.data_seed, "config": dict(cfg.__dict__), "patch": patch,
+           "scene_version": SCENE_VERSION}
     path = getattr(args, "pool_cache", None)
     if path and os.path.isfile(path):
         with np.load(path) as f:
             if json.loads(str(f["key"])) == key:
-                return torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
-    x, y = make_pool(args.pool_size, args.data_seed, cfg, args.quiet)
+                return torch.from_numpy(f["x"]), torch.from_numpy(f["y"]), torch.from_numpy(f["p"])
+    x, y, p = make_pool(args.pool_size, args.data_seed, cfg, patch, args.quiet)
     if path:
-        np.savez(path, x=x.numpy(), y=y.numpy(), key=json.dumps(key))
-    return x, y
+        np.savez(path, x=x.numpy(), y=y.numpy(), p=p.numpy(), key=json.dumps(key))
+    return x, y, p
 
 
-def _batches(pool_x: torch.Tensor, pool_y: torch.Tensor, steps: int, batch_size: int, seed: int):
+def _batches(pool_x: torch.Tensor, pool_y: torch.Tensor, pool_p: torch.Tensor, steps: int, batch_size: int,
+             seed: int):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, pool_x.shape[0], (batch_size,), generator=g)
         k = torch.randint(0, 8, (batch_size,), generator=g)
         x = (pool_x[idx].float() / 255.0 - 0.5) / 0.5  # mean = std = 0.5
-        yield dihedral(x, k), pool_y[idx]
+        yield dihedral(x, k), pool_y[idx], dihedral(pool_p[idx][:, None], k)[:, 0]
 
 
 def _initial_model(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
@@ -159,8 +188,10 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
     torch.manual_seed(args.seed)
     model, init = _initial_model(args)
     model = model.to(args.device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "pos_embed" not in n)]
+    aux = nn.Linear(model.embed_dim, NUM_CLASSES + 1).to(args.device) if args.patch_loss > 0 else None
+    named = list(model.named_parameters()) + (list(aux.named_parameters(prefix="aux")) if aux is not None else [])
+    decay = [p for n, p in named if p.dim() > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in named if not (p.dim() > 1 and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     train_cfg = SceneConfig(size=args.size, min_objects=args.min_objects, max_objects=args.max_objects)
@@ -169,15 +200,20 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
                             batch_size=100, shuffle=False)
     history: Dict = dict(init, loss=[], val={})
     start = time.time()
-    pool_x, pool_y = _cached_pool(args, train_cfg)
+    patch = model.patch_embed.patch_size[0]
+    pool_x, pool_y, pool_p = _cached_pool(args, train_cfg, patch)
     history["pool_seconds"] = round(time.time() - start, 1)
-    bar = tqdm(_batches(pool_x, pool_y, args.steps, args.batch_size, args.seed + 1), total=args.steps,
+    bar = tqdm(_batches(pool_x, pool_y, pool_p, args.steps, args.batch_size, args.seed + 1), total=args.steps,
                desc="training", disable=args.quiet)
     running = None
-    for step, (x, y) in enumerate(bar):
+    for step, (x, y, pt) in enumerate(bar):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, args.steps, args.warmup, args.lr)
-        loss = scene_loss(model(x.to(args.device)), y.to(args.device), args.loss)
+        feats = model.forward_features(x.to(args.device))
+        loss = scene_loss(model.forward_head(feats), y.to(args.device), args.loss)
+        if aux is not None:  # training-only dense loss: each patch token names the object under it
+            tokens = feats[:, model.num_prefix_tokens:]
+            loss = loss + args.patch_loss * F.cross_entropy(aux(tokens).flatten(0, 1), pt.to(args.device).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -222,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("soft_ce", "bce"), default="soft_ce",
                    help="soft_ce: softmax cross-entropy with the present classes sharing the target; "
                         "bce: multi-label binary cross-entropy")
+    p.add_argument("--patch-loss", type=float, default=1.0,
+                   help="weight of the training-only dense loss (a linear layer on each final patch token "
+                        "predicts the class of the object under the patch, or background; not saved); 0: off")
     p.add_argument("--pool-cache", default=None, help="optional .npz to keep the generated pool in between runs")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine decay)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
