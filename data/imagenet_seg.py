@@ -21,11 +21,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SegmentationDataError", "ImagenetSegmentation", "check_gtsegs_file", "read_sample", "resize_pair"]
+__all__ = ["SegmentationDataError", "MAX_PIXELS", "ImagenetSegmentation", "check_gtsegs_file", "read_sample", "resize_pair"]
 
 
 class SegmentationDataError(ValueError):
     """A segmentation file that is missing or not in the gtsegs layout."""
+
+
+MAX_PIXELS = 89_478_485
+"""Largest image or mask read from a gtsegs file (Pillow's decompression-bomb
+limit; the real file's images are at most a few megapixels)."""
 
 
 def check_gtsegs_file(path: str) -> int:
@@ -56,6 +61,8 @@ def check_gtsegs_file(path: str) -> int:
             if img.shape[0] != gt.shape[0]:
                 raise SegmentationDataError(f"{path}: /value/img has {img.shape[0]} entries but /value/gt "
                                             f"has {gt.shape[0]}")
+            if img.shape[0] == 0:
+                raise SegmentationDataError(f"{path}: holds no images (/value/img is empty); nothing to evaluate")
             return int(img.shape[0])
     except OSError as exc:
         raise SegmentationDataError(f"{path}: cannot be read as HDF5 ({exc})") from None
@@ -65,9 +72,18 @@ def read_sample(f, index: int, path: str = "") -> Tuple[np.ndarray, np.ndarray]:
     """Image (H, W, 3) uint8 and mask (H, W) uint8 number ``index`` of an
     open gtsegs file ``f`` (an ``h5py.File``)."""
     try:
-        img = np.asarray(f[f["/value/img"][index, 0]][()]).transpose(2, 1, 0)
-        mask = np.asarray(f[f[f["/value/gt"][index, 0]][0, 0]][()]).transpose(1, 0)
-    except (KeyError, ValueError, TypeError, OSError) as exc:
+        img_ds = f[f["/value/img"][index, 0]]
+        mask_ds = f[f[f["/value/gt"][index, 0]][0, 0]]
+        for what, ds in (("image", img_ds), ("mask", mask_ds)):
+            pixels = int(np.prod(ds.shape[1:] if what == "image" else ds.shape, dtype=np.int64))
+            if pixels > MAX_PIXELS:
+                raise SegmentationDataError(f"{path}: {what} {index} has shape {ds.shape}, more than "
+                                            f"{MAX_PIXELS} pixels (a corrupt or hostile file?)")
+        img = np.asarray(img_ds[()]).transpose(2, 1, 0)
+        mask = np.asarray(mask_ds[()]).transpose(1, 0)
+    except (KeyError, ValueError, TypeError, OSError, AttributeError) as exc:
+        if isinstance(exc, SegmentationDataError):
+            raise
         raise SegmentationDataError(f"{path}: entry {index} does not follow the gtsegs layout ({exc})") from None
     if img.ndim != 3 or img.shape[2] not in (1, 3):
         raise SegmentationDataError(f"{path}: image {index} has shape {img.shape} after transposing, "

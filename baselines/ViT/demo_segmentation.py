@@ -24,6 +24,7 @@ import torch
 
 from baselines.ViT import imagenet_seg_eval
 from baselines.ViT.train_synthetic import DEFAULT_SAMPLE_DIR, is_model_dir, load_synthetic_model
+from modules import cli
 from data.synthetic import GENERATOR_VERSION, write_gtsegs_mat, write_imagefolder
 
 __all__ = ["prepare_data", "main"]
@@ -67,16 +68,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join("outputs", "demo"), help="where data and results go")
     p.add_argument("--weights", default=DEFAULT_SAMPLE_DIR, help="model folder (model.safetensors + config.json)")
-    p.add_argument("--n-images", type=int, default=400, help="stand-in validation images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stand-in images")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    p.add_argument("--num-overlays", type=int, default=6, help="images in the overlay grid")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--n-images", type=cli.int_range(1, 100_000), default=400, help="stand-in validation images")
+    p.add_argument("--seed", type=cli.int_range(0, 2 ** 31 - 1), default=0, help="seed of the stand-in images")
+    p.add_argument("--batch-size", type=cli.int_range(1, 4096), default=32, help="images per batch")
+    p.add_argument("--num-overlays", type=cli.int_range(0, 1000), default=6, help="images in the overlay grid")
+    cli.add_threads_arg(p, default=2)
     p.add_argument("--device", default="cpu", help="torch device (the demo is sized for a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.n_images <= 0 or args.batch_size <= 0 or args.threads <= 0:
-        p.error("--n-images, --batch-size and --threads must be positive")
+    try:
+        cli.resolve_device(args.device)
+        cli.check_output_dir(args.out_dir, flag="--out-dir")
+    except cli.CLIError as exc:
+        p.exit(2, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
     weights = args.weights
     if not is_model_dir(weights):
@@ -85,7 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(f"no model at {args.weights}: training one into {weights} (a few minutes on a CPU)")
             from baselines.ViT import train_synthetic
 
-            train_synthetic.main(["--out-dir", weights, "--device", args.device, "--threads", str(args.threads)])
+            code = train_synthetic.main(["--out-dir", weights, "--device", args.device, "--threads",
+                                         str(args.threads)])
+            if code not in (0, 1):  # 1: trained, below --min-accuracy (still saved)
+                raise SystemExit(code)
     size = int(load_synthetic_model(weights).default_cfg["input_size"][-1])
     try:
         mat = prepare_data(os.path.join(args.out_dir, "data"), args.n_images, args.seed, size)
@@ -96,6 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "--imagenet-seg-path", mat, "--weights", weights, "--all-methods",
         "--output-dir", os.path.join(args.out_dir, "segmentation"), "--batch-size", str(args.batch_size),
         "--device", args.device, "--num-overlays", str(args.num_overlays), "--threads", str(args.threads),
+        "--overwrite",  # the demo owns its output folder: a rerun with other --n-images replaces it
         *(["--quiet"] if args.quiet else [])])
 
 

@@ -25,6 +25,12 @@ weights sha256, number of images, seconds), ``results_<method>.json`` per
 method, ``table.md``, ``progress.json`` (running sums, rewritten every
 ``--save-every`` batches; ``--resume`` continues from it) and overlay PNGs
 under ``overlays/`` (every method side by side, ground-truth outline drawn).
+
+An output folder holding another run's results (other methods, weights or
+data; the data identified by the sha256 of the file's bytes) is refused
+unless ``--overwrite``; Ctrl-C saves the progress of the finished batches and
+exits 130 (``--resume`` continues).  Maps or logits holding NaN/Inf are
+refused, not scored.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ from baselines.ViT.ViT_explanation_generator import explain, upsample
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
 from baselines.ViT.ViT_LRP import load_model as load_vit
 from data.imagenet_seg import ImagenetSegmentation, SegmentationDataError
-from modules.checkpoints import weights_sha256
+from modules import cli
+from modules.checkpoints import file_sha256, weights_sha256
 from modules.methods import (EVAL_START_LAYER, METHOD_CHOICES, METHOD_NAMES, METHODS, UnknownMethodError,
                              resolve_method)
 
@@ -68,8 +75,8 @@ TABLE_ORDER: Tuple[str, ...] = ("rollout", "attn_last_layer", "attn_gradcam", "l
 """Row order of the paper's table (generic attribution, from the ICCV paper, added)."""
 
 
-class EvalError(Exception):
-    """A user-facing problem (bad input, mismatched resume state)."""
+class EvalError(cli.CLIError):
+    """A user-facing problem (bad input, mismatched resume state): one line, exit 2."""
 
 
 def load_model(model_name: str, weights: str, device: str):
@@ -105,15 +112,11 @@ def relevance_maps(model, images: torch.Tensor, method: str) -> torch.Tensor:
     maps = explain(model, images, method, index=None, start_layer=EVAL_START_LAYER.get(method, 0))
     if tuple(maps.shape[-2:]) != tuple(images.shape[-2:]):
         maps = upsample(maps, tuple(images.shape[-2:]))
-    return maps.float().cpu()
+    return cli.check_finite(maps.float().cpu(), f"{method} relevance maps")
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    cli.atomic_write_json(path, obj)
 
 
 def format_table(results: Dict[str, Dict[str, float]], title: str = "", paper: bool = False) -> str:
@@ -202,45 +205,63 @@ def evaluate(model, dataset: ImagenetSegmentation, methods: Sequence[str], devic
     store: List[Dict] = []
     overlays: List[str] = []
 
-    def checkpoint(final: bool = False) -> None:
-        if output_dir:
-            _write_json(os.path.join(output_dir, "progress.json"), {
-                "identity": identity, "complete": final, "n_images_done": scores[methods[0]].n_images,
-                "scores": {m: s.state() for m, s in scores.items()}, "seconds": seconds,
-                "metrics_so_far": {m: s.result() for m, s in scores.items()},
-                "correct": correct, "counted": counted})
+    counts = {"correct": correct, "counted": counted}
 
+    def snapshot() -> Dict:
+        """The progress record of every finished batch (all methods have seen the same images)."""
+        return {"identity": identity, "complete": False, "n_images_done": scores[methods[0]].n_images,
+                "scores": {m: s.state() for m, s in scores.items()}, "seconds": dict(seconds),
+                "metrics_so_far": {m: s.result() for m, s in scores.items()},
+                "correct": counts["correct"], "counted": counts["counted"]}
+
+    def checkpoint(record: Optional[Dict] = None, final: bool = False) -> None:
+        if output_dir:
+            _write_json(os.path.join(output_dir, "progress.json"), dict(record or snapshot(), complete=final))
+
+    last = snapshot()
     bar = tqdm(loader, total=len(loader), desc="segmentation test", disable=not progress, unit="batch")
-    for b, (x, gt, idx) in enumerate(bar):
-        x = x.to(device, non_blocking=True)
-        if labels is not None:
-            with torch.no_grad():
-                pred = model(x).argmax(dim=-1).cpu()
-            correct += int((pred == torch.as_tensor(labels[idx.numpy()])).sum())
-            counted += len(idx)
-        outs = {}
-        for m in methods:
-            t0 = time.perf_counter()
-            outs[m] = scores[m].update(relevance_maps(model, x, m), gt)
-            seconds[m] += time.perf_counter() - t0
-        if len(store) < want:
-            for i in range(min(want - len(store), len(idx))):
-                store.append({"index": int(idx[i]), "image": x[i].cpu(), "mask": gt[i].numpy().astype(np.uint8),
-                              "maps": {m: outs[m]["maps"][i] for m in methods},
-                              "pred": {m: outs[m]["pred"][i] for m in methods}})
-            if len(store) >= want:
-                overlays = _save_overlays(output_dir, store, methods, mean, std, title)
-        first = scores[methods[0]].result()
-        bar.set_postfix(pixAcc=f"{first['pixel_accuracy']:.3f}", mIoU=f"{first['mIoU']:.3f}",
-                        mAP=f"{first['mAP']:.3f}")
-        if save_every and (b + 1) % save_every == 0:
-            checkpoint()
+    try:
+        for b, (x, gt, idx) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            correct, counted = counts["correct"], counts["counted"]
+            if labels is not None:
+                with torch.no_grad():
+                    pred = cli.check_finite(model(x), "the model's logits").argmax(dim=-1).cpu()
+                correct += int((pred == torch.as_tensor(labels[idx.numpy()])).sum())
+                counted += len(idx)
+            outs = {}
+            for m in methods:
+                t0 = time.perf_counter()
+                outs[m] = scores[m].update(relevance_maps(model, x, m), gt)
+                seconds[m] += time.perf_counter() - t0
+            counts.update(correct=correct, counted=counted)
+            last = snapshot()  # every method has this batch: safe to save
+            if len(store) < want:
+                for i in range(min(want - len(store), len(idx))):
+                    store.append({"index": int(idx[i]), "image": x[i].cpu(),
+                                  "mask": gt[i].numpy().astype(np.uint8),
+                                  "maps": {m: outs[m]["maps"][i] for m in methods},
+                                  "pred": {m: outs[m]["pred"][i] for m in methods}})
+                if len(store) >= want:
+                    overlays = _save_overlays(output_dir, store, methods, mean, std, title)
+            first = scores[methods[0]].result()
+            bar.set_postfix(pixAcc=f"{first['pixel_accuracy']:.3f}", mIoU=f"{first['mIoU']:.3f}",
+                            mAP=f"{first['mAP']:.3f}")
+            if save_every and (b + 1) % save_every == 0:
+                checkpoint(last)
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint(last)
+        raise KeyboardInterrupt(f"interrupted after {last['n_images_done']} of {done + len(loader.dataset)} images; "
+                                + ("progress.json keeps them: run the same command with --resume" if output_dir
+                                   else "nothing saved")) from None
     if store and not overlays:
         overlays = _save_overlays(output_dir, store, methods, mean, std, title)
     checkpoint(final=True)
     return {"scores": {m: s.result() for m, s in scores.items()}, "seconds": seconds,
             "n_images": scores[methods[0]].n_images,
-            "accuracy": (correct / counted) if counted else None, "overlays": overlays}
+            "accuracy": (counts["correct"] / counts["counted"]) if counts["counted"] else None,
+            "overlays": overlays}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,15 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True,
                    help="local checkpoint file (.pth/.pt/.bin/.safetensors) or a model folder from "
                         "train_synthetic.py (e.g. samples/synthetic_vit); nothing is downloaded")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=cli.int_range(1, 4096), default=8, help="images per batch")
+    cli.add_device_arg(p)
+    p.add_argument("--num-workers", type=cli.int_range(0, 64), default=0, help="DataLoader worker processes")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--output-dir", default=os.path.join("outputs", "imagenet_seg"), help="where results go")
-    p.add_argument("--num-overlays", type=int, default=6, help="images drawn as overlay PNGs")
-    p.add_argument("--save-every", type=int, default=20, help="write progress.json every N batches (0: only at the end)")
+    p.add_argument("--num-overlays", type=cli.int_range(0, 1000), default=6, help="images drawn as overlay PNGs")
+    p.add_argument("--save-every", type=cli.non_negative_int, default=20,
+                   help="write progress.json every N batches (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --output-dir/progress.json")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run (other methods, weights or data) in --output-dir")
+    cli.add_threads_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -276,34 +300,89 @@ def _machine(device: torch.device) -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+RESULT_FILES = ("progress.json", "results.json", "table.md")
+
+
+def _previous_run(output_dir: str) -> Tuple[Optional[Dict], List[str]]:
+    """The progress record in ``output_dir`` (None if absent) and the result
+    files there; an unreadable progress.json is an :class:`EvalError`."""
+    present = [n for n in RESULT_FILES if os.path.isfile(os.path.join(output_dir, n))]
+    path = os.path.join(output_dir, "progress.json")
+    if "progress.json" not in present:
+        return None, present
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"{path}: unreadable ({cli.one_line(exc)}); remove it or pass --overwrite") from None
+    return record, present
+
+
+def _check_previous_run(args, identity: Dict, n_total: int) -> Optional[Dict]:
+    """What the output folder already holds decides: resume (``--resume``,
+    same identity), start (nothing there, the same finished run, or
+    ``--overwrite``), or refuse (another run's results, an unfinished run
+    without ``--resume``).  Returns the progress record to resume from."""
+    record, present = _previous_run(args.output_dir)
+    if record is None:
+        if present and not args.overwrite:
+            raise EvalError(f"{args.output_dir} holds {', '.join(present)} of a run without progress.json; "
+                            "use another --output-dir or pass --overwrite")
+        return None
+    old = record.get("identity") or {}
+    diff = sorted(k for k in set(identity) | set(old) if old.get(k) != identity.get(k))
+    if diff:
+        if args.resume:
+            raise EvalError(f"{args.output_dir}/progress.json belongs to another run (differs in: "
+                            f"{', '.join(diff)}); remove it or drop --resume")
+        if not args.overwrite:
+            what = "finished" if record.get("complete") else "unfinished"
+            raise EvalError(f"{args.output_dir} holds the {what} results of another run (methods "
+                            f"{', '.join(map(str, old.get('methods', [])))}; differs in: {', '.join(diff)}); "
+                            "use another --output-dir or pass --overwrite to replace them")
+        return None
+    if args.resume:
+        for key in ("scores", "seconds", "n_images_done"):
+            if key not in record:
+                raise EvalError(f"{args.output_dir}/progress.json lacks {key!r}; remove it or drop --resume")
+        print(f"resuming after {record['n_images_done']} of {n_total} images")
+        return record
+    if not record.get("complete") and not args.overwrite:
+        raise EvalError(f"{args.output_dir} holds an unfinished run of this same evaluation "
+                        f"({record.get('n_images_done', 0)} of {n_total} images): pass --resume to continue "
+                        "or --overwrite to start over")
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    """Run the test; returns the summary written to results.json.  Bad
+    input exits 2 with one line; Ctrl-C saves the finished batches and exits 130."""
+    out: Dict = {}
+
+    def body(a):
+        out["summary"] = _main(a)
+        return 0
+    code = cli.run_main(body, argv)
+    if code:
+        raise SystemExit(code)
+    return out["summary"]
+
+
+def _main(argv: Optional[Sequence[str]]) -> Dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error("--batch-size must be positive")
-    if args.limit is not None and args.limit <= 0:
-        parser.error("--limit must be positive")
-    if args.num_workers < 0 or args.num_overlays < 0 or args.save_every < 0:
-        parser.error("--num-workers, --num-overlays and --save-every must be non-negative")
-    if args.threads is not None:
-        if args.threads <= 0:
-            parser.error("--threads must be positive")
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args.threads)
+    device = cli.resolve_device(args.device)
+    cli.set_tf32(False)  # reproducible maps: LRP-based relevance amplifies TF32 rounding (README)
+    cli.check_output_dir(args.output_dir, flag="--output-dir")
+    with cli.file_lock(os.path.join(args.output_dir, ".imagenet_seg_eval.lock"), what=args.output_dir):
+        return _evaluate_into(args, device)
+
+
+def _evaluate_into(args, device) -> Dict:
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
-    try:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EvalError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
-        # reproducible maps: LRP-based relevance amplifies TF32 rounding (README, "Numerical sensitivity")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         methods = ([m for m in TABLE_ORDER if m in METHOD_NAMES] + [m for m in METHOD_NAMES if m not in TABLE_ORDER]
                    if args.all_methods else [resolve_method(args.method).name])
         model, info = load_model(args.model, args.weights, str(device))
@@ -312,29 +391,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         dataset = ImagenetSegmentation(args.imagenet_seg_path, size=size, mean=mean, std=std)
         if args.limit is not None:
             dataset = dataset.subset(dataset.indices[:args.limit])
-        os.makedirs(args.output_dir, exist_ok=True)
-        identity = {"data": os.path.abspath(args.imagenet_seg_path), "n_images": len(dataset), "methods": methods,
-                    "model": info["model"], "weights_sha256": info["weights_sha256"], "input_size": list(size),
-                    "mean": list(mean), "std": list(std), "start_layers": {m: EVAL_START_LAYER.get(m, 0) for m in methods}}
-        resume = None
-        progress_path = os.path.join(args.output_dir, "progress.json")
-        if args.resume and os.path.isfile(progress_path):
-            with open(progress_path) as fh:
-                resume = json.load(fh)
-            if resume.get("identity") != identity:
-                diff = sorted(k for k in identity if (resume.get("identity") or {}).get(k) != identity[k])
-                raise EvalError(f"{progress_path} belongs to another run (differs in: {', '.join(diff)}); "
-                                "remove it or drop --resume")
-            print(f"resuming after {resume['n_images_done']} of {len(dataset)} images")
+        identity = {"data": os.path.abspath(args.imagenet_seg_path),
+                    "data_sha256": file_sha256(args.imagenet_seg_path), "n_images": len(dataset),
+                    "methods": methods, "model": info["model"], "weights_sha256": info["weights_sha256"],
+                    "input_size": list(size), "mean": list(mean), "std": list(std),
+                    "start_layers": {m: EVAL_START_LAYER.get(m, 0) for m in methods}}
+        resume = _check_previous_run(args, identity, len(dataset))
         start = time.time()
         out = evaluate(model, dataset, methods, str(device), args.batch_size, args.num_workers, args.output_dir,
                        args.num_overlays, args.save_every, identity=identity, resume=resume,
                        progress=not args.quiet,
                        title=f"{info['model']} on {os.path.basename(args.imagenet_seg_path)}")
-    except (SegmentationDataError, CheckpointError, UnknownMethodError, EvalError, OSError) as exc:
-        _fail(str(exc))
-    except ValueError as exc:  # e.g. an unreadable progress.json given to --resume
-        _fail(f"{exc}".splitlines()[0])
+    except (ValueError, KeyError, TypeError) as exc:  # e.g. a malformed progress.json given to --resume
+        if isinstance(exc, cli.input_error_types()):
+            raise
+        raise EvalError(cli.one_line(exc)) from None
     elapsed = time.time() - start + (sum(resume["seconds"].values()) if resume else 0.0)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     common = {"model": info["model"], "weights": info["weights"], "weights_sha256": info["weights_sha256"],
@@ -360,8 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if out["accuracy"] is not None:
         title += f"; classification accuracy {100 * out['accuracy']:.1f}%"
     table = format_table(out["scores"], title, paper=info["model"] == "vit_base_patch16_224")
-    with open(os.path.join(args.output_dir, "table.md"), "w") as fh:
-        fh.write(table + "\n")
+    cli.atomic_write_text(os.path.join(args.output_dir, "table.md"), table + "\n")
     print(table)
     print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
     return summary
