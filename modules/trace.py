@@ -36,20 +36,34 @@ class WindowLayout:
     The layer attends within windows: its probabilities are
     (B * nW, H, w, w).  ``index`` (nW, w) holds, for each window and position
     in it, the stream token (0 .. N-1) it is, with the cyclic shift already
-    undone; every token appears exactly once.
+    undone; every token appears exactly once.  A position the model filled
+    with padding (a feature map that is no multiple of the window) holds -1:
+    it is no stream token (a constant with no relevance over the input), so
+    it reads 0 and whatever reaches it is dropped.
     """
 
-    index: Tensor  # (nW, w) long
+    index: Tensor  # (nW, w) long, -1 for padding
     num_tokens: int
 
+    def _padded(self) -> bool:
+        return bool((self.index < 0).any())
+
     def gather(self, v: Tensor) -> Tensor:
-        """(B, N) token values -> (B, nW, w) per window."""
-        return v[:, self.index]
+        """(B, N) token values -> (B, nW, w) per window (padding reads 0)."""
+        if not self._padded():
+            return v[:, self.index]
+        ext = F.pad(v, (0, 1))  # column N: the padding's 0
+        return ext[:, torch.where(self.index < 0, self.num_tokens, self.index)]
 
     def scatter(self, v: Tensor) -> Tensor:
-        """(B, nW, w) per-window values -> (B, N) token values."""
+        """(B, nW, w) per-window values -> (B, N) token values (padding dropped)."""
         out = v.new_zeros(v.shape[0], self.num_tokens)
-        out[:, self.index.reshape(-1)] = v.reshape(v.shape[0], -1)
+        flat = self.index.reshape(-1)
+        if not self._padded():
+            out[:, flat] = v.reshape(v.shape[0], -1)
+            return out
+        keep = flat >= 0
+        out[:, flat[keep]] = v.reshape(v.shape[0], -1)[:, keep]
         return out
 
     def dense(self, local: Tensor) -> Tensor:
@@ -59,7 +73,11 @@ class WindowLayout:
         out = local.new_zeros(B, self.num_tokens, self.num_tokens)
         rows = self.index[:, :, None].expand(nW, w, w).reshape(-1)
         cols = self.index[:, None, :].expand(nW, w, w).reshape(-1)
-        out[:, rows, cols] = local.reshape(B, -1)
+        vals = local.reshape(B, -1)
+        if self._padded():
+            keep = (rows >= 0) & (cols >= 0)
+            rows, cols, vals = rows[keep], cols[keep], vals[:, keep]
+        out[:, rows, cols] = vals
         return out
 
 
