@@ -11,7 +11,11 @@ returns it (patch grid; pixels for ``lrp``), as float16 ``vis`` times a float32
 vis-class.  Images are not copied.
 
 Killed at any moment, the same command continues after the last committed
-batch.  Under ``torchrun --nproc_per_node=N`` each process explains every
+batch; Ctrl-C exits 130 keeping the committed batches.  The identity of a
+run includes a hash of every image file's bytes (``dataset_content_sha256``),
+so images replaced under the same names are not mixed with old maps; a tree
+that reaches one folder by two paths (a symlink loop) is refused, and so
+are NaN/Inf logits or maps.  Under ``torchrun --nproc_per_node=N`` each process explains every
 N-th batch into ``results.part{rank}of{N}.hdf5``; rank 0 merges them at the
 end (or run again with ``--merge``), giving the same file as one process.
 """
@@ -33,9 +37,11 @@ from baselines.ViT.perturbation_data import (RESULTS_NAME, InputError, PartFile,
 from baselines.ViT.perturbation_metrics import eval_start_layer, normalize_input, select_positions
 from baselines.ViT.ViT_explanation_generator import explain
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
+from modules import cli
+from modules.checkpoints import read_model_config
 from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
 
-__all__ = ["build_parser", "main", "run", "default_output_dir"]
+__all__ = ["build_parser", "main", "run", "default_output_dir", "check_tree", "content_sha256"]
 
 PROCESS_KEYS = ("batch_size", "rank", "world_size")  # identity of a part file only
 
@@ -59,13 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (.safetensors/.pth/.pt) or model directory (config.json + model.safetensors)")
     p.add_argument("--vis-class", default="top", choices=("top", "target"),
                    help="explain the predicted class (top) or the ground-truth class (target)")
-    p.add_argument("--start-layer", type=int, default=None,
+    p.add_argument("--start-layer", type=cli.non_negative_int, default=None,
                    help="first block of the rollout; None: 1 for transformer_attribution and rollout, else 0")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (also the unit of resumption)")
+    p.add_argument("--batch-size", type=cli.int_range(1, 4096), default=16,
+                   help="images per batch (also the unit of resumption)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device; under torchrun 'cuda' means cuda:LOCAL_RANK")
-    p.add_argument("--num-workers", type=int, default=4, help="image-loading worker processes")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--num-workers", type=cli.int_range(0, 64), default=4, help="image-loading worker processes")
+    p.add_argument("--limit", type=cli.positive_int, default=None,
                    help="explain only this many images, evenly spaced over the dataset; None: all")
     p.add_argument("--output-dir", default=None,
                    help="where results.hdf5 goes; None: outputs/perturbation/METHOD/VIS_CLASS")
@@ -99,6 +106,78 @@ def _say(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
+def check_tree(images) -> None:
+    """Refuse a tree that reaches one folder by two paths: a class folder
+    holding a symlink to itself (or to a sibling) would multiply its images."""
+    seen = {}
+    for path, _ in images.samples:
+        folder = os.path.dirname(path)
+        real = os.path.realpath(folder)
+        first = seen.setdefault(real, folder)
+        if first != folder:
+            raise InputError(f"{images.root} reaches the folder {real} by two paths ({first} and {folder}): "
+                             "a symlink loop or a linked duplicate would count its images twice")
+
+
+def content_sha256(images) -> str:
+    """SHA-256 over every image's relative path, label and file bytes: the
+    maps depend on the pixels, not only on the names."""
+    import hashlib
+    h = hashlib.sha256()
+    for path, label in tqdm(images.samples, desc="hashing images", leave=False, disable=len(images.samples) < 1000):
+        fh = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    fh.update(block)
+        except OSError as exc:  # unreadable files are skipped later; their state is part of the identity
+            fh.update(f"unreadable: {exc.strerror}".encode())
+        h.update(f"{os.path.relpath(path, images.root)}\t{label}\t{fh.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def _read_final(final: str):
+    """:func:`read_results` with malformed metadata (bad JSON, not an object)
+    reported in one line."""
+    try:
+        found, info = read_results(final)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{final}: malformed metadata ({cli.one_line(exc)}); delete it to regenerate") from None
+    if not isinstance(found, dict):
+        raise InputError(f"{final}: malformed metadata (identity is not a JSON object); delete it to regenerate")
+    return found, info
+
+
+def _open_part(path: str, identity: dict, batches, map_shape) -> PartFile:
+    """:meth:`PartFile.open_or_create`, with a structurally broken part file
+    (missing datasets, short arrays, offsets out of range, bad JSON) reported
+    in one line."""
+    def broken(why: str) -> InputError:
+        return InputError(f"{path}: damaged part file ({why}); delete it to start this part over")
+    try:
+        part = PartFile.open_or_create(path, identity, batches, map_shape)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise broken(cli.one_line(exc)) from None
+    try:
+        offsets, done, f = np.asarray(part.offsets), np.asarray(part.done), part.f
+        n = len(f["index"])
+        if offsets.ndim != 1 or len(offsets) != len(done) + 1 or len(done) != len(batches):
+            raise ValueError(f"{len(done)} batch flags and {len(offsets)} offsets for {len(batches)} batches")
+        if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+            raise ValueError("batch offsets out of range")
+        for name in ("target", "pred", "valid", "vis", "vis_scale", "vis_offset"):
+            if len(f[name]) != n:
+                raise ValueError(f"dataset {name!r} has {len(f[name])} rows, expected {n}")
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        part.close()
+        raise broken(cli.one_line(exc)) from None
+    return part
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate (or merge) the maps; returns the exit status."""
     if args.batch_size < 1:
@@ -112,8 +191,14 @@ def run(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or default_output_dir(method.name, args.vis_class)
 
     images = open_image_tree(args.imagenet_validation_path)
+    check_tree(images)
+    if not args.merge:
+        cli.resolve_device(args.device)
+        cli.check_output_dir(output_dir, flag="--output-dir")
     try:
         sha = weights_sha256(args.weights)
+        if os.path.isdir(args.weights):
+            read_model_config(args.weights)  # strings where numbers belong: one line
         model = load_model(args.model, args.weights)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
@@ -140,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         "vis_class": args.vis_class,
         "start_layer": int(start_layer),
         "dataset_sha256": images.sha256(),
+        "dataset_content_sha256": content_sha256(images),
         "dataset_size": len(images.samples),
         "limit": args.limit,
         "input_size": [H, W],
@@ -153,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     final = os.path.join(output_dir, RESULTS_NAME)
 
     if os.path.exists(final):
-        found, _ = read_results(final)
+        found, _ = _read_final(final)
         diff = identity_mismatch(found, identity)
         if diff:
             raise InputError(f"{final} was written with other arguments ({'; '.join(diff)}); "
@@ -186,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise InputError(f"device {args.device!r}: {exc}".splitlines()[0]) from None
     part_identity = dict(identity, batch_size=args.batch_size, rank=rank, world_size=world)
-    with PartFile.open_or_create(part_path(output_dir, rank, world), part_identity, mine, map_shape) as part:
+    with _open_part(part_path(output_dir, rank, world), part_identity, mine, map_shape) as part:
         pending = part.pending()
         if len(pending) < part.num_batches:
             _say(f"resuming {part.path}: {part.num_batches - len(pending)} of {part.num_batches} batches "
@@ -226,9 +312,10 @@ def _explain_batches(part: PartFile, pending: List[int], model, images, identity
             keep = torch.from_numpy(ok)
             x = normalize_input(batch[keep].to(device), identity["mean"], identity["std"])
             with torch.no_grad():
-                predicted = model(x).argmax(dim=-1)
+                predicted = cli.check_finite(model(x), "the model's logits").argmax(dim=-1)
             explained = predicted if args.vis_class == "top" else labels[keep].to(device)
             cam = explain(model, x, identity["method"], index=explained, start_layer=start_layer)
+            cli.check_finite(cam, f"{identity['method']} maps of images {index[keep].tolist()}")
             if tuple(cam.shape[1:]) != map_shape:
                 raise RuntimeError(f"explain returned maps of {tuple(cam.shape[1:])}, expected {map_shape}")
             maps[ok] = cam.float().cpu().numpy()
@@ -254,14 +341,14 @@ def _merge_existing(output_dir: str, final: str, identity: dict, info: dict, ima
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Command-line entry point; bad input exits with status 2 and one line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    """Command-line entry point; bad input exits with status 2 and one line,
+    Ctrl-C with 130 (the committed batches are kept: run again to continue)."""
+    def body(a):
+        parser = build_parser()
+        args = parser.parse_args(a)
         return run(args)
-    except (InputError, UnknownMethodError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return cli.run_main(body, argv, interrupt_message="interrupted; the committed batches are kept, run the same "
+                                                      "command again to continue")
 
 
 if __name__ == "__main__":
