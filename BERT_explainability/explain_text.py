@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from modules.methods import METHOD_CHOICES, resolve_method  # noqa: E402
 
 FORMATS = ("auto", "html", "tex")
+_INVISIBLE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
 
 
 def _default_device() -> str:
@@ -41,13 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Relevance of each word of a text for a BERT classifier's class, as an HTML or LaTeX heatmap.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-dir", required=True, default=argparse.SUPPRESS,
-                        help="local Hugging Face BERT directory (config.json, weights, tokenizer files); with "
-                             "--method generic_attribution any local Hugging Face text classifier")
+                        help="local Hugging Face directory (config.json, weights, tokenizer files): BERT is run on "
+                             "our LRP copy (every method), any other supported text classifier unmodified")
     parser.add_argument("--text", required=True, default=argparse.SUPPRESS, help="the text to explain")
     parser.add_argument("--class-index", type=int, default=None,
                         help="class to explain; None: the predicted class")
-    parser.add_argument("--method", choices=METHOD_CHOICES, default="transformer_attribution",
-                        help="explanation method (METHODS.md section 3)")
+    parser.add_argument("--method", choices=METHOD_CHOICES, default=None,
+                        help="explanation method (METHODS.md section 3); default: transformer_attribution for BERT "
+                             "(our LRP copy, every method), generic_attribution for other Hugging Face text "
+                             "classifiers (explained unmodified: generic_attribution, rollout, attn_last_layer, "
+                             "attn_gradcam)")
     parser.add_argument("--start-layer", type=int, default=None,
                         help="first layer of the rollout; None: the last layer for transformer_attribution, "
                              "0 for generic_attribution and rollout")
@@ -80,12 +84,15 @@ def main(argv=None) -> int:
         _fail(f"model directory not found: {args.model_dir}")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         _fail(f"{args.model_dir} holds no config.json")
+    from modules.cli import CLIError, check_output_file, resolve_device
+
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        _fail(f"bad --device {args.device!r} ({exc})")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda asked for, but CUDA is not available")
+        device = resolve_device(args.device)
+        check_output_file(args.out, flag="--out")
+    except CLIError as exc:
+        _fail(str(exc))
+    if not any(ch.isprintable() and not ch.isspace() and ch not in _INVISIBLE for ch in args.text):
+        _fail("--text holds no visible characters")
     fmt = args.format if args.format != "auto" else ("tex" if args.out.lower().endswith(".tex") else "html")
 
     import warnings
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
 
     from BERT_explainability.modules.BERT.BertForSequenceClassification import (BertForSequenceClassification,
                                                                                  CheckpointError)
-    from BERT_explainability.modules.BERT.ExplanationGenerator import explain
+    from modules.explain import explain, supported_methods
     from BERT_explainability.text_heatmap import (encoding_words, latex_document, render_html, render_latex,
                                                   word_scores)
 
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.model_dir, "config.json")) as f:
         model_type = json.load(f).get("model_type", "bert")
     torch.manual_seed(args.seed)
-    if model_type == "bert":
+    if model_type == "bert":  # our LRP copy: every method
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -122,10 +129,8 @@ def main(argv=None) -> int:
                 _fail(str(exc).splitlines()[0])
         for w in caught:
             _warn(str(w.message))
-        explain_fn = explain
-    elif resolve_method(args.method).name == "generic_attribution":
-        # any other Hugging Face text classifier, explained unmodified (modules/generic.py)
-        from modules.generic import GenericModelError, explain_any, load_generic_model
+    else:  # any other Hugging Face text classifier, explained unmodified (attention methods)
+        from modules.generic import GenericModelError, load_generic_model
 
         try:
             loaded = load_generic_model(args.model_dir)
@@ -135,15 +140,12 @@ def main(argv=None) -> int:
             _fail(f"{args.model_dir}: a {loaded.modality} model; this script explains text classifiers")
         print(loaded.description, file=sys.stderr)
         model = loaded.model
-
-        def explain_fn(model, input_ids, mask, method, index=None, start_layer=None, token_type_ids=None):
-            inputs = {"input_ids": input_ids, "attention_mask": mask}
-            if token_type_ids is not None:
-                inputs["token_type_ids"] = token_type_ids
-            return explain_any(model, inputs, index=index, start_layer=start_layer or 0)
-    else:
-        _fail(f"{args.model_dir} holds a {model_type!r} model: only BERT has an LRP copy here; "
-              "other models are explained unmodified with --method generic_attribution")
+    supported = supported_methods(model)
+    method = resolve_method(args.method).name if args.method else (
+        "transformer_attribution" if "transformer_attribution" in supported else "generic_attribution")
+    if method not in supported:
+        _fail(f"{type(model).__name__} does not support --method {method} (it needs an LRP pass, which only the "
+              f"BERT copy offers); it supports: {', '.join(supported)}")
     num_labels = model.config.num_labels
     if args.class_index is not None and not 0 <= args.class_index < num_labels:
         _fail(f"--class-index {args.class_index} out of range: "
@@ -175,17 +177,25 @@ def main(argv=None) -> int:
         probs = model(input_ids, **feed).logits.softmax(dim=-1)[0]
     predicted = int(probs.argmax())
     target = predicted if args.class_index is None else args.class_index
+    if not bool(torch.isfinite(probs).all()):
+        _fail("the model's logits are not finite (NaN or Inf weights?); no heatmap written")
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    if types is not None:
+        inputs["token_type_ids"] = types
     try:
-        scores = explain_fn(model, input_ids, mask, args.method, index=target, start_layer=args.start_layer,
-                            token_type_ids=types)[0]
+        scores = explain(model, inputs, method, index=target, start_layer=args.start_layer)[0]
     except ValueError as exc:  # e.g. --start-layer outside the model's layers
         _fail(f"--start-layer: {exc}" if "start_layer" in str(exc) else str(exc))
+    if not bool(torch.isfinite(scores).all()):
+        _fail(f"the {method} relevance is not finite; no heatmap written")
     words = encoding_words(args.text, enc)
     values = word_scores(scores, enc.word_ids(0))
+    if not words:
+        _fail("the text holds no word the tokenizer keeps")
 
     labels = getattr(model.config, "id2label", None) or {}
     name = labels.get(target, str(target))
-    title = f"{args.method}: class {target} ({name}), p = {float(probs[target]):.3f}"
+    title = f"{method}: class {target} ({name}), p = {float(probs[target]):.3f}"
     if fmt == "html":
         document = render_html(words, values, title=title)
     else:
@@ -197,7 +207,7 @@ def main(argv=None) -> int:
     except OSError as exc:
         _fail(f"cannot write {args.out}: {exc.strerror or exc}")
     print(f"predicted class {predicted} ({labels.get(predicted, predicted)}), p = {float(probs[predicted]):.3f}; "
-          f"explained class {target} with {args.method}")
+          f"explained class {target} with {method}")
     top = sorted(zip(values, words), reverse=True)[:5]
     print("top words: " + ", ".join(f"{w} ({v:.3g})" for v, w in top))
     print(f"wrote {args.out} ({fmt}, {len(words)} words)")

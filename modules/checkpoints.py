@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["CheckpointError", "read_state_dict", "read_sharded_state_dict", "mismatch_report", "file_sha256",
-           "weights_sha256", "check_state_finite", "validate_vit_config", "read_model_config"]
+           "weights_sha256", "check_state_finite", "validate_vit_config", "read_model_config", "load_state",
+           "load_checkpoint"]
 
 
 class CheckpointError(ValueError):
@@ -215,3 +216,33 @@ def weights_sha256(weights: str) -> str:
     if not os.path.isfile(weights):
         raise CheckpointError(f"weights not found: {weights}")
     return file_sha256(weights)
+
+
+def load_state(model: "torch.nn.Module", state: Mapping[str, Tensor], path: str, strict: bool = True,
+               filter_fn: Optional[Callable[[Dict[str, Tensor], "torch.nn.Module"], Dict[str, Tensor]]] = None
+               ) -> "torch.nn.Module":
+    """Load ``state`` (read from ``path``) into ``model``, timm-style.
+
+    ``filter_fn(state, model)`` may rename, drop or resample entries first
+    (a ViT's position embedding for another grid, say).  With ``strict`` a
+    mismatch raises :class:`CheckpointError` naming every missing and
+    unexpected key and shape that did not fit; otherwise the entries that
+    fit are loaded and the rest ignored.
+    """
+    state = dict(state)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    problems = mismatch_report(own, state)
+    if strict and problems:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {problems}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+    return model
+
+
+def load_checkpoint(model: "torch.nn.Module", path: str, strict: bool = True,
+                    filter_fn: Optional[Callable[[Dict[str, Tensor], "torch.nn.Module"], Dict[str, Tensor]]] = None
+                    ) -> "torch.nn.Module":
+    """Read a checkpoint file safely (:func:`read_state_dict`) and load it
+    into ``model`` (:func:`load_state`): the one loader of every script."""
+    return load_state(model, read_state_dict(path), path, strict, filter_fn)

@@ -46,6 +46,8 @@ from modules.explain import StreamMaps, explain, explain_trace
 
 IMAGE_CLASSES_ = tuple(IMAGE_CLASSES)
 TEXT_CLASSES_ = tuple(TEXT_CLASSES)
+_HF_KINDS: Dict[str, str] = {**{c: "hf-image" for c in IMAGE_CLASSES}, **{c: "hf-text" for c in TEXT_CLASSES},
+                             **{c: "clip" for c in IMAGE_TEXT_CLASSES}}
 
 __all__ = [
     "generic_layer_maps",
@@ -315,7 +317,7 @@ def _read_json(path: str) -> dict:
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
-    from baselines.ViT.ViT_LRP import CheckpointError, load_checkpoint
+    from modules.checkpoints import CheckpointError, load_checkpoint
 
     try:
         load_checkpoint(model, path, strict=True)
@@ -393,6 +395,8 @@ def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
     except Exception as exc:  # transformers raises several error types for bad directories
         raise GenericModelError(f"{path}: not a loadable Hugging Face directory ({exc})") from None
     arch = next((a for a in (getattr(config, "architectures", None) or []) if a in _HF_KINDS), None)
+    if arch is None and getattr(config, "model_type", None) == "siglip":
+        arch = "SiglipModel"
     if arch is None and getattr(config, "model_type", None) == "clip":
         arch = "CLIPModel"
     if arch is None:

@@ -464,7 +464,7 @@ def test_cli_truncates_long_text_with_a_warning(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_text", "class_index", "no_tokenizer", "start_layer",
-                                  "unwritable_out"])
+                                  "unwritable_out", "invisible_text", "meta_device"])
 def test_cli_bad_input_exits_2_with_one_line(case, model_dir, tmp_path, capsys):
     argv = ["--model-dir", str(model_dir), "--text", "great film", "--out", str(tmp_path / "x.html"),
             "--device", "cpu"]
@@ -478,6 +478,10 @@ def test_cli_bad_input_exits_2_with_one_line(case, model_dir, tmp_path, capsys):
         argv[1] = str(bare)
     elif case == "empty_text":
         argv[3] = "   "
+    elif case == "invisible_text":  # zero-width spaces only: no heatmap of nothing
+        argv[3] = "\u200b\u200b \u200b"
+    elif case == "meta_device":
+        argv[-1] = "meta"
     elif case == "start_layer":
         argv += ["--start-layer", "99"]
     elif case == "unwritable_out":
@@ -499,8 +503,8 @@ def test_cli_runs_as_a_script_from_the_repo_root(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'missing'}"]
 
 
-def test_cli_explains_other_hf_text_classifiers_with_the_generic_method(tmp_path, capsys):
-    """A DistilBERT directory has no LRP copy: generic_attribution explains it unmodified, other methods refuse."""
+def test_cli_explains_other_hf_text_classifiers_with_every_attention_method(tmp_path, capsys):
+    """A DistilBERT directory has no LRP copy: the attention methods explain it unmodified, LRP methods refuse."""
     d = tmp_path / "distilbert"
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + VOCAB_WORDS)}
     tok = transformers.BertTokenizer(vocab=vocab)
@@ -514,6 +518,11 @@ def test_cli_explains_other_hf_text_classifiers_with_the_generic_method(tmp_path
                              "--out", str(out), "--device", "cpu"], capsys)
     assert code == 0, err
     assert out.read_text().count('class="word"') == 4  # not, boring, at, all
-    code, _, err = _run_cli(["--model-dir", str(d), "--text", "not boring", "--method", "rollout",
+    for method in ("rollout", "attn_last_layer", "attn_gradcam"):
+        code, _, err = _run_cli(["--model-dir", str(d), "--text", "not boring", "--method", method,
+                                 "--out", str(tmp_path / f"{method}.html"), "--device", "cpu"], capsys)
+        assert code == 0, err
+    code, _, err = _run_cli(["--model-dir", str(d), "--text", "not boring", "--method", "lrp",
                              "--out", str(tmp_path / "r.html"), "--device", "cpu"], capsys)
-    assert code == 2 and "generic_attribution" in err
+    assert code == 2 and "generic_attribution, rollout, attn_last_layer, attn_gradcam" in err
+    assert not (tmp_path / "r.html").exists()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules import layers as L
-from modules.checkpoints import CheckpointError, mismatch_report, read_state_dict
+from modules.checkpoints import CheckpointError, load_state, mismatch_report, read_state_dict
 
 __all__ = [
     "VisionTransformer",
@@ -426,16 +426,16 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
 def load_checkpoint_state(model: nn.Module, state: Dict[str, Tensor], path: str, strict: bool = True) -> nn.Module:
     """:func:`load_checkpoint` for a state dict already read from ``path``."""
+    return load_state(model, state, path, strict, filter_fn=_pos_embed_filter)
+
+
+def _pos_embed_filter(state: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """Resample a checkpoint's position embedding to the model's grid (timm's ``checkpoint_filter_fn`` idea)."""
     own = model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape \
             and isinstance(model, VisionTransformer):
-        state = dict(state)
         state["pos_embed"] = _resample_checkpoint_pos_embed(state["pos_embed"], model)
-    problems = mismatch_report(own, state)
-    if strict and problems:
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {problems}")
-    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
-    return model
+    return state
 
 
 def _resample_checkpoint_pos_embed(pos: Tensor, model: VisionTransformer) -> Tensor:
