@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -370,8 +371,8 @@ def write_imagefolder(root: str, n: int, seed: int = 0, size: int = 96, split: s
     manifest = _manifest(n, seed, size, split)
     manifest["files"] = files
     manifest["labels"] = labels
-    with open(os.path.join(root, "manifest.json"), "w") as fh:
-        json.dump(manifest, fh, indent=1)
+    from modules.cli import atomic_write_text
+    atomic_write_text(os.path.join(root, "manifest.json"), json.dumps(manifest, indent=1))  # last: marks it complete
     return manifest
 
 
@@ -470,24 +471,41 @@ class SyntheticShapes(Dataset):
         return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+MAX_SIZE = 1024
+"""Largest --size of the command line (the stand-in is meant to be small)."""
+MAX_MASK_BYTES = 8 << 30
+"""Largest n * size * size of one split (its masks are held in memory)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modules import cli
+
     parser = argparse.ArgumentParser(
         description="Write the synthetic shapes stand-in: <out>/train and <out>/val as ImageFolder trees "
                     "and <out>/val_gtsegs.mat in the gtsegs_ijcv.mat layout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n-train", type=int, default=0, help="training images to write as an ImageFolder "
-                        "(training itself generates them on the fly)")
-    parser.add_argument("--n-val", type=int, default=400, help="validation images (ImageFolder and .mat)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--out", required=True, help="output folder (checked for writing before any work)")
+    parser.add_argument("--n-train", type=cli.int_range(0, 10_000_000), default=0,
+                        help="training images to write as an ImageFolder (training itself generates them on the fly)")
+    parser.add_argument("--n-val", type=cli.int_range(0, 10_000_000), default=400,
+                        help="validation images (ImageFolder and .mat)")
+    parser.add_argument("--size", type=cli.int_range(16, MAX_SIZE), default=96, help="image side in pixels")
+    parser.add_argument("--seed", type=cli.int_range(0, 2 ** 63 - 1), default=0, help="generator seed")
     parser.add_argument("--formats", nargs="+", choices=("imagefolder", "mat"), default=["imagefolder", "mat"],
                         help="what to write for the validation split")
+    return parser
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from modules import cli
+
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.n_train < 0 or args.n_val < 0:
-        parser.error("--n-train and --n-val must be non-negative")
-    if args.size < 16:
-        parser.error("--size must be at least 16")
+    for flag, n in (("--n-train", args.n_train), ("--n-val", args.n_val)):
+        if n * args.size * args.size > MAX_MASK_BYTES:
+            parser.error(f"{flag} {n} at --size {args.size} needs {n * args.size ** 2 / 2 ** 30:.1f} GiB of masks "
+                         f"in memory (limit {MAX_MASK_BYTES >> 30} GiB)")
+    cli.check_output_dir(args.out, flag="--out")
     try:
         if args.n_train:
             write_imagefolder(os.path.join(args.out, "train"), args.n_train, args.seed, args.size, "train", quiet=False)
@@ -496,12 +514,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.n_val and "mat" in args.formats:
             write_gtsegs_mat(os.path.join(args.out, "val_gtsegs.mat"), args.n_val, args.seed, args.size, "val",
                              quiet=False)
-    except OSError as exc:
-        parser.exit(2, f"error: {exc}\n")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted; a tree without manifest.json is incomplete: run the same command "
+                                "again") from None
     print(f"wrote the synthetic stand-in under {args.out} (seed {args.seed}, size {args.size}, "
           f"{args.n_train} train / {args.n_val} val images)")
     return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write the stand-in; bad flags or an unwritable --out exit 2, Ctrl-C 130."""
+    from modules import cli
+    return cli.run_main(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
