@@ -7,6 +7,11 @@ explanation pays), plus peak memory.  Results go to a JSON file.
     python benchmarks/explain_speed.py --model vit_base_patch16_224 --batch-sizes 1 --device cpu
     python benchmarks/explain_speed.py --batch-sizes 1 32 --device cuda
 
+With ``--timm-model NAME`` (default: the same architecture from timm) the
+unmodified timm model is timed too: its forward+backward and every
+attention method through the engine's hook path (rows ``timm:...``, ratios
+to the timm model's own forward+backward).  ``--timm-model none`` skips it.
+
 Random weights: speed does not depend on them.  This is not a test.
 """
 from __future__ import annotations
@@ -23,9 +28,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from baselines.ViT.ViT_explanation_generator import explain
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, create_model
-from modules.methods import METHOD_NAMES
+from modules.explain import explain
+from modules.methods import ATTENTION_METHODS, METHOD_NAMES
 
 
 def _sync(device: torch.device) -> None:
@@ -64,6 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--timm-model", default=None,
+                   help="unmodified timm model to time beside the copy (default: --model; 'none' skips)")
     p.add_argument("--out", default="outputs/benchmarks/explain_speed.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -72,8 +79,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(0)
     model = create_model(args.model).to(device).eval()
     size = model.default_cfg["input_size"]
+    timm_model = None
+    timm_name = args.model if args.timm_model is None else args.timm_model
+    if timm_name != "none":
+        import timm
+
+        timm_model = timm.create_model(timm_name, pretrained=False).to(device).eval()
     info = {
-        "model": args.model, "device": str(device), "dtype": "float32", "torch": torch.__version__,
+        "model": args.model, "timm_model": timm_name, "device": str(device), "dtype": "float32", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -101,12 +114,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for method in args.methods:
             rows[method] = time_fn(lambda: explain(model, x, method), device, args.warmup, args.repeats)
         floor = rows["forward+backward"]["seconds"]
-        print(f"\nbatch {bs}:  {'what':<26}{'images/s':>10}{'s/batch':>10}{'x fwd+bwd':>11}", flush=True)
+        if timm_model is not None:
+            def timm_forward_backward():
+                timm_model.zero_grad(set_to_none=True)
+                logits = timm_model(x.requires_grad_(True))
+                logits.gather(1, logits.argmax(-1, keepdim=True)).sum().backward()
+
+            rows["timm:forward+backward"] = time_fn(timm_forward_backward, device, args.warmup, args.repeats)
+            timm_model.zero_grad(set_to_none=True)
+            for method in ATTENTION_METHODS:
+                rows[f"timm:{method}"] = time_fn(lambda: explain(timm_model, x, method), device, args.warmup,
+                                                 args.repeats)
+        print(f"\nbatch {bs}:  {'what':<36}{'images/s':>10}{'s/batch':>10}{'x fwd+bwd':>11}", flush=True)
         for name, r in rows.items():
             r["images_per_second"] = bs / r["seconds"]
-            r["ratio_to_forward_backward"] = r["seconds"] / floor
+            own_floor = rows["timm:forward+backward"]["seconds"] if name.startswith("timm:") else floor
+            r["ratio_to_forward_backward"] = r["seconds"] / own_floor
             info["results"].append({"batch_size": bs, "what": name, **r})
-            print(f"{'':12}{name:<26}{r['images_per_second']:>10.2f}{r['seconds']:>10.4f}"
+            print(f"{'':12}{name:<36}{r['images_per_second']:>10.2f}{r['seconds']:>10.4f}"
                   f"{r['ratio_to_forward_backward']:>11.2f}", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:  # rewritten after each batch size: partial runs keep their rows
