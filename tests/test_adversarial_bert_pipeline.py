@@ -11,6 +11,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from BERT_rationale_benchmark import synthetic_reviews
 from BERT_rationale_benchmark.models.pipeline import bert_pipeline as bp
 from BERT_rationale_benchmark.utils import load_flattened_documents
 
-from test_bert_pipeline import SPECIALS, _write_tiny_bert
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_bert_pipeline import SPECIALS, _write_tiny_bert  # noqa: E402
 
 TIMED_JSON = {"summary_test.json", "training_log.json"}
 
@@ -346,3 +348,14 @@ def test_nan_classifier_logits_are_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "logits" in err and "NaN or Inf" in err
     assert not (out / "transformer_attribution").exists() and not (out / "summary_test.json").exists()
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(tiny, tmp_path, capsys):
+    from modules import cli
+    out = tmp_path / "out"
+    out.mkdir()
+    with cli.file_lock(str(out / ".bert_pipeline.lock")):
+        with pytest.raises(SystemExit) as e:
+            bp.main(_argv(tiny, out))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "in use by another run" in err and len(err.strip().splitlines()) == 1

@@ -123,7 +123,7 @@ def test_a_finished_model_survives_a_second_run_that_fails(tmp_path, capsys, mon
     monkeypatch.setattr(ts.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     assert ts.main(TINY + ["--out-dir", str(out)]) == 2
     assert ((out / "model.safetensors").read_bytes(), (out / "config.json").read_bytes()) == before
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # no temporary left
+    assert sorted(n for n in os.listdir(out) if not n.endswith(".lock")) == ["config.json", "model.safetensors"]
 
 
 # ----------------------------------------------------------------------------
@@ -221,3 +221,22 @@ def test_check_state_finite(tmp_path):
     check_state_finite({"a": torch.ones(3), "ids": torch.arange(3)}, "x")
     with pytest.raises(CheckpointError, match=r"x: tensor 'w' holds 1 NaN/Inf values of 4"):
         check_state_finite({"a": torch.ones(3), "w": torch.tensor([0.0, float("inf"), 1.0, 2.0])}, "x")
+
+
+def test_two_runs_into_one_folder_never_mix_weights_and_config(tmp_path):
+    """Saving is serialised by a lock: whatever order, config.json names the sha256 of the weights beside it."""
+    import threading
+
+    from modules.checkpoints import file_sha256
+    out = tmp_path / "o"
+    codes = []
+    threads = [threading.Thread(target=lambda s=s: codes.append(ts.main(_with("--seed", str(s)) +
+                                                                       ["--out-dir", str(out)])))
+               for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0, 0]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["weights_sha256"] == file_sha256(str(out / "model.safetensors"))

@@ -358,7 +358,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "torch_version": torch.__version__,
         "command": "python baselines/ViT/train_synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    weights, cfg_path = save_model(model, args.out_dir, config, fp16=args.fp16)
+    with cli.file_lock(os.path.join(args.out_dir, ".train_synthetic.lock"), blocking=True):
+        weights, cfg_path = save_model(model, args.out_dir, config, fp16=args.fp16)  # two runs never mix files
     if args.fp16:  # report the accuracy of what was stored
         reloaded = load_synthetic_model(args.out_dir, args.device)
         from torch.utils.data import DataLoader
@@ -367,7 +368,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                                          mean=HALF, std=HALF), batch_size=100)
         config["val_accuracy_float32"] = config["val_accuracy"]
         config["val_accuracy"] = evaluate_accuracy(reloaded, val, args.device)
-        weights, cfg_path = save_model(model, args.out_dir, config, fp16=True)
+        with cli.file_lock(os.path.join(args.out_dir, ".train_synthetic.lock"), blocking=True):
+            weights, cfg_path = save_model(model, args.out_dir, config, fp16=True)
     size_mb = os.path.getsize(weights) / 1e6
     print(f"validation accuracy {config['val_accuracy']:.4f} on {args.n_val} images; "
           f"trained {history['train_seconds']:.0f} s; wrote {weights} ({size_mb:.2f} MB) and {cfg_path}")

@@ -690,7 +690,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         cli.set_tf32(False)
         params = load_params(args.model_params)
         methods = list(METHOD_NAMES) if args.all_methods else [args.method]
-        run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained)
+        cli.check_output_dir(args.output_dir, flag="--output-dir")
+        with cli.file_lock(os.path.join(args.output_dir, ".bert_pipeline.lock"), what=args.output_dir):
+            run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained)
     except (ValueError, RuntimeError) as e:  # e.g. the tokenizer refusing a document; cli handles the rest
         if isinstance(e, cli.input_error_types()):
             raise
