@@ -270,3 +270,15 @@ def check_text(feed: Dict[str, Any], what: str) -> Tensor:
     if not bool(real.any(dim=1).all()):
         raise InputsError(f"{what}: a sample has no token with attention_mask = 1")
     return real
+
+
+def supported_models_markdown() -> str:
+    """The README's table of supported models, generated from the registered
+    adapters (``python -m modules.adapters`` prints it)."""
+    from modules.methods import METHODS
+
+    lines = ["| family | classes | methods | notes |", "|---|---|---|---|"]
+    for family, examples, methods, notes in supported_models():
+        names = "every method" if set(methods) == set(METHODS) else ", ".join(f"`{m}`" for m in methods)
+        lines.append(f"| {family} | {', '.join(examples)} | {names} | {notes} |")
+    return "\n".join(lines) + "\n"
