@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules import cli  # noqa: E402
+
 __all__ = ["POSITIVE_PHRASES", "NEGATIVE_PHRASES", "QUERY", "Review", "make_review", "generate", "main"]
 
 QUERY = "What is the sentiment of this review?"
@@ -148,21 +153,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      "filler plus lexicon sentiment phrases that are the evidence spans.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", required=True, help="directory to write {train,val,test}.jsonl and docs/ into")
-    parser.add_argument("--train", type=int, default=300, help="training reviews")
-    parser.add_argument("--val", type=int, default=40, help="validation reviews")
-    parser.add_argument("--test", type=int, default=60, help="test reviews")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    parser.add_argument("--long-fraction", type=float, default=0.05,
+    parser.add_argument("--train", type=cli.int_range(0, 1_000_000), default=300, help="training reviews")
+    parser.add_argument("--val", type=cli.int_range(0, 1_000_000), default=40, help="validation reviews")
+    parser.add_argument("--test", type=cli.int_range(0, 1_000_000), default=60, help="test reviews")
+    parser.add_argument("--seed", type=cli.int_range(0, 2 ** 63 - 1), default=0,
+                        help="random seed (same seed, same files)")
+    parser.add_argument("--long-fraction", type=cli.probability, default=0.05,
                         help="fraction of long reviews (14 filler sentences) that a short model input truncates")
     args = parser.parse_args(argv)
-    if min(args.train, args.val, args.test) < 0:
-        parser.error("split sizes must be >= 0")
-    if not 0 <= args.long_fraction <= 1:
-        parser.error("--long-fraction must be in [0, 1]")
     try:
+        cli.check_output_dir(args.out_dir, flag="--out-dir")
         counts = generate(args.out_dir, args.train, args.val, args.test, args.seed, long_fraction=args.long_fraction)
-    except OSError as e:
-        parser.exit(2, f"error: {e}\n")
+    except (OSError, cli.CLIError) as e:
+        parser.exit(2, f"error: {cli.one_line(e)}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted; the files written so far are incomplete: run the same command again\n")
     print(f"wrote {sum(counts.values())} reviews to {args.out_dir} "
           f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
     return 0
