@@ -21,6 +21,7 @@ as found.
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -68,7 +69,7 @@ def check_start_layer(start_layer: Optional[int], depth: int, what: str = "start
 
 
 def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution", index: Index = None,
-            start_layer: Optional[int] = None) -> Union[Tensor, StreamMaps]:
+            start_layer: Optional[int] = None, **options: Any) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Raw relevance of the inputs for the explained output.
 
     Parameters
@@ -90,6 +91,11 @@ def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic
     start_layer:
         First attention layer of the rollout-type methods; None: 0, or the
         last layer for transformer attribution on text (METHODS.md section 3).
+        Models with coupled streams (cross-attention) use every layer.
+    **options:
+        Method options on coupled streams: ``generic_attribution`` takes the
+        published ablations ``normalize`` and ``self_in_rule_10`` (both True)
+        and ``nan_guard`` (METHODS_ICCV.md section 1).
 
     Returns
     -------
@@ -98,13 +104,17 @@ def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic
         for text (padding 0), (B, H, W) pixels for ``lrp`` on images; a
         two-stream model returns a :class:`StreamMaps`.
     """
-    return explain_trace(model, inputs, method, index, start_layer).maps
+    return explain_trace(model, inputs, method, index, start_layer, **options).maps
 
 
 def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution",
-                  index: Index = None, start_layer: Optional[int] = None) -> Explanation:
+                  index: Index = None, start_layer: Optional[int] = None, **options: Any) -> Explanation:
     """:func:`explain`, returning also the explained score, class and the trace."""
     m = resolve_method(method)
+    unknown = sorted(set(options) - set(m.options))
+    if unknown:
+        raise ValueError(f"{m.name} takes no option {', '.join(unknown)}"
+                         + (f" (it takes {', '.join(m.options)})" if m.options else ""))
     adapter = adapter_for(model)
     if m.name not in adapter.methods():
         offering = copies_offering(m.name)
@@ -114,12 +124,31 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
     for stream, depth in adapter.depths().items():
         check_start_layer(start_layer, depth)
     trace = adapter.record(inputs, m, index, start_layer)
-    maps = {name: _read_out(m, stream, trace, start_layer) for name, stream in trace.streams.items()}
-    if len(maps) == 1:
-        out: Union[Tensor, StreamMaps] = next(iter(maps.values()))
+    if trace.coupled is not None:
+        if start_layer is not None:
+            raise ValueError(f"start_layer does not apply to {type(model).__name__}: its method uses every layer")
+        with torch.no_grad():
+            maps = {k: v.detach() for k, v in m.compute_coupled(trace.coupled, **options).items()}
     else:
-        out = StreamMaps(**maps)
-    return Explanation(out, trace.score, trace.target, trace)
+        if options:
+            raise ValueError(f"options {', '.join(sorted(options))} apply only to models with cross-attention")
+        maps = {name: _read_out(m, stream, trace, start_layer) for name, stream in trace.streams.items()}
+    return Explanation(_as_tuple(maps), trace.score, trace.target, trace)
+
+
+def _as_tuple(maps: Dict[str, Tensor]) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """One map: the tensor; (image, text): :class:`StreamMaps`; other names: a named tuple of them."""
+    if len(maps) == 1:
+        return next(iter(maps.values()))
+    if set(maps) == set(StreamMaps._fields):
+        return StreamMaps(**maps)
+    cls = _TUPLES.get(tuple(maps))
+    if cls is None:
+        cls = _TUPLES[tuple(maps)] = namedtuple("Maps", list(maps))
+    return cls(**maps)
+
+
+_TUPLES: Dict[Tuple[str, ...], type] = {}
 
 
 def _read_out(m: Method, stream: Stream, trace: Trace, start_layer: Optional[int]) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from modules import iccv
 from modules.aggregation import add_identity, head_mean, minmax_normalize, positive_head_mean, row_normalize
 from modules.trace import AttentionCall, Stream, Trace, last_call, pooling_call, propagate_column, propagate_row
 
@@ -65,6 +66,12 @@ class Method:
     to_input:
         Its relevance pass runs to the input (full LRP), instead of stopping
         at the first attention layer it needs.
+    compute_coupled:
+        ``compute_coupled(coupled, **options)``: the method on streams
+        coupled by cross-attention (METHODS_ICCV.md), one map per output; None
+        when the method has no such definition.
+    options:
+        Keyword options ``compute_coupled`` accepts (the published ablations).
     """
 
     name: str
@@ -78,6 +85,8 @@ class Method:
     text_start: str = "first"
     normalized: bool = False
     to_input: bool = False
+    compute_coupled: Optional[Callable[..., Dict[str, Tensor]]] = None
+    options: Tuple[str, ...] = ()
 
     @property
     def needs_copy(self) -> bool:
@@ -187,14 +196,32 @@ def _lrp(stream: Stream, start: int, trace: Trace) -> Tensor:
     return trace.input_relevance
 
 
+def _coupled_generic(coupled, **options) -> Dict[str, Tensor]:
+    return iccv.read_outputs(coupled, iccv.coupled_generic(coupled, **options))
+
+
+def _coupled_rollout(coupled) -> Dict[str, Tensor]:
+    return iccv.read_outputs(coupled, iccv.coupled_rollout(coupled))
+
+
+def _coupled_raw(coupled) -> Dict[str, Tensor]:
+    return iccv.read_outputs(coupled, iccv.coupled_last_layer(coupled, iccv.raw_attention))
+
+
+def _coupled_gradcam(coupled) -> Dict[str, Tensor]:
+    return iccv.read_outputs(coupled, iccv.coupled_last_layer(coupled, lambda c: iccv.gradcam_map(c, coupled.masks)))
+
+
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("transformer_attribution", "Transformer attribution (ours)", "TA", True, True, _transformer_attribution,
            self_entry="min", text_start="last"),
-    Method("generic_attribution", "Generic attention attribution", None, True, True, _generic_attribution),
-    Method("rollout", "Rollout", None, False, False, _rollout, self_entry="zero"),
+    Method("generic_attribution", "Generic attention attribution", None, True, True, _generic_attribution,
+           compute_coupled=_coupled_generic, options=("normalize", "self_in_rule_10", "nan_guard")),
+    Method("rollout", "Rollout", None, False, False, _rollout, self_entry="zero", compute_coupled=_coupled_rollout),
     Method("attn_last_layer", "Raw attention", None, False, False, _attn_last_layer, last_layer_only=True,
-           self_entry="zero"),
-    Method("attn_gradcam", "GradCAM", None, True, True, _attn_gradcam, last_layer_only=True, normalized=True),
+           self_entry="zero", compute_coupled=_coupled_raw),
+    Method("attn_gradcam", "GradCAM", None, True, True, _attn_gradcam, last_layer_only=True, normalized=True,
+           compute_coupled=_coupled_gradcam),
     Method("lrp_last_layer", "Partial LRP", "LRP", False, True, _lrp_last_layer, last_layer_only=True,
            self_entry="zero"),
     Method("lrp", "LRP", "LRP", False, True, _lrp, self_entry="zero", to_input=True),

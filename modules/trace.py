@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["WindowLayout", "AttentionCall", "Merge", "Readout", "Stream", "Trace", "propagate_row",
+__all__ = ["WindowLayout", "AttentionCall", "Merge", "Readout", "Stream", "Trace", "Coupled", "Output", "propagate_row",
            "propagate_column", "attention_calls", "last_call", "pooling_call"]
 
 
@@ -208,6 +208,47 @@ class Stream:
 
 
 @dataclass
+class Output:
+    """One map read from a :class:`Coupled` trace: the explained row(s) of
+    R[row_stream, col_stream] (METHODS_ICCV.md read-outs).
+
+    ``weights`` (B, N_row) weighs the rows (one-hot: the [CLS] row, a DETR
+    query, a decoder position); ``columns`` (B, N_col) marks the columns kept
+    (text: every token, padding masked; image: the patches or boxes);
+    ``grid`` reshapes the kept columns; ``zero_self`` sets the explained
+    token's own entry to 0 (LXMERT's R_tt[0, 0] = 0, VisualBERT's
+    R[cls, cls] = 0).
+    """
+
+    row_stream: str
+    weights: Tensor
+    col_stream: str
+    columns: Tensor
+    grid: Optional[Tuple[int, int]] = None
+    zero_self: bool = False
+
+
+@dataclass
+class Coupled:
+    """Several token streams coupled by cross-attention (ICCV 2021).
+
+    ``groups`` holds the attention calls in forward order; the calls of one
+    group are applied from the same state (LXMERT's two cross-attention
+    directions of one layer).  ``sizes`` and ``masks`` ((B, N) bool, real
+    tokens) per stream; ``outputs`` the maps to read, in order.
+    """
+
+    groups: List[List[AttentionCall]]
+    sizes: Dict[str, int]
+    masks: Dict[str, Tensor]
+    outputs: Dict[str, Output]
+
+    @property
+    def calls(self) -> List[AttentionCall]:
+        return [c for group in self.groups for c in group]
+
+
+@dataclass
 class Trace:
     """Everything one explanation recorded (all tensors detached)."""
 
@@ -216,6 +257,7 @@ class Trace:
     score: Tensor
     streams: Dict[str, Stream]
     input_relevance: Optional[Tensor] = None
+    coupled: Optional[Coupled] = None
 
 
 def last_call(stream: Stream) -> AttentionCall:

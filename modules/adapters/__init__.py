@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from modules.attention_capture import UnsupportedModelError
 from modules.methods import ATTENTION_METHODS, METHOD_NAMES, Index, Method, resolve_index
-from modules.trace import AttentionCall, Stream, Trace, last_call
+from modules.trace import AttentionCall, Coupled, Stream, Trace, last_call
 
 __all__ = ["Adapter", "register_adapter", "adapter_for", "supported_models", "copies_offering",
            "UnsupportedModelError", "UnsupportedMethodError", "InputsError", "model_device"]
@@ -53,6 +53,7 @@ def _load_library_adapters() -> None:
         import modules.adapters.timm_models  # noqa: F401
     if "transformers" in sys.modules:
         import modules.adapters.hf_models  # noqa: F401
+        import modules.adapters.lxmert  # noqa: F401
     if "timm" in sys.modules or "transformers" in sys.modules:
         try:
             import modules.adapters.swin  # noqa: F401
@@ -174,6 +175,8 @@ class Adapter:
             output = self.forward(feed, method)
             logits, target, one_hot = self.score(feed, output, index)
             streams = self.streams(feed, recorder)
+            if isinstance(streams, Coupled):
+                return self._record_coupled(streams, method, logits, target, one_hot)
             needed: List[AttentionCall] = []
             stops: List[int] = []
             for stream in streams.values():
@@ -205,6 +208,25 @@ class Adapter:
                     if isinstance(op, AttentionCall):
                         op.probs = op.probs.detach()
         return Trace(logits.detach(), target, score.detach(), streams, input_relevance)
+
+    def _record_coupled(self, coupled: Coupled, method: Method, logits: Tensor, target: Tensor,
+                        one_hot: Tensor) -> Trace:
+        """Gradients of every call of a coupled trace (inside the recording context)."""
+        if method.compute_coupled is None:
+            raise UnsupportedMethodError(f"{method.name} has no definition for {type(self.model).__name__}'s "
+                                         f"coupled streams")
+        score = (logits * one_hot).sum(dim=-1)
+        calls = coupled.calls
+        if method.needs_grad:
+            if not score.requires_grad:
+                raise RuntimeError("the attention probabilities carry no autograd graph: run outside "
+                                   "torch.no_grad() / torch.inference_mode()")
+            grads = torch.autograd.grad(score.sum(), [c.probs for c in calls], allow_unused=True)
+            for call, g in zip(calls, grads):
+                call.grad = torch.zeros_like(call.probs) if g is None else g.detach()
+        for call in calls:
+            call.probs = call.probs.detach()
+        return Trace(logits.detach(), target, score.detach(), {}, None, coupled)
 
 
 # --------------------------------------------------------------------------
