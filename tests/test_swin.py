@@ -34,6 +34,15 @@ SHIFTS = [2, 2, 0]  # odd blocks shift by window // 2; the 4x4 stage is one wind
 GRID = STAGES[0]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one CPU thread is faster, and much faster on a loaded machine (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def timm_v1():
     torch.manual_seed(0)
     return _randomize(SwinTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depths=DEPTHS, num_heads=HEADS,
@@ -311,6 +320,45 @@ def test_identity_attention_gives_the_merge_prediction(family):
     for call in stream.calls:
         call.grad = torch.zeros_like(call.probs)  # Abar = 0: R = I, the merges alone
     torch.testing.assert_close(generic(stream, 0, trace).reshape(2, *GRID), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["timm_v1", "hf_v2"])  # the two pad/shift orders
+def test_generic_and_rollout_equal_a_dense_reference(family):
+    """R as full (N_s x N_0) matrices: each window's map put in place by the
+    partition the block itself forms, merges built here; the mean row."""
+    model = FAMILIES[family]()
+    x = images(2)
+    windows = [observed_windows(model, b, h, w) for b, (h, w) in zip(blocks(model), block_sizes())]
+
+    def reference(trace, local_matrix):
+        stream = trace.streams["image"]
+        calls = iter(zip(stream.calls, windows))
+        r = torch.eye(GRID[0] * GRID[1]).expand(2, -1, -1)
+        for s, depth in enumerate(DEPTHS):
+            for _ in range(depth):
+                call, index = next(calls)
+                local = local_matrix(call)  # (2 * nW, w, w)
+                n = r.shape[1]
+                dense = torch.zeros(2, n, n)
+                for b in range(2):
+                    for k in range(index.shape[0]):
+                        keep = index[k] >= 0
+                        t = index[k][keep]
+                        dense[b][t[:, None], t[None, :]] = local[b * index.shape[0] + k][keep][:, keep]
+                r = dense @ r
+            if s + 1 < len(DEPTHS):
+                r = merge_reference(*STAGES[s]) @ r
+        return r.mean(dim=1).reshape(2, *GRID)
+
+    trace = explain_trace(model, x, "generic_attribution").trace
+    want = reference(trace, lambda c: torch.eye(c.probs.shape[-1]) + (c.grad * c.probs).clamp(min=0).mean(dim=1))
+    torch.testing.assert_close(explain(model, x, "generic_attribution"), want, atol=1e-5, rtol=1e-5)
+    trace = explain_trace(model, x, "rollout").trace
+
+    def rollout_local(c):
+        m = torch.eye(c.probs.shape[-1]) + c.probs.mean(dim=1)
+        return m / m.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(explain(model, x, "rollout"), reference(trace, rollout_local), atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------
