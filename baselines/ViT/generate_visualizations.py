@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--start-layer {start_layer} outside 0..{depth - 1} for a model of {depth} blocks")
     if len(images.classes) > model.num_classes:
         raise InputError(f"{images.root} has {len(images.classes)} classes but the model only {model.num_classes}")
-    map_shape = (H, W) if method.name == "lrp" else (H // ph, W // pw)
+    map_shape = (H, W) if method.to_input else (H // ph, W // pw)
 
     identity = {
         "method": method.name,

@@ -146,7 +146,7 @@ def _overlay_rows(store: List[Dict], methods: Sequence[str], mean, std) -> List[
         row = [(f"#{item['index']} (truth outlined)", draw_outline(base, item["mask"]))]
         for m in methods:
             # full LRP's pixel maps have a few extreme values: clip them for the eye
-            pic = overlay(image, item["maps"][m], clip_percentile=99.5 if m == "lrp" else None)
+            pic = overlay(image, item["maps"][m], clip_percentile=99.5 if METHODS[m].to_input else None)
             row.append((METHODS[m].label, draw_outline(pic, item["mask"])))
         if len(methods) == 1:
             pred = (item["pred"][methods[0]][..., None] * np.array([255, 255, 255])).astype(np.uint8)
