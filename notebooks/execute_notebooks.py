@@ -1,0 +1,249 @@
+"""Run the notebooks top to bottom in a fresh kernel, save them with their outputs, or check them.
+
+The notebooks are committed with their outputs, so that they render where
+people browse the repository.  This script is how those outputs are made,
+and ``tests/test_notebooks.py`` uses the same functions to execute every
+notebook in CI and to check that the committed outputs are not stale::
+
+    python notebooks/execute_notebooks.py            # execute and save every notebook
+    python notebooks/execute_notebooks.py --check    # execute, compare, save nothing
+
+The kernel is always this interpreter (``sys.executable``, whatever kernel
+specs are installed elsewhere), started in the notebook's own folder, as
+Jupyter starts it.
+
+Staleness (:func:`stale_reasons`): a saved notebook records the sha256 of its
+code cells (:data:`META_KEY`), so code edited after the last run is caught
+at once; its code cells must have been run in order (execution counts
+1, 2, 3, ...); and a fresh run must produce the same outputs cell by cell:
+the same output kinds, the same number of pictures, and the same text once
+every number is masked (so float noise between machines does not count,
+while a changed message, class name or word does).  Standard error
+(warnings, progress bars) is not compared.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import nbformat
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+__all__ = ["NOTEBOOK_DIR", "META_KEY", "notebook_paths", "code_hash", "execute", "summarize", "stale_reasons",
+           "save_executed", "build_parser", "main"]
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent
+META_KEY = "transformer_explainability"
+"""Notebook metadata key of what this script records (code hash, run time)."""
+KERNEL_NAME = "python3"
+PICTURE_TYPES = ("image/png", "image/jpeg", "image/svg+xml")
+_PROBE = ("import sys as _sys, resource as _r; _u = _r.getrusage(_r.RUSAGE_SELF); "
+          "print(_sys.executable); print(_u.ru_utime + _u.ru_stime)")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+class NotebookError(Exception):
+    """A cell raised, timed out or killed the kernel (one readable message)."""
+
+
+def notebook_paths(folder: Path = NOTEBOOK_DIR) -> List[Path]:
+    """Every ``*.ipynb`` of ``folder`` (checkpoints excluded), sorted."""
+    return sorted(p for p in Path(folder).glob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+
+
+def code_hash(nb) -> str:
+    """sha256 of the code cells' sources, in order (markdown edits do not count)."""
+    h = hashlib.sha256()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            h.update(cell.source.encode("utf-8"))
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
+class _ThisInterpreter(KernelSpecManager):
+    """Kernel specs whose ``python3`` is always ``sys.executable`` (the
+    project's .venv when pytest runs from it), never a kernel spec that some
+    other Python installed into a Jupyter path."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                          display_name="Python 3 (ipykernel)", language="python", resource_dir=str(NOTEBOOK_DIR))
+
+
+def execute(path: Path, timeout: int = 600) -> Tuple["nbformat.NotebookNode", float, float, str]:
+    """Run notebook ``path`` top to bottom in a fresh kernel started in its folder.
+
+    Returns
+    -------
+    (notebook, seconds, cpu_seconds, kernel_executable)
+        The executed copy (the file is not written), the wall time, the
+        kernel's CPU time (user + system, all threads: on a busy machine a
+        better guide than the wall time to what a dedicated one needs), and
+        the interpreter the kernel ran.
+
+    Raises
+    ------
+    NotebookError
+        A cell raised (the message names the cell and the error), a cell ran
+        longer than ``timeout`` seconds, or the kernel died.
+    """
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(_PROBE))  # which interpreter ran the kernel; removed below
+    km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=_ThisInterpreter())
+    client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL_NAME, allow_errors=False,
+                            record_timing=False, resources={"metadata": {"path": str(Path(path).parent)}})
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        raise NotebookError(f"{Path(path).name}: a cell raised\n{exc}") from None
+    except (CellTimeoutError, DeadKernelError) as exc:
+        raise NotebookError(f"{Path(path).name}: {type(exc).__name__}: {exc}") from None
+    seconds = time.perf_counter() - start
+    probe = nb.cells.pop()
+    lines = "".join(o.get("text", "") for o in probe.outputs if o.output_type == "stream").split()
+    if len(lines) != 2:
+        raise NotebookError(f"{Path(path).name}: the kernel probe printed {lines!r}")
+    return nb, seconds, float(lines[1]), lines[0]
+
+
+def _mask(text: str) -> str:
+    """Text with every number and memory address replaced by '#', runs of blanks collapsed."""
+    text = _ADDRESS.sub("#", text)
+    text = _NUMBER.sub("#", text)
+    return re.sub(r"[ \t]+", " ", text).strip()
+
+
+def _text(value) -> str:
+    return "".join(value) if isinstance(value, list) else str(value)
+
+
+def summarize(nb) -> List[List[Tuple]]:
+    """Per code cell, what its outputs show, robust to float noise:
+    ``("stdout", masked text)``, ``("data", mime types, masked text/plain,
+    masked text/html, pictures)`` or ``("error", name)``; stderr is left out."""
+    cells = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        items: List[Tuple] = []
+        for out in cell.get("outputs", []):
+            kind = out.get("output_type")
+            if kind == "stream":
+                if out.get("name") == "stdout":
+                    text = _mask(_text(out.get("text", "")))
+                    if items and items[-1][0] == "stdout":  # one print may arrive in several messages
+                        items[-1] = ("stdout", _mask(items[-1][1] + "\n" + text))
+                    else:
+                        items.append(("stdout", text))
+            elif kind in ("display_data", "execute_result"):
+                data = out.get("data", {})
+                pictures = sum(1 for m in data if m in PICTURE_TYPES)
+                items.append(("data", tuple(sorted(data)), _mask(_text(data.get("text/plain", ""))),
+                              _mask(_text(data.get("text/html", ""))), pictures))
+            elif kind == "error":
+                items.append(("error", out.get("ename", "")))
+        cells.append(items)
+    return cells
+
+
+def _short(item: Tuple) -> str:
+    s = repr(item)
+    return s if len(s) <= 300 else s[:300] + "...)"
+
+
+def stale_reasons(committed, executed=None) -> List[str]:
+    """Why the committed notebook's outputs are stale (empty list: fresh).
+
+    ``committed`` alone is checked for the recorded code hash and the run
+    order; with ``executed`` (a fresh run of the same code) the outputs are
+    compared cell by cell (:func:`summarize`).
+    """
+    reasons = []
+    recorded = committed.metadata.get(META_KEY, {}).get("code_sha256")
+    if recorded is None:
+        reasons.append("no code hash recorded: the notebook was not saved by notebooks/execute_notebooks.py")
+    elif recorded != code_hash(committed):
+        reasons.append("code cells changed since the outputs were made")
+    counts = [c.get("execution_count") for c in committed.cells if c.cell_type == "code"]
+    if counts != list(range(1, len(counts) + 1)):
+        reasons.append(f"code cells not run once each, top to bottom, in a fresh kernel (execution counts {counts})")
+    if executed is not None:
+        old, new = summarize(committed), summarize(executed)
+        if len(old) != len(new):
+            reasons.append(f"{len(old)} code cells committed, {len(new)} executed")
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                detail = next(((x, y) for x, y in zip(a, b) if x != y), None)
+                where = (f"first difference: committed {_short(detail[0])} vs fresh {_short(detail[1])}" if detail
+                         else f"{len(a)} outputs committed, {len(b)} fresh")
+                reasons.append(f"code cell {i + 1}: outputs differ from a fresh run ({where})")
+    return reasons
+
+
+def save_executed(nb, path: Path, seconds: float, cpu_seconds: float) -> None:
+    """Write the executed notebook with its code hash (and its run time, for information)."""
+    nb = copy.deepcopy(nb)
+    nb.metadata[META_KEY] = {"code_sha256": code_hash(nb), "wall_seconds": round(seconds),
+                             "kernel_cpu_seconds": round(cpu_seconds),
+                             "written_by": "notebooks/execute_notebooks.py"}
+    nbformat.validate(nb)
+    nbformat.write(nb, str(path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Execute the notebooks top to bottom in a fresh kernel and save them "
+                                "with their outputs (or only check that the saved outputs are fresh).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("notebooks", nargs="*", default=None,
+                   help="notebook files; none: every notebook in notebooks/")
+    p.add_argument("--check", action="store_true",
+                   help="execute and compare with the saved outputs; write nothing, exit 1 if stale")
+    p.add_argument("--timeout", type=int, default=600, help="seconds a single cell may run")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.timeout <= 0:
+        print("error: --timeout must be positive", file=sys.stderr)
+        return 2
+    paths = [Path(p) for p in args.notebooks] if args.notebooks else notebook_paths()
+    for p in paths:
+        if not p.is_file() or p.suffix != ".ipynb":
+            print(f"error: not a notebook file: {p}", file=sys.stderr)
+            return 2
+    failed = False
+    for path in paths:
+        try:
+            committed = nbformat.read(str(path), as_version=4)
+            nb, seconds, cpu, executable = execute(path, args.timeout)
+        except NotebookError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except (OSError, nbformat.reader.NotJSONError) as exc:
+            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        if args.check:
+            reasons = stale_reasons(committed, nb)
+            failed |= bool(reasons)
+            print(f"{path.name}: {seconds:.0f} s wall, {cpu:.0f} s kernel CPU, " + ("stale:\n  " + "\n  ".join(reasons) if reasons else "fresh"))
+        else:
+            save_executed(nb, path, seconds, cpu)
+            print(f"{path.name}: {seconds:.0f} s wall, {cpu:.0f} s kernel CPU, kernel {executable}, saved")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
