@@ -288,15 +288,32 @@ def test_run_main_knows_the_project_errors(capsys):
     assert main([]) == 2 and capsys.readouterr().err == "error: mine\n"
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` RGB pixels, with one empty IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def test_open_image_refuses_bombs_and_garbage(tmp_path):
     from PIL import Image
     good = tmp_path / "a.png"
     Image.new("RGB", (8, 6), (1, 2, 3)).save(good)
     assert cli.open_image(str(good)).size == (8, 6)
     big = tmp_path / "big.png"
-    Image.new("1", (20000, 20000)).save(big)  # a 400-megapixel decompression bomb, ~50 kB on disk
+    big.write_bytes(_png_header(20000, 20000))  # a 400-megapixel decompression bomb: the header is enough
     with pytest.raises(cli.CLIError, match="exceeds|too large"):
         cli.open_image(str(big))
+    mid = tmp_path / "mid.png"
+    mid.write_bytes(_png_header(10000, 10000))  # 100 MP: Pillow only warns below twice its limit
+    with pytest.raises(cli.CLIError, match="exceeds|too large"):
+        cli.open_image(str(mid))
+    with pytest.raises(cli.CLIError, match="exceeds"):
+        cli.open_image(str(good), max_pixels=10)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png")
     with pytest.raises(cli.CLIError, match="not an image"):

@@ -318,11 +318,12 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _load_training_state(path: Path, device: torch.device) -> Dict[str, Any]:
+def _load_training_state(path: Path) -> Dict[str, Any]:
     """The resume state, read with ``weights_only=True``; a hostile, truncated
     or foreign file is a one-line error naming it."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        # on the CPU: the random states must be CPU byte tensors; load_state_dict moves the rest to the device
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
         raise cli.CLIError(f"{path}: not a training state this pipeline wrote ({cli.one_line(exc)}); "
                            f"delete it to start fine-tuning over") from None
@@ -372,7 +373,7 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
     cli.remove_stale_temporaries(str(state_path))
     cli.remove_stale_temporaries(str(best_path))
     if state_path.is_file():
-        state = _load_training_state(state_path, device)
+        state = _load_training_state(state_path)
         problems = mismatch_report(model.state_dict(), state["model"]) if isinstance(state["model"], dict) \
             else "not a state dict"
         if problems:
