@@ -307,3 +307,13 @@ def test_supported_list_covers_every_family():
     for cls in ("SiglipModel", "GPT2ForSequenceClassification", "Qwen2ForSequenceClassification",
                 "DebertaV2ForSequenceClassification", "Dinov2WithRegistersForImageClassification"):
         assert cls in examples
+
+
+def test_readme_supported_list_is_the_generated_one():
+    import os
+
+    from modules.adapters import supported_models_markdown
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("<!-- supported-models:start -->\n")[1].split("<!-- supported-models:end -->")[0]
+    assert section == supported_models_markdown(), "regenerate the README table: python -m modules.adapters"
