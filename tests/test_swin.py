@@ -247,8 +247,8 @@ def test_recorded_windows_and_merges_are_the_models(family):
         x = torch.randn(1, h, w, c, requires_grad=True)
         out = module(x) if is_timm(model) else module(x.reshape(1, h * w, c), (h, w))
         out = out.reshape(1, -1, out.shape[-1])
-        support = torch.stack([torch.autograd.grad(out[0, n].square().sum(), x, retain_graph=True)[0].abs().sum(-1).reshape(-1)
-                               for n in range(out.shape[1])])
+        support = torch.stack([torch.autograd.grad(out[0, n].square().sum(), x, retain_graph=True)[0]
+                               .abs().sum(-1).reshape(-1) for n in range(out.shape[1])])
         assert torch.equal(support > 0, merge_reference(h, w) > 0)
 
 

@@ -65,7 +65,8 @@ def window_index(height: int, width: int, window: Tuple[int, int], shift: Tuple[
     cyclic shift by ``-shift`` and bottom/right padding to a multiple of the
     window (``pad_first``: pad, then shift, as Hugging Face does; else shift,
     then pad, as timm does), then the window partition both libraries use
-    (windows row-major over the map, positions row-major in a window).
+    (windows row-major over the map, positions row-major in a window).  The
+    index of a :class:`~modules.trace.WindowLayout` (METHODS.md section 8).
     """
     wh, ww = int(window[0]), int(window[1])
     sh, sw = int(shift[0]), int(shift[1])
@@ -87,7 +88,8 @@ def merge_matrix(height: int, width: int, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None) -> Tensor:
     """(N_new, N_old) patch merging of a (height, width) map: row (i, j) averages
     the tokens (2i + a, 2j + b), a, b in {0, 1}, that exist (odd sides are
-    padded by the model; the padding is no token)."""
+    padded by the model; the padding is no token).  R <- M R, METHODS.md
+    section 8 (the project's own rule: merged relevance shared equally)."""
     hn, wn = (height + 1) // 2, (width + 1) // 2
     rows = torch.arange(height, device=device)[:, None] // 2 * wn + torch.arange(width, device=device)[None, :] // 2
     parent = rows.reshape(-1)
@@ -194,6 +196,8 @@ class _SwinAdapter(HookAdapter):
     def streams(self, feed: Dict[str, Any], rec: _Recording) -> Dict[str, Stream]:
         what = type(self.model).__name__
         records = list(rec.capture.records)
+        if not records:
+            raise RuntimeError(f"{what}: no attention was recorded")
         B = feed["pixel_values"].shape[0]
         gh, gw = feed["_grid"]
         dtype, device = records[0].probs.dtype, records[0].probs.device
@@ -333,10 +337,9 @@ class HFSwinAdapter(_SwinAdapter):
         super().__init__(model)
 
     def _path(self, module: nn.Module) -> str:
-        for n, m in self.model.named_modules():
-            if m is module:
-                return n
-        raise KeyError(type(module).__name__)
+        if not hasattr(self, "_paths"):
+            self._paths = {id(m): n for n, m in self.model.named_modules()}
+        return self._paths[id(module)]
 
     def find_blocks(self) -> List[_Block]:
         out = []
