@@ -359,3 +359,54 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(tiny, tmp_path, capsys):
             bp.main(_argv(tiny, out))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "in use by another run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_saved_classifier_is_not_reused_for_other_data_or_parameters(tiny, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--model-params", str(tiny["params"]),
+            "--method", "rollout", "--device", "cpu"]
+    assert bp.main(argv) == 0
+    assert (out / "classifier" / bp.IDENTITY_FILE).is_file()
+    assert bp.main(argv) == 0  # same data and parameters: reused
+    assert "using the trained classifier" in capsys.readouterr().out
+    # other training parameters
+    other = tmp_path / "p.json"
+    other.write_text(json.dumps(dict(tiny["params_dict"], train=dict(tiny["params_dict"]["train"], lr=5e-4))))
+    with pytest.raises(SystemExit) as e:
+        bp.main(argv[:4] + ["--model-params", str(other)] + argv[6:])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "fine-tuned on other data or with other parameters (differs in: train)" in err
+    # the same names, other training labels
+    lines = (data / "train.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["classification"] = "NEG" if rec["classification"] == "POS" else "POS"
+    (data / "train.jsonl").write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        bp.main(argv)
+    assert e.value.code == 2 and "differs in: data_sha256" in capsys.readouterr().err
+
+
+def test_resume_state_of_other_parameters_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    original_step = torch.optim.Adam.step
+    calls = []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(SystemExit):
+        bp.main(_argv(tiny, out))
+    monkeypatch.undo()
+    other = tmp_path / "p.json"
+    other.write_text(json.dumps(dict(tiny["params_dict"], seed=7)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        bp.main(_argv(tiny, out)[:4] + ["--model-params", str(other), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "was written for other data or parameters (differs in: seed)" in err

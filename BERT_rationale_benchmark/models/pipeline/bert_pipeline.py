@@ -63,7 +63,7 @@ from modules.methods import METHOD_CHOICES, METHOD_NAMES, resolve_method  # noqa
 __all__ = [
     "DEFAULT_PARAMS", "EncodedDoc", "load_params", "resolve_pretrained", "load_tokenizer", "encode_documents",
     "make_batches", "train_classifier", "load_or_train_classifier", "predict", "top_k_words", "doc_word_scores",
-    "explain_documents", "run", "main", "build_parser", "validate_params", "classifier_state",
+    "explain_documents", "run", "main", "build_parser", "validate_params", "classifier_state", "training_identity",
 ]
 
 PKG_PREFIX = "pkg:"
@@ -341,7 +341,8 @@ def _accuracy(probs: Tensor, docs: Sequence[EncodedDoc]) -> float:
 
 
 def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence[EncodedDoc],
-                     params: Dict[str, Any], work_dir: str | Path, pad_id: int, device: torch.device) -> Dict[str, Any]:
+                     params: Dict[str, Any], work_dir: str | Path, pad_id: int, device: torch.device,
+                     identity: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Fine-tune ``model`` in place (Adam, summed cross-entropy, gradient
     clipping, as the published pipeline), resuming from ``work_dir/training_state.pt``.
 
@@ -351,6 +352,9 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
     the very dropout masks and data order of an uninterrupted one.  With ``train.select_on_val`` the
     epoch of best validation accuracy (ties: lower loss) is kept, else the last.
     On return ``model`` holds the selected weights.
+
+    With ``identity`` (:func:`training_identity`), a resume state written
+    for other data or parameters is refused.
 
     Returns
     -------
@@ -378,6 +382,11 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
             else "not a state dict"
         if problems:
             raise cli.CLIError(f"{state_path} does not fit the model: {problems}; delete it to start over")
+        if identity is not None and "identity" in state:
+            diff = _identity_diff(json.loads(state["identity"]), identity)
+            if diff:
+                raise cli.CLIError(f"{state_path} was written for other data or parameters (differs in: "
+                                   f"{', '.join(diff)}); delete {work} to start fine-tuning over")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -433,8 +442,11 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
         print("epoch {epoch}: ".format(epoch=epoch + 1) + ", ".join(
             f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
         buffer = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "log": json.dumps(log), "rng": _rng_state(device)}, buffer)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "log": json.dumps(log), "rng": _rng_state(device)}
+        if identity is not None:
+            state["identity"] = json.dumps(identity, sort_keys=True)
+        torch.save(state, buffer)
         cli.atomic_write_bytes(str(state_path), buffer.getvalue())  # a kill never leaves half a checkpoint
     if select_on_val and best_path.is_file():
         model.load_state_dict(load_file(str(best_path), device=str(device)))
@@ -442,6 +454,40 @@ def train_classifier(model, train_docs: Sequence[EncodedDoc], val_docs: Sequence
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+IDENTITY_FILE = "training_identity.json"
+
+
+def _dir_sha256(folder: Path) -> str:
+    """SHA-256 over the names and bytes of the regular files directly in ``folder``."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def training_identity(params: Dict[str, Any], annotations: Sequence[Annotation], documents: Dict[str, List[str]],
+                      pretrained_dir: Optional[Path]) -> Dict[str, Any]:
+    """What a fine-tuned classifier depends on: the training parameters, the
+    training (and validation) annotations and documents, and the pretrained
+    model's files.  Stored with the resume state and the classifier, so that
+    neither is reused for other data or parameters."""
+    import hashlib
+    data = hashlib.sha256(json.dumps(
+        [[a.annotation_id, a.classification, annotation_docid(a)] for a in annotations]
+        + [[d, documents[d]] for d in sorted(documents)]).encode()).hexdigest()
+    ident = {"classes": list(params["classes"]), "max_length": params["max_length"], "seed": params["seed"],
+             "train": {k: params["train"][k] for k in sorted(params["train"])}, "data_sha256": data}
+    if pretrained_dir is not None:
+        ident["pretrained_sha256"] = _dir_sha256(pretrained_dir)
+    return ident
+
+
+def _identity_diff(old: Dict[str, Any], new: Dict[str, Any], skip: Sequence[str] = ()) -> List[str]:
+    return sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
 
 
 def classifier_state(cls_dir: str | Path) -> str:
@@ -465,14 +511,30 @@ def _check_classifier_dir(cls_dir: Path) -> None:
                            f"and a tokenizer){hint}; delete it to fine-tune again")
 
 
+def _training_data(params: Dict[str, Any], data_dir: str | Path):
+    train = load_split(data_dir, "train")
+    if not train:
+        raise cli.CLIError(f"the train split of {data_dir} is empty: nothing to fine-tune on")
+    val = load_split(data_dir, "val") if params["train"].get("select_on_val") and \
+        (Path(data_dir) / "val.jsonl").is_file() else []
+    docs = load_flattened_documents(data_dir, {annotation_docid(a) for a in train + val})
+    check_evidence_offsets(train + val, docs)
+    return train, val, docs
+
+
 def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, output_dir: str | Path,
-                             model_dir: Path, tokenizer, device: torch.device):
+                             model_dir: Path, tokenizer, device: torch.device,
+                             pretrained_dir: Optional[Path] = None):
     """The fine-tuned classifier of ``output_dir/classifier``, training it first when absent.
 
     Fine-tuning keeps its resume state in ``output_dir/classifier.training``;
     the classifier folder (weights, config, tokenizer, training log) is
     written to a temporary folder and published by one rename, so it is
     complete or absent, never half-written.
+
+    A saved classifier is reused only when its ``training_identity.json``
+    matches this run's data and parameters (and the pretrained files, when
+    ``pretrained_dir`` is known).
     """
     from BERT_explainability.modules.BERT.BertForSequenceClassification import BertForSequenceClassification
 
@@ -481,6 +543,23 @@ def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, outpu
     classes = params["classes"]
     _check_classifier_dir(cls_dir)
     if classifier_state(cls_dir) == "complete":
+        stored_path = cls_dir / IDENTITY_FILE
+        if stored_path.is_file():
+            train, val, docs = _training_data(params, data_dir)
+            current = training_identity(params, train + val, docs, pretrained_dir)
+            try:
+                stored = json.loads(stored_path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise cli.CLIError(f"{stored_path}: unreadable ({cli.one_line(exc)}); delete {cls_dir} to "
+                                   "fine-tune again") from None
+            skip = () if pretrained_dir is not None else ("pretrained_sha256",)
+            diff = _identity_diff(stored, current, skip) if isinstance(stored, dict) else ["(not an object)"]
+            if diff:
+                raise cli.CLIError(f"{cls_dir} was fine-tuned on other data or with other parameters (differs in: "
+                                   f"{', '.join(diff)}); use another --output-dir or delete it to fine-tune again")
+        else:
+            print(f"warning: {cls_dir} has no {IDENTITY_FILE} (an older version's): its training data and "
+                  "parameters cannot be checked", file=sys.stderr)
         print(f"using the trained classifier in {cls_dir}")
         try:
             model = BertForSequenceClassification.from_pretrained(str(cls_dir), num_labels=len(classes))
@@ -498,20 +577,15 @@ def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, outpu
     if model.config.max_position_embeddings < int(params["max_length"]):
         raise ValueError(f"max_length {params['max_length']} exceeds the model's "
                          f"{model.config.max_position_embeddings} positions")
-    train = load_split(data_dir, "train")
-    if not train:
-        raise cli.CLIError(f"the train split of {data_dir} is empty: nothing to fine-tune on")
-    val = load_split(data_dir, "val") if params["train"].get("select_on_val") and \
-        (Path(data_dir) / "val.jsonl").is_file() else []
-    docs = load_flattened_documents(data_dir, {annotation_docid(a) for a in train + val})
-    check_evidence_offsets(train + val, docs)
+    train, val, docs = _training_data(params, data_dir)
+    identity = training_identity(params, train + val, docs, model_dir)
     max_length = int(params["max_length"])
     train_docs = encode_documents(tokenizer, train, docs, classes, max_length)
     val_docs = encode_documents(tokenizer, val, docs, classes, max_length)
     print(f"fine-tuning {model_dir} on {len(train_docs)} training documents "
           f"({sum(d.truncated for d in train_docs)} truncated to {max_length} wordpieces) on {device}")
     t0 = time.time()
-    log = train_classifier(model, train_docs, val_docs, params, work_dir, tokenizer.pad_token_id, device)
+    log = train_classifier(model, train_docs, val_docs, params, work_dir, tokenizer.pad_token_id, device, identity)
     for name, p in model.named_parameters():
         cli.check_finite(p.detach(), f"the fine-tuned weight {name}")
     model.config.id2label = dict(enumerate(classes))
@@ -521,6 +595,8 @@ def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, outpu
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "training_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+        (Path(tmp) / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n",
+                                               encoding="utf-8")
     shutil.rmtree(work_dir, ignore_errors=True)  # the classifier is saved; the resume state is no longer needed
     print(f"saved the classifier to {cls_dir} (epoch {log['best_epoch'] + 1} selected, {log['seconds']:.0f} s)")
     return model.eval()
@@ -623,9 +699,17 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
     cls_dir = out / CLASSIFIER_DIR
     _check_classifier_dir(cls_dir)
     trained = classifier_state(cls_dir) == "complete"
-    model_dir = cls_dir if trained else resolve_pretrained(pretrained or params["pretrained"], params.get("_path"))
+    spec = pretrained or params["pretrained"]
+    if trained:
+        try:  # to check that the saved classifier was fine-tuned from these files; gone is fine
+            pretrained_dir: Optional[Path] = resolve_pretrained(spec, params.get("_path"))
+        except FileNotFoundError:
+            pretrained_dir = None
+    else:
+        pretrained_dir = resolve_pretrained(spec, params.get("_path"))
+    model_dir = cls_dir if trained else pretrained_dir
     tokenizer = load_tokenizer(model_dir)
-    model = load_or_train_classifier(params, data_dir, out, model_dir, tokenizer, device)
+    model = load_or_train_classifier(params, data_dir, out, model_dir, tokenizer, device, pretrained_dir)
 
     annotations = load_split(data_dir, split)
     if not annotations:
