@@ -71,8 +71,11 @@ def test_finished_run_of_another_method_is_not_replaced(setup, tmp_path, capsys)
     assert {n: (out / n).read_bytes() for n in before} == before
     # the same finished run may be repeated; another one only with --overwrite
     assert _run(setup, out, "--method", "rollout", "--limit", "4")["method"] == "rollout"
+    assert (out / "results_rollout.json").exists()
     assert _run(setup, out, "--method", "attn_last_layer", "--limit", "4", "--overwrite")["method"] == \
         "attn_last_layer"
+    assert not (out / "results_rollout.json").exists()  # the replaced run leaves nothing behind
+    assert not (out / "overlays" / "rollout").exists()
 
 
 def test_results_without_progress_are_not_replaced(setup, tmp_path, capsys):

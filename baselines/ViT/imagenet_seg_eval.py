@@ -320,6 +320,18 @@ def _previous_run(output_dir: str) -> Tuple[Optional[Dict], List[str]]:
     return record, present
 
 
+def _remove_previous_results(output_dir: str) -> None:
+    """``--overwrite``: delete another run's result files (its per-method
+    JSON and overlays included), so none of them is mistaken for this run's."""
+    import shutil
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name in RESULT_FILES or (name.startswith("results_") and name.endswith(".json")):
+            os.remove(path)
+        elif name == "overlays" and os.path.isdir(path):
+            shutil.rmtree(path)
+
+
 def _check_previous_run(args, identity: Dict, n_total: int) -> Optional[Dict]:
     """What the output folder already holds decides: resume (``--resume``,
     same identity), start (nothing there, the same finished run, or
@@ -330,6 +342,8 @@ def _check_previous_run(args, identity: Dict, n_total: int) -> Optional[Dict]:
         if present and not args.overwrite:
             raise EvalError(f"{args.output_dir} holds {', '.join(present)} of a run without progress.json; "
                             "use another --output-dir or pass --overwrite")
+        if present:
+            _remove_previous_results(args.output_dir)
         return None
     old = record.get("identity") or {}
     diff = sorted(k for k in set(identity) | set(old) if old.get(k) != identity.get(k))
@@ -342,6 +356,7 @@ def _check_previous_run(args, identity: Dict, n_total: int) -> Optional[Dict]:
             raise EvalError(f"{args.output_dir} holds the {what} results of another run (methods "
                             f"{', '.join(map(str, old.get('methods', [])))}; differs in: {', '.join(diff)}); "
                             "use another --output-dir or pass --overwrite to replace them")
+        _remove_previous_results(args.output_dir)
         return None
     if args.resume:
         for key in ("scores", "seconds", "n_images_done"):
