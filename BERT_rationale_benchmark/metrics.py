@@ -48,7 +48,7 @@ from modules import cli  # noqa: E402
 
 __all__ = [
     "PRF", "TokenScores", "f1", "prf", "score_token_sets", "truth_token_sets", "predicted_token_sets",
-    "load_results", "covered_annotations", "score_results", "find_result_files", "score_results_dir", "format_table",
+    "load_results", "covered_annotations", "score_results", "find_result_files", "check_same_run", "score_results_dir", "format_table",
     "write_table", "plot_f1", "main",
 ]
 
@@ -230,6 +230,40 @@ def find_result_files(results_dir: PathLike) -> Dict[str, Dict[int, Path]]:
     return found
 
 
+RUN_KEYS = ("split", "classifier_sha256", "data_sha256", "max_length")
+
+
+def check_same_run(results_dir: PathLike, files: Mapping[str, Mapping[int, Path]], split: str) -> None:
+    """Refuse method folders that come from different pipeline runs (another
+    classifier, split or data, as their ``run.json`` say) or from another
+    split than the one scored: a stale folder would be tabled beside fresh
+    ones.  Folders without ``run.json`` (hand-made results) are not checked."""
+    seen: Dict[str, Tuple[str, dict]] = {}
+    for method, by_k in files.items():
+        folder = next(iter(by_k.values())).parent
+        path = folder / "run.json"
+        if not path.is_file():
+            continue
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(run, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise ERASERFormatError(f"{path}: unreadable ({exc})") from None
+        if run.get("split") != split:
+            raise ERASERFormatError(f"{folder}: rationales of the {run.get('split')!r} split, scored as {split!r}; "
+                                    f"pass --split {run.get('split')}")
+        key = {k: run.get(k) for k in RUN_KEYS}
+        for other, (other_method, other_key) in seen.items():
+            diff = [k for k in RUN_KEYS if key[k] != other_key[k]]
+            if diff:
+                raise ERASERFormatError(f"{results_dir}: {method} and {other_method} come from different runs "
+                                        f"(differ in: {', '.join(diff)}); score them separately or rerun the "
+                                        "stale method")
+            break
+        seen[str(path)] = (method, key)
+
+
 def _method_order(names: Iterable[str]) -> List[str]:
     try:
         from modules.methods import METHOD_NAMES
@@ -248,6 +282,7 @@ def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str,
     files = find_result_files(results_dir)
     if not files:
         raise FileNotFoundError(f"no identifier_results_<k>.json files in {results_dir} or its subfolders")
+    check_same_run(results_dir, files, split)
     annotations = load_split(data_dir, split)
     documents = load_flattened_documents(data_dir, {annotation_docid(a) for a in annotations})
     check_evidence_offsets(annotations, documents)

@@ -410,3 +410,28 @@ def test_resume_state_of_other_parameters_is_refused(tiny, tmp_path, capsys, mon
         bp.main(_argv(tiny, out)[:4] + ["--model-params", str(other), "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "was written for other data or parameters (differs in: seed)" in err
+
+
+def test_metrics_refuse_method_folders_of_different_runs(tiny, tmp_path, capsys):
+    """A method folder left by a run with another classifier is not tabled beside fresh ones."""
+    import shutil
+
+    from BERT_rationale_benchmark import metrics
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["--data-dir", str(tiny["data"]), "--model-params", str(tiny["params"]), "--device", "cpu"]
+    assert bp.main(base + ["--output-dir", str(a), "--method", "rollout"]) == 0
+    other = tmp_path / "p.json"
+    other.write_text(json.dumps(dict(tiny["params_dict"], seed=3)))  # another classifier
+    assert bp.main(["--data-dir", str(tiny["data"]), "--model-params", str(other), "--device", "cpu",
+                    "--output-dir", str(b), "--method", "attn_last_layer"]) == 0
+    assert json.loads((a / "rollout" / bp.RUN_FILE).read_text())["split"] == "test"
+    assert metrics.main(["--data-dir", str(tiny["data"]), "--results-dir", str(a)]) == 0
+    shutil.copytree(b / "attn_last_layer", a / "attn_last_layer")  # stale folder of another run
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        metrics.main(["--data-dir", str(tiny["data"]), "--results-dir", str(a)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "come from different runs (differ in: classifier_sha256)" in err
+    with pytest.raises(SystemExit) as e:
+        metrics.main(["--data-dir", str(tiny["data"]), "--results-dir", str(b), "--split", "val"])
+    assert e.value.code == 2 and "scored as 'val'" in capsys.readouterr().err

@@ -673,12 +673,20 @@ def _write_heatmaps(folder: Path, i: int, doc: EncodedDoc, scores: List[Optional
     (folder / f"{stem}.tex").write_text(latex_document(render_latex(words, values), title=title), encoding="utf-8")
 
 
+RUN_FILE = "run.json"
+"""Provenance of a method folder: which classifier, split and data its rationales come from
+(metrics.py refuses to score method folders of different runs together)."""
+
+
 def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[EncodedDoc],
                          scores: List[List[Optional[float]]], probs: Tensor, classes: Sequence[str],
-                         method: str, heatmaps: int) -> None:
-    """Every file of one method (rationales for each k, heatmaps), written to
-    a temporary folder and published as ``folder`` by one rename."""
+                         method: str, heatmaps: int, provenance: Optional[Dict[str, Any]] = None) -> None:
+    """Every file of one method (rationales for each k, heatmaps, ``run.json``),
+    written to a temporary folder and published as ``folder`` by one rename."""
     with cli.atomic_directory(str(folder)) as tmp:
+        if provenance is not None:
+            (Path(tmp) / RUN_FILE).write_text(json.dumps(dict(provenance, method=method), indent=2, sort_keys=True)
+                                              + "\n", encoding="utf-8")
         for k in ks:
             with open(Path(tmp) / f"identifier_results_{k}.json", "w", encoding="utf-8") as f:
                 for doc, s, p in zip(docs, scores, probs):
@@ -729,13 +737,23 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
         "methods": {}, "k": list(params["explain"]["k"]),
     }
     ks = sorted(params["explain"]["k"])
+    import hashlib
+
+    from modules.checkpoints import file_sha256
+    provenance = {
+        "split": split, "classifier_sha256": file_sha256(str(cls_dir / "config.json"), str(cls_dir / "model.safetensors")), "max_length": max_length,
+        "k": ks, "documents": len(docs),
+        "data_sha256": hashlib.sha256(json.dumps(
+            [[d.annotation_id, d.docid, d.label, d.words] for d in docs]).encode()).hexdigest(),
+    }
     for method in methods:
         name = resolve_method(method).name
         folder = out / name
         t0 = time.time()
         scores = explain_documents(model, docs, name, int(params["explain"]["batch_size"]),
                                    tokenizer.pad_token_id, device)
-        _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]))
+        _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]),
+                             provenance)
         summary["methods"][name] = {"seconds": time.time() - t0}
         print(f"{name}: wrote identifier_results_{{{','.join(map(str, ks))}}}.json to {folder} "
               f"({time.time() - t0:.1f} s)")
