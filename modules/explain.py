@@ -95,14 +95,22 @@ def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic
     **options:
         Method options on coupled streams: ``generic_attribution`` takes the
         published ablations ``normalize`` and ``self_in_rule_10`` (both True)
-        and ``nan_guard`` (METHODS_ICCV.md section 1).
+        and ``nan_guard`` (METHODS_ICCV.md section 1).  Options an adapter
+        takes (``Adapter.options``): ``clip_convention`` of CLIPModel with
+        ``generic_attribution`` — ``"hf"`` (default: the EOS row over every
+        token, start layer 0) or ``"published"`` (the published notebook,
+        METHODS_ICCV.md section 5: text map = EOT row, columns 1..EOT-1
+        divided by their sum, other columns 0; both towers start at their
+        last block; the image map is the [CLS] row as before).
 
     Returns
     -------
     Tensor or StreamMaps
         (B, gh, gw) patches for images (Swin: its finest grid), (B, N) tokens
         for text (padding 0), (B, H, W) pixels for ``lrp`` on images; a
-        two-stream model returns a :class:`StreamMaps`.
+        two-stream model returns a :class:`StreamMaps`; so does a
+        single-stream vision-language model (VisualBERT, ViLT: ``.text``
+        (B, T), ``.image`` (B, boxes) or (B, gh, gw)).
     """
     return explain_trace(model, inputs, method, index, start_layer, **options).maps
 
@@ -116,6 +124,9 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
         raise ValueError(f"{m.name} takes no option {', '.join(unknown)}"
                          + (f" (it takes {', '.join(m.options)})" if m.options else ""))
     adapter = adapter_for(model)
+    own = {k: options.pop(k) for k in list(options) if k in adapter.options}
+    if own:
+        adapter.configure(**own)
     if m.name not in adapter.methods():
         offering = copies_offering(m.name)
         raise UnsupportedMethodError(
@@ -131,8 +142,13 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
             maps = {k: v.detach() for k, v in m.compute_coupled(trace.coupled, **options).items()}
     else:
         if options:
-            raise ValueError(f"options {', '.join(sorted(options))} apply only to models with cross-attention")
-        maps = {name: _read_out(m, stream, trace, start_layer) for name, stream in trace.streams.items()}
+            raise ValueError(f"options {', '.join(sorted(options))} do not apply to {type(model).__name__} "
+                             "(normalize, self_in_rule_10, nan_guard: models with cross-attention; "
+                             "clip_convention: CLIPModel)")
+        maps = {}
+        for name, stream in trace.streams.items():
+            got = _read_out(m, stream, trace, start_layer)
+            maps.update(got if isinstance(got, dict) else {name: got})
     return Explanation(_as_tuple(maps), trace.score, trace.target, trace)
 
 
@@ -151,9 +167,11 @@ def _as_tuple(maps: Dict[str, Tensor]) -> Union[Tensor, Tuple[Tensor, ...]]:
 _TUPLES: Dict[Tuple[str, ...], type] = {}
 
 
-def _read_out(m: Method, stream: Stream, trace: Trace, start_layer: Optional[int]) -> Tensor:
+def _read_out(m: Method, stream: Stream, trace: Trace,
+              start_layer: Optional[int]) -> Union[Tensor, Dict[str, Tensor]]:
     """The method's token row -> the map: the published conventions, the
-    kept columns, the patch grid."""
+    kept columns, the patch grid; a stream with ``readout.parts`` gives one
+    map per part (by name)."""
     start = m.default_start_layer(stream) if start_layer is None else start_layer
     check_start_layer(start, len(stream.calls))
     with torch.no_grad():
@@ -161,6 +179,14 @@ def _read_out(m: Method, stream: Stream, trace: Trace, start_layer: Optional[int
         readout = stream.readout
         if row.dim() == 3:  # a finished pixel map (full LRP on images)
             return row.detach()
+        if readout.parts is not None:
+            # text conventions: GradCAM is already min-max normalised over the whole map
+            renorm = m.normalized and not stream.text_conventions
+            out = {}
+            for name, part in readout.parts.items():
+                got = part.read(row)
+                out[name] = (minmax(got.flatten(1)).reshape(got.shape) if renorm else got).detach()
+            return out
         if readout.grid is None:  # text: METHODS.md section 3 conventions, padding 0
             real = readout.token_mask if readout.token_mask is not None else torch.ones_like(row, dtype=torch.bool)
             row = row.clone()
@@ -168,7 +194,10 @@ def _read_out(m: Method, stream: Stream, trace: Trace, start_layer: Optional[int
                 s = readout.self_column
                 row[:, s] = 0 if m.self_entry == "zero" else masked_min(row, real)
             cols = readout.columns & real
-            return row.masked_fill(~cols, 0.0).detach()
+            row = row.masked_fill(~cols, 0.0)
+            if readout.normalize == "sum":  # CLIP's published text map
+                row = row / row.sum(dim=1, keepdim=True)
+            return row.detach()
         B = row.shape[0]
         kept = row[readout.columns].reshape(B, -1)
         if m.normalized:

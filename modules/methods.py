@@ -71,7 +71,9 @@ class Method:
         coupled by cross-attention (METHODS_ICCV.md), one map per output; None
         when the method has no such definition.
     options:
-        Keyword options ``compute_coupled`` accepts (the published ablations).
+        Keyword options the method accepts: those ``compute_coupled`` takes
+        (the published ablations) and those an adapter takes when it builds
+        the streams (``Adapter.options``: CLIP's ``clip_convention``).
     """
 
     name: str
@@ -94,6 +96,8 @@ class Method:
         return self.rule_set is not None
 
     def default_start_layer(self, stream: Stream) -> int:
+        if stream.default_start == "last":  # the stream's own convention (CLIP published)
+            return len(stream.calls) - 1
         return len(stream.calls) - 1 if stream.text_conventions and self.text_start == "last" else 0
 
 
@@ -144,8 +148,11 @@ def _generic_attribution(stream: Stream, start: int, trace: Trace) -> Tensor:
 
 
 def _rollout(stream: Stream, start: int, trace: Trace) -> Tensor:
-    """M_l = row-normalised (I + mean_h A_l) (Abnar & Zuidema 2020)."""
-    return propagate_row(stream, lambda call: row_normalize(add_identity(head_mean(call.probs))) if call.is_self
+    """M_l = row-normalised (I + mean_h A_l) (Abnar & Zuidema 2020); without
+    the row normalisation on streams that ask for it (VisualBERT's published
+    baseline, METHODS_ICCV.md section 3)."""
+    norm = row_normalize if stream.rollout_row_normalize else (lambda m: m)
+    return propagate_row(stream, lambda call: norm(add_identity(head_mean(call.probs))) if call.is_self
                          else head_mean(call.probs), start)
 
 
@@ -216,7 +223,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("transformer_attribution", "Transformer attribution (ours)", "TA", True, True, _transformer_attribution,
            self_entry="min", text_start="last"),
     Method("generic_attribution", "Generic attention attribution", None, True, True, _generic_attribution,
-           compute_coupled=_coupled_generic, options=("normalize", "self_in_rule_10", "nan_guard")),
+           compute_coupled=_coupled_generic,
+           options=("normalize", "self_in_rule_10", "nan_guard", "clip_convention")),
     Method("rollout", "Rollout", None, False, False, _rollout, self_entry="zero", compute_coupled=_coupled_rollout),
     Method("attn_last_layer", "Raw attention", None, False, False, _attn_last_layer, last_layer_only=True,
            self_entry="zero", compute_coupled=_coupled_raw),

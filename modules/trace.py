@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["WindowLayout", "AttentionCall", "Merge", "Readout", "Stream", "Trace", "Coupled", "Output", "propagate_row",
+__all__ = ["WindowLayout", "AttentionCall", "Merge", "Part", "Readout", "Stream", "Trace", "Coupled", "Output", "propagate_row",
            "propagate_column", "attention_calls", "last_call", "pooling_call"]
 
 
@@ -146,6 +146,34 @@ Op = Union[AttentionCall, Merge]
 
 
 @dataclass
+class Part:
+    """One of several maps read from the same explained row of one stream
+    (single-stream vision-language models: the text columns and the image
+    columns of the joint sequence, METHODS_ICCV.md section 3).
+
+    ``positions`` (B, N_0) long: for each input column of the stream, its
+    flat position in this map (0 .. prod(shape)-1), or -1 when the column is
+    not part of it; every map position is filled by at most one column and
+    reads 0 when none fills it.  ``shape``: the map's shape per sample
+    (``(T,)`` for text, ``(boxes,)``, ``(gh, gw)`` for a patch grid).
+    """
+
+    positions: Tensor
+    shape: Tuple[int, ...]
+
+    def read(self, row: Tensor) -> Tensor:
+        """(B, N_0) row -> (B, *shape) map."""
+        B = row.shape[0]
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        out = row.new_zeros(B, n + 1)  # column n: where the columns outside the map go
+        idx = torch.where(self.positions < 0, n, self.positions).to(row.device)
+        out.scatter_(1, idx, row)
+        return out[:, :n].reshape(B, *self.shape)
+
+
+@dataclass
 class Readout:
     """How the model's head reads a stream, and which columns form the map.
 
@@ -165,6 +193,14 @@ class Readout:
         conventions set it (METHODS.md section 3); None otherwise.
     token_mask:
         (B, N_0) bool: real (non-padding) tokens of a text stream.
+    parts:
+        Several maps read from the one explained row, by name (a single
+        stream over text and image tokens yields ``text`` and ``image``):
+        each a :class:`Part`; when given, ``columns``/``grid`` are not used
+        for the map.  None (the default): one map, as above.
+    normalize:
+        ``"sum"``: a text map divided by its sum over the kept columns
+        (CLIP's published notebook, METHODS_ICCV.md section 5); None: raw.
     """
 
     weights: Tensor
@@ -172,6 +208,8 @@ class Readout:
     grid: Optional[Tuple[int, int]] = None
     self_column: Optional[int] = None
     token_mask: Optional[Tensor] = None
+    parts: Optional[Dict[str, "Part"]] = None
+    normalize: Optional[str] = None
 
     @property
     def row(self) -> Optional[int]:
@@ -192,12 +230,21 @@ class Stream:
     METHODS.md section 3 (row-normalised transformer attribution, GradCAM
     over the whole map, last layer as the default start of transformer
     attribution) over the ViT ones of section 2.
+
+    ``rollout_row_normalize=False`` makes ``rollout`` the product of
+    (A + I) without row normalisation (VisualBERT's published baseline,
+    METHODS_ICCV.md section 3).  ``default_start="last"`` makes the last
+    layer the default start layer of every method on the stream (CLIP's
+    published notebook, METHODS_ICCV.md section 5); None: the method's own
+    default.
     """
 
     name: str
     ops: List[Op]
     readout: Readout
     text_conventions: bool = False
+    rollout_row_normalize: bool = True
+    default_start: Optional[str] = None
 
     @property
     def calls(self) -> List[AttentionCall]:

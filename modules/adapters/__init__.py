@@ -54,6 +54,7 @@ def _load_library_adapters() -> None:
     if "transformers" in sys.modules:
         import modules.adapters.hf_models  # noqa: F401
         import modules.adapters.lxmert  # noqa: F401
+        import modules.adapters.vlm  # noqa: F401
     if "timm" in sys.modules or "transformers" in sys.modules:
         try:
             import modules.adapters.swin  # noqa: F401
@@ -113,9 +114,17 @@ class Adapter:
     examples: ClassVar[Sequence[str]] = ()
     copy: ClassVar[bool] = False  # True: an LRP copy (every method)
     notes: ClassVar[str] = ""
+    options: ClassVar[Tuple[str, ...]] = ()  # explain() options the adapter takes (see configure)
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.settings: Dict[str, Any] = {}
+
+    def configure(self, **options: Any) -> None:
+        """Options of :func:`modules.explain.explain` that change how the
+        streams are built (names in :attr:`options`, accepted by the method
+        too); kept in ``self.settings`` for :meth:`streams`."""
+        self.settings.update(options)
 
     # -- what the family is --------------------------------------------------
     @classmethod

@@ -24,7 +24,10 @@ the definitions are the project's own):
   ``logits_per_image`` of each (image, text) pair; CLIP's image map reads
   [CLS] and its text map the pooled EOS token; SigLIP's image map reads its
   attention-pooling head (a cross-attention from the probe), its text map
-  the last token.
+  the last token.  ``clip_convention="published"`` (an option of
+  ``generic_attribution``) gives CLIP's maps as the published notebook
+  computes them (METHODS_ICCV.md section 5): both towers from their last
+  block, the text map the EOT row over columns 1..EOT-1 divided by their sum.
 """
 from __future__ import annotations
 
@@ -264,7 +267,21 @@ def _mha_forward(mha: nn.MultiheadAttention, record, query: Tensor, key: Tensor,
 class HFImageTextAdapter(_HFAdapter):
     family = "Hugging Face image-text models (unmodified)"
     examples = IMAGE_TEXT_CLASSES
-    notes = "explains logits_per_image of each (image, text) pair; two maps (image, text)"
+    notes = ("explains logits_per_image of each (image, text) pair; two maps (image, text); CLIP: "
+             "clip_convention='published' (METHODS_ICCV.md section 5)")
+    options = ("clip_convention",)
+    CLIP_CONVENTIONS = ("hf", "published")
+
+    def configure(self, **options) -> None:
+        """``clip_convention``: ``"hf"`` (default: the pooled EOS row over every
+        token, start layer 0) or ``"published"`` (the published notebook,
+        METHODS_ICCV.md section 5); CLIPModel only."""
+        conv = options.get("clip_convention", "hf")
+        if conv not in self.CLIP_CONVENTIONS:
+            raise ValueError(f"clip_convention={conv!r}: use one of {', '.join(self.CLIP_CONVENTIONS)}")
+        if conv != "hf" and self.kind != "CLIPModel":
+            raise ValueError(f"clip_convention={conv!r} applies to CLIPModel only, not {self.kind}")
+        super().configure(**options)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -333,16 +350,23 @@ class HFImageTextAdapter(_HFAdapter):
             image_weights = torch.ones(B, 1, dtype=dtype, device=device)
         else:
             image_weights = one_hot_rows(B, n_img, 0, device, dtype)
+        published = getattr(self, "settings", {}).get("clip_convention", "hf") == "published"
+        start = "last" if published else None
         image = Stream("image", image_calls, Readout(image_weights, column_mask(B, n_img, prefix, device),
-                                                      grid=(gh, gw)))
+                                                      grid=(gh, gw)), default_start=start)
         if self.kind == "CLIPModel":
             text_row = clip_pooled_index(self.model.text_model, ids)
         else:
             text_row = torch.full((B,), T - 1, dtype=torch.long, device=device)
         mask = feed.get("attention_mask")
         real = mask.bool() if isinstance(mask, Tensor) else torch.ones_like(ids, dtype=torch.bool)
-        text = Stream("text", text_calls, Readout(one_hot_rows(B, T, text_row, device, dtype), torch.ones_like(real),
-                                                  token_mask=real))
+        columns = torch.ones_like(real)
+        if published:  # columns 1 .. EOT-1: SOT, EOT and what follows dropped
+            pos = torch.arange(T, device=device)[None, :]
+            columns = (pos >= 1) & (pos < text_row[:, None])
+        text = Stream("text", text_calls, Readout(one_hot_rows(B, T, text_row, device, dtype), columns,
+                                                  token_mask=real, normalize="sum" if published else None),
+                      default_start=start)
         self.text_row = text_row
         return {"image": image, "text": text}
 
