@@ -47,7 +47,8 @@ Atomic writes (unique temporaries in the same folder, then one rename)
     ``remove_stale_temporaries(path)``.
 
 Concurrency and images
-    ``file_lock(path)`` (exclusive advisory lock, ``fcntl``), ``open_image``
+    ``file_lock(path)`` (exclusive advisory lock on a folder or a lock
+    file, ``fcntl.flock``), ``open_image``
     (refuses decompression bombs and unreadable files in one line).
 """
 from __future__ import annotations
@@ -620,12 +621,16 @@ def atomic_directory(path: str) -> Iterator[str]:
 # --------------------------------------------------------------------------
 @contextlib.contextmanager
 def file_lock(path: str, blocking: bool = False, what: str = "") -> Iterator[None]:
-    """Hold an exclusive advisory lock on the file ``path`` (created if
-    missing) for the ``with`` block.  Non-blocking by default: when another
+    """Hold an exclusive advisory lock on ``path`` for the ``with`` block:
+    an existing directory (locked itself, so no lock file is left in it) or
+    a lock file (created if missing).  Non-blocking by default: when another
     process holds it, raise :class:`CLIError` naming ``what`` (or the path)."""
     import fcntl
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    if os.path.isdir(path):
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

@@ -354,7 +354,7 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(tiny, tmp_path, capsys):
     from modules import cli
     out = tmp_path / "out"
     out.mkdir()
-    with cli.file_lock(str(out / ".bert_pipeline.lock")):
+    with cli.file_lock(str(out)):
         with pytest.raises(SystemExit) as e:
             bp.main(_argv(tiny, out))
     err = capsys.readouterr().err

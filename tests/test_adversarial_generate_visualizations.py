@@ -191,3 +191,15 @@ def test_config_json_with_a_string_is_one_line(setup, tmp_path, capsys):
     assert gv.main(args(tree, str(bad), tmp_path / "o")) == 2
     lines = _lines(capsys)
     assert len(lines) == 1 and "model_kwargs.depth must be an integer" in lines[0]
+
+
+def test_second_run_into_a_busy_folder_is_refused(setup, tmp_path, capsys):
+    from modules import cli
+    tree, model, base = setup
+    out = tmp_path / "o"
+    out.mkdir()
+    with cli.file_lock(str(out)):
+        assert gv.main(args(tree, model, out)) == 2
+    lines = _lines(capsys)
+    assert len(lines) == 1 and "in use by another run" in lines[0]
+    assert os.listdir(out) == []  # nothing written, no lock file

@@ -156,7 +156,7 @@ def test_output_dir_under_a_file_and_busy_folder(setup, tmp_path, capsys):
     assert code == 2 and "--output-dir" in lines[0]
     out = tmp_path / "busy"
     out.mkdir()
-    with cli.file_lock(str(out / ".imagenet_seg_eval.lock")):
+    with cli.file_lock(str(out)):
         code, lines = _exit(lambda: _run(setup, out, "--limit", "2"), capsys)
     assert code == 2 and "in use by another run" in lines[0]
 

@@ -179,7 +179,21 @@ def _open_part(path: str, identity: dict, batches, map_shape) -> PartFile:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate (or merge) the maps; returns the exit status."""
+    """Generate (or merge) the maps; returns the exit status.  A single-process
+    run holds a lock on its output folder: a second run into it is refused in
+    one line (under torchrun the ranks share the folder, each its own part file)."""
+    if _dist_env()[1] > 1:
+        return _run(args)
+    output_dir = args.output_dir or default_output_dir(resolve_method(args.method).name, args.vis_class)
+    if not args.merge:
+        cli.check_output_dir(output_dir, flag="--output-dir")  # before any work; creates it
+    if os.path.isdir(output_dir):
+        with cli.file_lock(output_dir, what=output_dir):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, not {args.batch_size}")
     if args.limit is not None and args.limit < 1:

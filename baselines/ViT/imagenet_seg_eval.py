@@ -392,7 +392,7 @@ def _main(argv: Optional[Sequence[str]]) -> Dict:
     device = cli.resolve_device(args.device)
     cli.set_tf32(False)  # reproducible maps: LRP-based relevance amplifies TF32 rounding (README)
     cli.check_output_dir(args.output_dir, flag="--output-dir")
-    with cli.file_lock(os.path.join(args.output_dir, ".imagenet_seg_eval.lock"), what=args.output_dir):
+    with cli.file_lock(args.output_dir, what=args.output_dir):  # one run per output folder
         return _evaluate_into(args, device)
 
 

@@ -358,7 +358,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "torch_version": torch.__version__,
         "command": "python baselines/ViT/train_synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    with cli.file_lock(os.path.join(args.out_dir, ".train_synthetic.lock"), blocking=True):
+    with cli.file_lock(args.out_dir, blocking=True):
         weights, cfg_path = save_model(model, args.out_dir, config, fp16=args.fp16)  # two runs never mix files
     if args.fp16:  # report the accuracy of what was stored
         reloaded = load_synthetic_model(args.out_dir, args.device)
@@ -368,7 +368,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                                          mean=HALF, std=HALF), batch_size=100)
         config["val_accuracy_float32"] = config["val_accuracy"]
         config["val_accuracy"] = evaluate_accuracy(reloaded, val, args.device)
-        with cli.file_lock(os.path.join(args.out_dir, ".train_synthetic.lock"), blocking=True):
+        with cli.file_lock(args.out_dir, blocking=True):
             weights, cfg_path = save_model(model, args.out_dir, config, fp16=True)
     size_mb = os.path.getsize(weights) / 1e6
     print(f"validation accuracy {config['val_accuracy']:.4f} on {args.n_val} images; "

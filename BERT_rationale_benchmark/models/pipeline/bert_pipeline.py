@@ -794,7 +794,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         params = load_params(args.model_params)
         methods = list(METHOD_NAMES) if args.all_methods else [args.method]
         cli.check_output_dir(args.output_dir, flag="--output-dir")
-        with cli.file_lock(os.path.join(args.output_dir, ".bert_pipeline.lock"), what=args.output_dir):
+        with cli.file_lock(args.output_dir, what=args.output_dir):  # one run per output folder
             run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained)
     except (ValueError, RuntimeError) as e:  # e.g. the tokenizer refusing a document; cli handles the rest
         if isinstance(e, cli.input_error_types()):
