@@ -50,6 +50,7 @@ _PROBE = ("import sys as _sys, resource as _r; _u = _r.getrusage(_r.RUSAGE_SELF)
           "print(_sys.executable); print(_u.ru_utime + _u.ru_stime)")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class NotebookError(Exception):
@@ -107,12 +108,12 @@ def execute(path: Path, timeout: int = 600) -> Tuple["nbformat.NotebookNode", fl
     try:
         client.execute()
     except CellExecutionError as exc:
-        raise NotebookError(f"{Path(path).name}: a cell raised\n{exc}") from None
+        raise NotebookError(f"{Path(path).name}: a cell raised\n{_ANSI.sub('', str(exc))}") from None
     except (CellTimeoutError, DeadKernelError) as exc:
         raise NotebookError(f"{Path(path).name}: {type(exc).__name__}: {exc}") from None
     seconds = time.perf_counter() - start
     probe = nb.cells.pop()
-    lines = "".join(o.get("text", "") for o in probe.outputs if o.output_type == "stream").split()
+    lines = "".join(o.get("text", "") for o in probe.outputs if o.output_type == "stream").strip().splitlines()
     if len(lines) != 2:
         raise NotebookError(f"{Path(path).name}: the kernel probe printed {lines!r}")
     return nb, seconds, float(lines[1]), lines[0]
