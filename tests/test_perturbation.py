@@ -508,3 +508,37 @@ def test_pos_and_neg_processes_on_one_folder_keep_both(generated, tmp_path):
         assert np.load(res / d / "perturbations_hits.npy").shape == (9, 15)
     assert os.path.getsize(res / "perturbation.png") > 1000
     assert not [f for f in os.listdir(res) if f.endswith(".tmp")]
+
+
+def test_part_file_creation_never_replaces_a_part_with_finished_batches(tmp_path):
+    """Two runs creating the same part at once: the later creation must leave
+    the earlier run's file (and its committed batches) alone."""
+    from baselines.ViT.perturbation_data import PartFile
+
+    path = str(tmp_path / "results.part0of1.hdf5")
+    identity = {"method": "rollout"}
+    batches = [np.array([0, 1]), np.array([2])]
+    with PartFile.open_or_create(path, identity, batches, (2, 2)) as part:
+        part.commit(0, np.array([1, 2]), np.array([1, 2]), np.array([1, 1]), np.ones((2, 2, 2), np.float32))
+        PartFile._create(path, identity, batches, (2, 2))  # the other run, which saw no file a moment ago
+    with PartFile.open_or_create(path, identity, batches, (2, 2)) as part:
+        assert part.pending() == [1]
+        assert part.f["target"][:2].tolist() == [1, 2]
+    assert os.listdir(tmp_path) == ["results.part0of1.hdf5"]  # no temporary left
+
+
+def test_merge_uses_its_own_temporary(tmp_path):
+    """A merge must not delete another run's temporary (the old shared
+    'results.hdf5.tmp' was removed by whichever merge finished first)."""
+    from baselines.ViT.perturbation_data import PartFile, merge_parts, read_results
+
+    path = str(tmp_path / "results.part0of1.hdf5")
+    identity = {"method": "rollout"}
+    with PartFile.open_or_create(path, identity, [np.array([0, 1])], (2, 2)) as part:
+        part.commit(0, np.array([1, 0]), np.array([1, 1]), np.array([1, 1]), np.ones((2, 2, 2), np.float32))
+    other = tmp_path / "results.hdf5.tmp"
+    other.write_text("another merge in progress")
+    merge_parts([path], str(tmp_path / "results.hdf5"), identity, {})
+    assert other.read_text() == "another merge in progress"
+    assert read_results(str(tmp_path / "results.hdf5"))[0] == identity
+    assert sorted(os.listdir(tmp_path)) == ["results.hdf5", "results.hdf5.tmp", "results.part0of1.hdf5"]

@@ -4,16 +4,17 @@ tree, the model's identity and the HDF5 stores of relevance maps.
 The maps of one run live first in one *part file* per process
 (``results.part{rank}of{world}.hdf5``), then are merged into ``results.hdf5``.
 
-Crash safety of a part file: it is created complete under a temporary name
-and renamed into place; every dataset is contiguous and allocated when the
+Crash safety of a part file: it is created complete under a unique temporary
+name and linked into place only if no other run created it meanwhile (an
+existing part and its finished batches are never replaced); every dataset is contiguous and allocated when the
 file is created, so afterwards only raw values are written at fixed offsets
 and the file's structure (its HDF5 metadata) never changes.  A batch's rows
 are written, flushed and synced before its ``batch_done`` flag is set and
 synced, so a process killed at any moment leaves a readable file in which
 every flagged batch is complete; a rerun recomputes only unflagged batches
 and overwrites their rows (never appends, so nothing is duplicated).
-``results.hdf5`` is written under a temporary name and renamed, so it is
-either absent or complete.
+``results.hdf5`` is written under a unique temporary name and renamed, so it
+is either absent or complete, and two merges never share a temporary.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -290,6 +292,16 @@ def _preallocated(f: h5py.File, name: str, shape: Tuple[int, ...], dtype) -> h5p
     return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
+def _unique_tmp(path: str) -> str:
+    """A new empty file next to ``path`` under a name no other run uses
+    (``.NAME.PID.XXXX.tmp``, which :func:`modules.cli.remove_stale_temporaries`
+    clears once PID is gone), to be written and then renamed into place."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
 def _sync(f: h5py.File) -> None:
     f.flush()
     try:
@@ -345,19 +357,29 @@ class PartFile:
         index = np.concatenate(list(batches)).astype(np.int64) if len(batches) else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum([len(b) for b in batches])]).astype(np.int64)
         n = len(index)
-        tmp = path + ".tmp"
-        with h5py.File(tmp, "w") as f:
-            _write_attrs(f, identity)
-            for name, data in (("index", index), ("batch_offsets", offsets),
-                               ("batch_done", np.zeros(len(batches), np.uint8))):
-                _preallocated(f, name, data.shape, data.dtype)[...] = data
-            for name in ("target", "pred"):
-                _preallocated(f, name, (n,), np.int64)
-            _preallocated(f, "valid", (n,), np.uint8)
-            _preallocated(f, "vis", (n, *map_shape), np.float16)
-            _preallocated(f, "vis_scale", (n,), np.float32)
-            _preallocated(f, "vis_offset", (n,), np.float32)
-        os.replace(tmp, path)
+        tmp = _unique_tmp(path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                _write_attrs(f, identity)
+                for name, data in (("index", index), ("batch_offsets", offsets),
+                                   ("batch_done", np.zeros(len(batches), np.uint8))):
+                    _preallocated(f, name, data.shape, data.dtype)[...] = data
+                for name in ("target", "pred"):
+                    _preallocated(f, name, (n,), np.int64)
+                _preallocated(f, "valid", (n,), np.uint8)
+                _preallocated(f, "vis", (n, *map_shape), np.float16)
+                _preallocated(f, "vis_scale", (n,), np.float32)
+                _preallocated(f, "vis_offset", (n,), np.float32)
+            try:  # publish only if no other run created the part meanwhile (never replace its batches)
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not os.path.exists(path):
+                    os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def close(self) -> None:
         if self.f.id.valid:
@@ -419,6 +441,7 @@ def merge_parts(paths: Sequence[str], out_path: str, identity: Dict, info: Dict,
     """
     world = len(paths)
     files: List[h5py.File] = []
+    tmp = None
     try:
         for path in paths:
             if not os.path.isfile(path):
@@ -443,7 +466,7 @@ def merge_parts(paths: Sequence[str], out_path: str, identity: Dict, info: Dict,
             raise InputError("no readable image: nothing to write")
         map_shape = tuple(files[0]["vis"].shape[1:])
         chunk_rows = max(1, min(n, 1024, (1 << 20) // (2 * int(np.prod(map_shape)))))
-        tmp = out_path + ".tmp"
+        tmp = _unique_tmp(out_path)
         with h5py.File(tmp, "w") as out:
             _write_attrs(out, identity)
             for key, value in info.items():
@@ -493,8 +516,8 @@ def merge_parts(paths: Sequence[str], out_path: str, identity: Dict, info: Dict,
     finally:
         for f in files:
             f.close()
-        if os.path.exists(out_path + ".tmp"):
-            os.remove(out_path + ".tmp")
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
     return {"num_images": n, "num_skipped": len(skipped)}
 
 
