@@ -1,0 +1,182 @@
+"""Train the VQA stand-in: a small Hugging Face LxmertForQuestionAnswering on the synthetic scenes.
+
+    python baselines/LXMERT/train_scenes_lxmert.py --out-dir samples/synthetic_scenes_lxmert
+
+Questions and answers come from ``data/scenes.py`` (existence, count, colour,
+shape, relation), box features from the fixed extractor of
+``baselines/LXMERT/scene_vqa.py``.  Deterministic on the CPU for a given
+seed and thread count.  The model directory (``save_pretrained`` +
+tokenizer) records in its ``config.json`` under ``"standin"`` the training
+command, the data seed and the validation accuracy per question type.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from baselines.LXMERT.scene_vqa import (ANSWERS, FEATURE_DIM, FEATURE_VERSION, MAX_BOXES, build_tokenizer,
+                                        encode_questions, scene_boxes)
+from data.scenes import SCENE_VERSION, generate_scene, scene_questions
+from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, int_range, positive_float,
+                         positive_int, resolve_device, run_main)
+
+QTYPES = ("existence", "count", "colour", "shape", "relation")
+
+
+def build_split(split: str, count: int, seed: int, tokenizer, background_boxes: int = 2, per_type: int = 1,
+                progress: bool = True) -> Dict[str, np.ndarray]:
+    """Every question of ``count`` scenes as arrays: input_ids, attention_mask,
+    token_type_ids (n, 16); visual_feats (n, MAX_BOXES, FEATURE_DIM);
+    visual_pos (n, MAX_BOXES, 4); visual_attention_mask (n, MAX_BOXES);
+    label (n,); qtype (n,); scene (n,)."""
+    questions, labels, qtypes, scenes, feats, poss, vmask = [], [], [], [], [], [], []
+    for i in tqdm(range(count), desc=f"{split} scenes", disable=not progress, leave=False):
+        sc = generate_scene(i, seed, split)
+        f, p, _ = scene_boxes(sc, background_boxes)
+        fpad = np.zeros((MAX_BOXES, FEATURE_DIM), np.float32)
+        ppad = np.zeros((MAX_BOXES, 4), np.float32)
+        m = np.zeros(MAX_BOXES, np.int64)
+        fpad[:len(f)], ppad[:len(p)], m[:len(f)] = f, p, 1
+        for q in scene_questions(sc, per_type):
+            questions.append(q.question)
+            labels.append(ANSWERS.index(q.answer))
+            qtypes.append(QTYPES.index(q.qtype))
+            scenes.append(i)
+            feats.append(fpad)
+            poss.append(ppad)
+            vmask.append(m)
+    out = encode_questions(tokenizer, questions)
+    out.update(visual_feats=np.stack(feats), visual_pos=np.stack(poss), visual_attention_mask=np.stack(vmask),
+               label=np.asarray(labels), qtype=np.asarray(qtypes), scene=np.asarray(scenes))
+    return out
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "visual_attention_mask")
+
+
+def batches(data: Dict[str, np.ndarray], idx: np.ndarray, device: torch.device):
+    return {k: torch.from_numpy(data[k][idx]).to(device) for k in MODEL_KEYS}
+
+
+@torch.no_grad()
+def accuracy_by_type(model, data: Dict[str, np.ndarray], device: torch.device, batch_size: int = 256) -> Dict[str, float]:
+    """Accuracy of the argmax answer per question type (and overall)."""
+    model.eval()
+    correct = np.zeros(len(data["label"]), bool)
+    for start in range(0, len(data["label"]), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data["label"])))
+        pred = model(**batches(data, idx, device)).question_answering_score.argmax(-1).cpu().numpy()
+        correct[idx] = pred == data["label"][idx]
+    out = {t: float(correct[data["qtype"] == k].mean()) for k, t in enumerate(QTYPES) if (data["qtype"] == k).any()}
+    out["all"] = float(correct.mean())
+    return out
+
+
+def make_model(vocab_size: int, hidden: int = 128, layers=(2, 1, 2)):
+    from transformers import LxmertConfig, LxmertForQuestionAnswering
+
+    cfg = LxmertConfig(vocab_size=vocab_size, hidden_size=hidden, num_attention_heads=4, intermediate_size=2 * hidden,
+                       l_layers=layers[0], r_layers=layers[1], x_layers=layers[2], visual_feat_dim=FEATURE_DIM,
+                       visual_pos_dim=4, num_qa_labels=len(ANSWERS), hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, max_position_embeddings=32,
+                       id2label=dict(enumerate(ANSWERS)), label2id={a: i for i, a in enumerate(ANSWERS)})
+    return LxmertForQuestionAnswering(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained + tokenizer)")
+    p.add_argument("--train-scenes", type=positive_int, default=6000, help="training scenes (split 'train')")
+    p.add_argument("--val-scenes", type=positive_int, default=600, help="validation scenes (split 'val')")
+    p.add_argument("--seed", type=int, default=0, help="data seed (scenes) and training seed")
+    p.add_argument("--minutes", type=positive_float, default=18.0, help="training time budget (wall clock)")
+    p.add_argument("--max-steps", type=positive_int, default=100000, help="stop after this many steps")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--hidden", type=int_range(16, 1024), default=128)
+    p.add_argument("--threads", type=int_range(1, 64), default=1, help="torch CPU threads (determinism needs the same)")
+    p.add_argument("--eval-every", type=positive_int, default=500, help="steps between validation passes")
+    add_device_arg(p, default="cpu")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    t0 = time.time()
+    train = build_split("train", args.train_scenes, args.seed, tokenizer)
+    val = build_split("val", args.val_scenes, args.seed, tokenizer)
+    print(f"{len(train['label'])} training and {len(val['label'])} validation questions "
+          f"({time.time() - t0:.0f} s to build)", flush=True)
+    model = make_model(tokenizer.vocab_size, args.hidden).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    g = np.random.default_rng(args.seed)
+    n = len(train["label"])
+    step, start, history = 0, time.time(), []
+    labels = torch.from_numpy(train["label"])
+    bar = tqdm(total=args.max_steps, desc="training", mininterval=5)
+    try:
+        while step < args.max_steps and time.time() - start < args.minutes * 60:
+            order = g.permutation(n)
+            for s in range(0, n - args.batch_size + 1, args.batch_size):
+                model.train()
+                idx = order[s:s + args.batch_size]
+                out = model(**batches(train, idx, device), labels=labels[idx].to(device))
+                loss = out.loss
+                if not torch.isfinite(loss):
+                    raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                bar.update(1)
+                if step % args.eval_every == 0:
+                    acc = accuracy_by_type(model, val, device)
+                    history.append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+                if step >= args.max_steps or time.time() - start >= args.minutes * 60:
+                    break
+    finally:
+        bar.close()
+    acc = accuracy_by_type(model, val, device)
+    majority = {t: float(np.bincount(val["label"][val["qtype"] == k]).max() / max((val["qtype"] == k).sum(), 1))
+                for k, t in enumerate(QTYPES) if (val["qtype"] == k).any()}
+    print("validation accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    model.eval()
+    model.config.standin = {
+        "what": "VQA stand-in on the synthetic scenes of data/scenes.py (not VQA v2)",
+        "command": "python baselines/LXMERT/train_scenes_lxmert.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "data_seed": args.seed, "scene_version": SCENE_VERSION, "feature_version": FEATURE_VERSION,
+        "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "steps": step,
+        "minutes": round((time.time() - start) / 60, 2), "threads": args.threads,
+        "val_accuracy": acc, "majority_baseline": majority, "history": history,
+    }
+    with atomic_directory(args.out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
