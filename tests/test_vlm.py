@@ -513,3 +513,22 @@ def test_cli_bad_input_exits_2_with_one_line(model_dirs, tmp_path, capsys):
                       tmp_path / "o.png"], capsys)
     assert code == 2 and "empty" in out.err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_vilt_subsampled_patches_land_on_their_cells():
+    """max_image_length > 0: ViLT sees a random subset of the patches; only
+    their cells get relevance, the rest read 0."""
+    model = tiny_vilt()
+    model.config.max_image_length = 5
+    one = vilt_sample(vilt_batch(), 0)
+    torch.manual_seed(7)
+    exp = explain_trace(model, one, "generic_attribution")
+    image = exp.maps.image[0]
+    assert image.shape == (4, 6) and torch.isfinite(image).all()
+    assert int((image != 0).sum()) == 5
+    torch.manual_seed(7)
+    want, visual = section3(model, "ViltSelfAttention", one, 0, wrap_visual=True)
+    cells = visual[0][2][0][0]
+    n = one["input_ids"].shape[1]
+    torch.testing.assert_close(image[cells[:, 0], cells[:, 1]], want["generic_attribution"][n + 1:], atol=1e-5,
+                               rtol=1e-4)
