@@ -257,6 +257,9 @@ def test_tiny_training_run_is_deterministic_and_loadable(tmp_path):
     args = ["--init", "none", "--size", "32", "--patch-size", "8", "--embed-dim", "16", "--depth", "1",
             "--num-heads", "2", "--steps", "3", "--pool-size", "8", "--n-val", "4", "--eval-every", "0",
             "--min-accuracy", "0", "--data-seed", "3", "--quiet"]
+    assert train_main(args[:-7] + ["--eval-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                                   "--out-dir", str(tmp_path / "c")] + args[-5:]) == 0
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["history"]["steps_done"] == 2
     for name in ("a", "b"):
         assert train_main(args + ["--out-dir", str(tmp_path / name)]) == 0
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())

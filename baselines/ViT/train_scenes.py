@@ -235,11 +235,36 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
                    f"{r['top_k_plus_1_all_present']:.3f}, label acc {r['label_accuracy']:.3f}, "
                    f"loss {running:.3f} ({time.time() - start:.0f} s)")
             bar.write(msg) if not args.quiet else print(msg, flush=True)
+            if args.checkpoint_dir:  # the model so far, loadable like the final one
+                save_model(model, args.checkpoint_dir, run_config(args, dict(history, steps_done=step + 1), r))
             model.train()
     model.eval()
     history["train_seconds"] = round(time.time() - start, 1)
     history["final"] = evaluate(model, val_loader, args.device)
     return model, history
+
+
+def run_config(args: argparse.Namespace, history: Dict, final: Dict, argv: Optional[Sequence[str]] = None) -> Dict:
+    """What ``config.json`` records besides the model: data, training
+    arguments and command, the validation figures and the history."""
+    return {
+        "architecture": "synthetic_scenes_vit",
+        "mean": list(HALF), "std": list(HALF),
+        "input_size": [3, args.size, args.size],
+        "class_names": list(CLASS_NAMES),
+        "multi_label": True,
+        "data": {"generator": "data/scenes.py", "scene_version": SCENE_VERSION, "seed": args.data_seed,
+                 "train_split": "train", "train_objects": [args.min_objects, args.max_objects],
+                 "pool_size": args.pool_size, "val_split": "val", "val_config": dict(VAL_CONFIG.__dict__, size=args.size),
+                 "n_val": args.n_val},
+        "training": dict(vars(args)),
+        "val_top_k_all_present": final["top_k_all_present"],
+        "val_top_k_plus_1_all_present": final["top_k_plus_1_all_present"],
+        "val_label_accuracy": final["label_accuracy"],
+        "history": history,
+        "torch_version": torch.__version__,
+        "command": "python baselines/ViT/train_scenes.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-loss", type=float, default=1.0,
                    help="weight of the training-only dense loss (a linear layer on each final patch token "
                         "predicts the class of the object under the patch, or background; not saved); 0: off")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="also save the model at every validation here (its config records steps_done)")
     p.add_argument("--pool-cache", default=None, help="optional .npz to keep the generated pool in between runs")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, cosine decay)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -298,24 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as exc:
         parser.exit(2, f"error: {str(exc).splitlines()[0]}\n")
     final = history["final"]
-    config = {
-        "architecture": "synthetic_scenes_vit",
-        "mean": list(HALF), "std": list(HALF),
-        "input_size": [3, args.size, args.size],
-        "class_names": list(CLASS_NAMES),
-        "multi_label": True,
-        "data": {"generator": "data/scenes.py", "scene_version": SCENE_VERSION, "seed": args.data_seed,
-                 "train_split": "train", "train_objects": [args.min_objects, args.max_objects],
-                 "pool_size": args.pool_size, "val_split": "val", "val_config": dict(VAL_CONFIG.__dict__, size=args.size),
-                 "n_val": args.n_val},
-        "training": dict(vars(args)),
-        "val_top_k_all_present": final["top_k_all_present"],
-        "val_top_k_plus_1_all_present": final["top_k_plus_1_all_present"],
-        "val_label_accuracy": final["label_accuracy"],
-        "history": history,
-        "torch_version": torch.__version__,
-        "command": "python baselines/ViT/train_scenes.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
+    config = run_config(args, history, final, argv)
     weights, cfg_path = save_model(model, args.out_dir, config)
     print(f"two-object validation scenes: both classes the top 2 for {final['top_k_all_present']:.4f}, in the top 3 "
           f"for {final['top_k_plus_1_all_present']:.4f} of {final['n_scenes']}; label accuracy {final['label_accuracy']:.4f}; trained "
