@@ -125,6 +125,9 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
                          + (f" (it takes {', '.join(m.options)})" if m.options else ""))
     adapter = adapter_for(model)
     own = {k: options.pop(k) for k in list(options) if k in adapter.options}
+    foreign = sorted(k for k in options if k in m.adapter_options)
+    if foreign:
+        raise ValueError(f"option {', '.join(foreign)} does not apply to {type(model).__name__}")
     if own:
         adapter.configure(**own)
     if m.name not in adapter.methods():

@@ -74,6 +74,9 @@ class Method:
         Keyword options the method accepts: those ``compute_coupled`` takes
         (the published ablations) and those an adapter takes when it builds
         the streams (``Adapter.options``: CLIP's ``clip_convention``).
+    adapter_options:
+        Those of ``options`` an adapter takes (refused, with a one-line
+        error, for a model whose adapter does not take them).
     """
 
     name: str
@@ -89,6 +92,7 @@ class Method:
     to_input: bool = False
     compute_coupled: Optional[Callable[..., Dict[str, Tensor]]] = None
     options: Tuple[str, ...] = ()
+    adapter_options: Tuple[str, ...] = ()
 
     @property
     def needs_copy(self) -> bool:
@@ -224,7 +228,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            self_entry="min", text_start="last"),
     Method("generic_attribution", "Generic attention attribution", None, True, True, _generic_attribution,
            compute_coupled=_coupled_generic,
-           options=("normalize", "self_in_rule_10", "nan_guard", "clip_convention")),
+           options=("normalize", "self_in_rule_10", "nan_guard", "clip_convention"),
+           adapter_options=("clip_convention",)),
     Method("rollout", "Rollout", None, False, False, _rollout, self_entry="zero", compute_coupled=_coupled_rollout),
     Method("attn_last_layer", "Raw attention", None, False, False, _attn_last_layer, last_layer_only=True,
            self_entry="zero", compute_coupled=_coupled_raw),

@@ -158,8 +158,8 @@ def test_bad_inputs_one_line_errors():
         explain(vilt, dict(v, image_embeds=torch.zeros(B, 4, 32)))
     with pytest.raises(ValueError, match="start_layer"):
         explain(vilt, v, start_layer=3)
-    with pytest.raises(ValueError, match="do not apply"):
-        explain(vilt, v, clip_convention="published")
+    with pytest.raises(ValueError, match="clip_convention does not apply to ViltForQuestionAnswering"):
+        explain(vilt, v, "generic_attribution", clip_convention="published")
     bypass = tf.VisualBertForQuestionAnswering(tf.VisualBertConfig(visual_embedding_dim=FEAT, bypass_transformer=True,
                                                                    **SMALL))
     with pytest.raises(TypeError, match="bypass_transformer"):
@@ -375,6 +375,10 @@ def test_clip_convention_refused_where_it_does_not_apply():
                          num_attention_heads=4, intermediate_size=64),
         vision_config=dict(image_size=IMG, patch_size=PATCH, hidden_size=32, num_hidden_layers=1,
                            num_attention_heads=4, intermediate_size=64)))
+    from tests.test_lxmert import batch as lxmert_batch, tiny_lxmert
+
+    with pytest.raises(ValueError, match="clip_convention does not apply to LxmertForQuestionAnswering"):
+        explain(tiny_lxmert(), lxmert_batch(), "generic_attribution", clip_convention="published")
     with pytest.raises(ValueError, match="CLIPModel only"):
         explain(siglip, {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"]},
                 "generic_attribution", clip_convention="published")
