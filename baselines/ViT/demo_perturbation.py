@@ -30,6 +30,7 @@ from baselines.ViT import perturbation_eval as pe
 from baselines.ViT.perturbation_data import RESULTS_NAME, read_results
 from baselines.ViT.perturbation_metrics import DEFAULT_TIE_BREAK, DEFAULT_TIE_SEED, DIRECTIONS, TIE_BREAKS
 from baselines.ViT.ViT_LRP import CheckpointError, load_model
+from modules.cli import atomic_write_json, atomic_write_text
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, METHODS, resolve_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -204,17 +205,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "num_images": results["negative"]["num_images"]})
     table = format_table(rows, args.vis_class, rows[0]["num_images"] if rows else 0, args.tie_break, args.tie_seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.output_dir, "table.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    atomic_write_text(os.path.join(args.output_dir, "table.md"), table + "\n")
+    atomic_write_json(os.path.join(args.output_dir, "table.json"), rows)
     print(table)
     if args.compare_tie_breaks:
         ties = format_tie_table(tie_rows, args.vis_class, rows[0]["num_images"] if rows else 0, args.tie_seed)
-        with open(os.path.join(args.output_dir, "tie_breaks.md"), "w") as f:
-            f.write(ties + "\n")
-        with open(os.path.join(args.output_dir, "tie_breaks.json"), "w") as f:
-            json.dump(tie_rows, f, indent=2)
+        atomic_write_text(os.path.join(args.output_dir, "tie_breaks.md"), ties + "\n")
+        atomic_write_json(os.path.join(args.output_dir, "tie_breaks.json"), tie_rows)
         print(ties)
     return 0
 
