@@ -142,7 +142,8 @@ def test_sigkill_at_several_moments_resumes_byte_for_byte(tiny):
     assert not any(".tmp" in name or "training" in name.split("/")[0] for name in expected)
 
     out = tiny["root"] / "killed"
-    chain = [("adam_step", 2),        # epoch 1, second batch
+    chain = [("adam_step", 1),        # before the first optimiser step
+             ("adam_step", 2),        # epoch 1, second batch
              ("state_written", 1),    # right after the epoch-1 checkpoint
              ("adam_step", 1),        # epoch 2 of the resumed run
              ("state_unrenamed", 1),  # the epoch-2 checkpoint written, not yet renamed
