@@ -24,10 +24,13 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str) -> Dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` read
-    with ``torch.load(weights_only=True)``; unwraps ``{"model": ...}`` and
-    ``{"state_dict": ...}`` (DeiT releases, training scripts)."""
+    with ``torch.load(weights_only=True)``, or the shards a Hugging Face
+    ``*.index.json`` names (:func:`read_sharded_state_dict`); unwraps
+    ``{"model": ...}`` and ``{"state_dict": ...}`` (DeiT releases, training scripts)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".index.json"):
+        return read_sharded_state_dict(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -215,7 +218,25 @@ def weights_sha256(weights: str) -> str:
         return file_sha256(*paths)
     if not os.path.isfile(weights):
         raise CheckpointError(f"weights not found: {weights}")
+    if weights.endswith(".index.json"):  # the index and every shard it names
+        return file_sha256(weights, *_shard_paths(weights))
     return file_sha256(weights)
+
+
+def _shard_paths(index_path: str):
+    import json
+    folder = os.path.dirname(os.path.abspath(index_path))
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a shard index with a 'weight_map' ({_first_line(exc)})") from None
+    paths = [os.path.normpath(os.path.join(folder, str(s))) for s in shards]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"{index_path}: shard not found: {missing[0]}")
+    return paths
 
 
 def load_state(model: "torch.nn.Module", state: Mapping[str, Tensor], path: str, strict: bool = True,

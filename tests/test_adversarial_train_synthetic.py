@@ -240,3 +240,19 @@ def test_two_runs_into_one_folder_never_mix_weights_and_config(tmp_path):
     assert codes == [0, 0]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["weights_sha256"] == file_sha256(str(out / "model.safetensors"))
+
+
+def test_sharded_checkpoint_through_read_state_dict_and_its_hash(tmp_path):
+    from modules.checkpoints import file_sha256, weights_sha256
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "s2.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    assert set(read_state_dict(str(index))) == {"a", "b"}
+    assert weights_sha256(str(index)) == file_sha256(str(index), str(tmp_path / "s1.safetensors"),
+                                                     str(tmp_path / "s2.safetensors"))
+    index.write_text(json.dumps({"metadata": {"total_size": 1}}))  # no weight_map
+    with pytest.raises(CheckpointError, match="weight_map"):
+        read_state_dict(str(index))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        weights_sha256(str(index))
