@@ -11,7 +11,7 @@ Matrices are indexed [row = receiving (query-side) token, column = source token]
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,12 +44,14 @@ def rbar(R: Tensor, mask: Optional[Tensor] = None, nan_guard: bool = True) -> Te
     NaN (0/0) in that row, kept with ``nan_guard=False`` (the published LXMERT
     generator) and set to 0 with ``nan_guard=True`` (the published DETR
     generator sets NaN entries of the addition to 0).  Padded tokens
-    (``mask`` (B, N) False) get zero rows and columns.
+    (``mask`` (B, N) False) get zero rows and columns (never NaN).
     """
     n = R.shape[-1]
     eye = torch.eye(n, dtype=R.dtype, device=R.device)
     rhat = R - eye
     out = rhat / rhat.sum(dim=-1, keepdim=True)
+    if mask is not None:  # padded tokens take no part, whatever nan_guard says
+        out = torch.where(mask[:, :, None] & mask[:, None, :], out, torch.zeros_like(out))
     if nan_guard:
         out = nan_to_zero(out)
     out = out + eye
@@ -58,7 +60,7 @@ def rbar(R: Tensor, mask: Optional[Tensor] = None, nan_guard: bool = True) -> Te
 
 def bimodal_rule(R_ss: Tensor, R_qq: Tensor, R_qs: Tensor, abar_sq: Tensor, normalize: bool = True,
                  self_in_rule_10: bool = True, mask_s: Optional[Tensor] = None, mask_q: Optional[Tensor] = None,
-                 nan_guard: bool = True) -> Tuple[Tensor, Tensor]:
+                 nan_guard: Union[bool, str] = True) -> Tuple[Tensor, Tensor]:
     """Eqs. 10, 11 for a cross-attention with queries from stream s and keys
     from stream q, ``abar_sq`` (B, Ns, Nq):
 
@@ -66,12 +68,25 @@ def bimodal_rule(R_ss: Tensor, R_qq: Tensor, R_qs: Tensor, abar_sq: Tensor, norm
         dR_ss = Abar_sq R_qs                       (Eq. 11, R_qs not normalised)
 
     ``normalize=False`` uses R_ss, R_qq for the R bars (ablation);
-    ``self_in_rule_10=False`` makes dR_sq = Abar_sq (ablation).  NaN entries
-    of dR_sq are set to 0 with ``nan_guard``.  Returns (dR_sq, dR_ss).
+    ``self_in_rule_10=False`` makes dR_sq = Abar_sq (ablation).  A real row of
+    R - I that sums to 0 makes a NaN row of its R bar; ``nan_guard``:
+
+    * True: that row of the R bar is set to 0 before the product (and any
+      NaN entry of dR_sq to 0);
+    * ``"published"``: as the published DETR generator
+      (``R_sq_addition[isnan] = 0``, METHODS_ICCV.md section 4): the NaN row
+      runs through the product, which is then NaN everywhere, and the NaN
+      entries of dR_sq are set to 0 — the whole addition is dropped;
+    * False: NaN kept (the published LXMERT generator).
+
+    Padded tokens never make NaN (:func:`rbar`).  Returns (dR_sq, dR_ss).
     """
+    if nan_guard not in (True, False, "published"):
+        raise ValueError(f"nan_guard={nan_guard!r}; use True, False or 'published'")
     if self_in_rule_10:
-        left = rbar(R_ss, mask_s, nan_guard) if normalize else R_ss
-        right = rbar(R_qq, mask_q, nan_guard) if normalize else R_qq
+        inner = nan_guard is True
+        left = rbar(R_ss, mask_s, inner) if normalize else R_ss
+        right = rbar(R_qq, mask_q, inner) if normalize else R_qq
         d_sq = torch.bmm(torch.bmm(left.transpose(1, 2), abar_sq), right)
     else:
         d_sq = abar_sq
@@ -124,14 +139,16 @@ def _abar(call, masks, fn) -> Tensor:
 
 
 def coupled_generic(coupled, normalize: bool = True, self_in_rule_10: bool = True,
-                    nan_guard: bool = True) -> Dict[Tuple[str, str], Tensor]:
+                    nan_guard: Union[bool, str] = True) -> Dict[Tuple[str, str], Tensor]:
     """The paper's method (``generate_ours`` without LRP), every stream pair's R.
 
     Self-attention calls apply Eqs. 6-7, cross-attention calls Eqs. 10-11;
     the calls of one group are all computed from the state before the group
     (LXMERT's two directions of one cross layer), then added.  ``normalize``
     and ``self_in_rule_10`` are the published ablations; ``nan_guard=False``
-    keeps NaNs as the published LXMERT generator does.
+    keeps NaNs as the published LXMERT generator does, ``"published"``
+    drops a whole Eq. 10 addition that holds a NaN as the published DETR
+    generator does (:func:`bimodal_rule`).
     """
     first = coupled.calls[0].probs
     masks = coupled.masks
@@ -220,7 +237,7 @@ def coupled_rollout(coupled) -> Dict[Tuple[str, str], Tensor]:
 def read_outputs(coupled, R: Dict[Tuple[str, str], Tensor]) -> Dict[str, Tensor]:
     """Each output's explained row of R[row_stream, col_stream]: the explained
     token's own entry set to 0 where asked, padded or dropped columns 0 (text,
-    boxes) or removed and reshaped to the grid (patches)."""
+    boxes); on a grid the ``columns`` are reshaped to it, padded cells 0."""
     maps = {}
     for name, o in coupled.outputs.items():
         row = torch.bmm(o.weights.to(R[o.row_stream, o.col_stream].dtype).unsqueeze(1),
@@ -230,6 +247,6 @@ def read_outputs(coupled, R: Dict[Tuple[str, str], Tensor]) -> Dict[str, Tensor]
         cols = o.columns & coupled.masks.get(o.col_stream, torch.ones_like(o.columns))
         if o.grid is None:
             maps[name] = row.masked_fill(~cols, 0.0)
-        else:
-            maps[name] = row[cols].reshape(row.shape[0], *o.grid)
+        else:  # the grid of the batch: padded cells (mask False) read 0 (DETR's padded feature maps)
+            maps[name] = row.masked_fill(~cols, 0.0)[o.columns].reshape(row.shape[0], *o.grid)
     return maps

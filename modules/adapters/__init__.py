@@ -55,6 +55,7 @@ def _load_library_adapters() -> None:
         import modules.adapters.hf_models  # noqa: F401
         import modules.adapters.lxmert  # noqa: F401
         import modules.adapters.generation  # noqa: F401
+        import modules.adapters.detr  # noqa: F401
         import modules.adapters.vlm  # noqa: F401
     if "timm" in sys.modules or "transformers" in sys.modules:
         try:
