@@ -27,6 +27,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "RULE_SETS",
+    "GRADIENT_RULE_SETS",
+    "IdentityRule",
+    "UniformProduct",
     "ExplanationState",
     "explanation_state",
     "current_state",
@@ -51,10 +54,21 @@ __all__ = [
     "TokenSelect",
 ]
 
-RULE_SETS = ("TA", "LRP")
+RULE_SETS = ("TA", "LRP", "AttnLRP", "CPLRP")
 """``TA``: the rules of transformer attribution (alpha-beta with a shared
 denominator, rescaled residual adds).  ``LRP``: the LRP baselines (separate
-denominators, plain adds)."""
+denominators, plain adds).  ``AttnLRP`` and ``CPLRP``: the gradient rule sets
+(:data:`GRADIENT_RULE_SETS`): one modified backward pass whose gradient
+times the input is the relevance (AttnLRP, Achtibat et al. 2024; CP-LRP, Ali
+et al. 2022; ../shared/METHODS.md section 9)."""
+
+GRADIENT_RULE_SETS = ("AttnLRP", "CPLRP")
+"""Rule sets that change the forward's autograd graph instead of running ``relprop``:
+LayerNorm with a constant standard deviation, the identity rule for GELU and
+tanh, linear layers and convolutions as they are (LRP-0), and in attention
+either the uniform rule for the two bilinear products (AttnLRP: the gradient
+to each factor halved) or constant attention weights (CP-LRP: q and k
+detached)."""
 
 EPS = 1e-9
 
@@ -280,16 +294,87 @@ class Identity(nn.Identity, RelProp):
     pass
 
 
+def _gradient_rules() -> Optional[str]:
+    """The active gradient rule set (AttnLRP / CP-LRP), else None."""
+    state = _STATE.get()
+    return state.rule_set if state is not None and state.rule_set in GRADIENT_RULE_SETS else None
+
+
+class IdentityRule(torch.autograd.Function):
+    """``y = f(x)`` whose backward passes relevance unchanged: the local
+    gradient is ``f(x) / (x + 1e-10)``, so ``x * grad_in = f(x) * grad_out``
+    (AttnLRP's identity rule for element-wise non-linearities, METHODS.md section 9)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, y = ctx.saved_tensors
+        return grad * y / (x + 1e-10), None
+
+
+class UniformProduct(torch.autograd.Function):
+    """``u @ v`` whose backward halves the gradient to each factor: the
+    uniform rule for a bilinear product (AttnLRP), each factor receiving half
+    of the product's relevance."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(u, v)
+        return u @ v
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, v = ctx.saved_tensors
+        gu = 0.5 * (grad @ v.transpose(-2, -1))
+        gv = 0.5 * (u.transpose(-2, -1) @ grad)
+        return _sum_to(gu, u.shape), _sum_to(gv, v.shape)
+
+
+def _sum_to(g: Tensor, shape) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape``."""
+    while g.dim() > len(shape):
+        g = g.sum(dim=0)
+    for i, n in enumerate(shape):
+        if n == 1 and g.shape[i] != 1:
+            g = g.sum(dim=i, keepdim=True)
+    return g
+
+
 class LayerNorm(nn.LayerNorm, RelProp):
-    """Relevance passes LayerNorm unchanged (METHODS.md section 1)."""
+    """Relevance passes LayerNorm unchanged (METHODS.md section 1); under the
+    gradient rule sets the standard deviation is a constant:
+    ``(x - mean) / detach(std) * w + b`` (METHODS.md section 9)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _gradient_rules() is None:
+            return super().forward(x)
+        mean = x.mean(dim=-1, keepdim=True)
+        std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps).detach()
+        y = (x - mean) / std
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
 
 
 class GELU(nn.GELU, RelProp):
-    pass
+    def forward(self, x: Tensor) -> Tensor:
+        if _gradient_rules() is None:
+            return super().forward(x)
+        return IdentityRule.apply(x, super().forward)
 
 
 class Tanh(nn.Tanh, RelProp):
-    pass
+    def forward(self, x: Tensor) -> Tensor:
+        if _gradient_rules() is None:
+            return super().forward(x)
+        return IdentityRule.apply(x, torch.tanh)
 
 
 class Softmax(nn.Softmax, RelProp):
@@ -374,8 +459,15 @@ class MatMul(RelProp):
         self.transpose_v = transpose_v
 
     def forward(self, u: Tensor, v: Tensor) -> Tensor:
-        self._record(u, v)
-        return u @ (v.transpose(-2, -1) if self.transpose_v else v)
+        rules = _gradient_rules()
+        if rules is None:
+            self._record(u, v)
+            return u @ (v.transpose(-2, -1) if self.transpose_v else v)
+        v = v.transpose(-2, -1) if self.transpose_v else v
+        if rules == "AttnLRP":
+            return UniformProduct.apply(u, v)
+        # CP-LRP: the attention weights are constants (the scores' factors q, k detached)
+        return u.detach() @ v.detach() if self.transpose_v else u @ v
 
     def relprop(self, R: Tensor) -> Tuple[Tensor, Tensor]:
         u, v = _require_state().saved(self)

@@ -92,6 +92,7 @@ class Method:
     to_input: bool = False
     compute_coupled: Optional[Callable[..., Dict[str, Tensor]]] = None
     options: Tuple[str, ...] = ()
+    input_gradient: bool = False
     adapter_options: Tuple[str, ...] = ()
 
     @property
@@ -202,8 +203,9 @@ def _attn_gradcam(stream: Stream, start: int, trace: Trace) -> Tensor:
 
 
 def _lrp(stream: Stream, start: int, trace: Trace) -> Tensor:
-    """Full LRP (rule set LRP) to the input: pixels (B, H, W) summed over
-    colour channels, or tokens (B, N) summed over the hidden dimension."""
+    """Relevance at the input (full LRP, AttnLRP, CP-LRP): pixels (B, H, W)
+    summed over colour channels, or tokens (B, N) summed over the hidden
+    dimension (the word embeddings for AttnLRP / CP-LRP)."""
     return trace.input_relevance
 
 
@@ -238,6 +240,9 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("lrp_last_layer", "Partial LRP", "LRP", False, True, _lrp_last_layer, last_layer_only=True,
            self_entry="zero"),
     Method("lrp", "LRP", "LRP", False, True, _lrp, self_entry="zero", to_input=True),
+    Method("attnlrp", "AttnLRP (Achtibat et al. 2024)", "AttnLRP", False, True, _lrp, to_input=True,
+           input_gradient=True),
+    Method("cplrp", "CP-LRP (Ali et al. 2022)", "CPLRP", False, True, _lrp, to_input=True, input_gradient=True),
 )}
 
 ALIASES: Dict[str, str] = {

@@ -22,8 +22,11 @@ from modules.aggregation import minmax_normalize
 from modules.explain import explain
 from modules.methods import METHOD_NAMES
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = load_file(os.path.join(HERE, "data", "engine_reference.safetensors"))
+# methods the reference was saved for (methods added later have no saved map)
+SAVED = [m for m in METHOD_NAMES if f"vit.map.{m}.s0" in REF]
 VIT_KW = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0,
               qkv_bias=True)
 BERT_KW = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
@@ -44,7 +47,7 @@ def _same(got, want):
 
 
 @pytest.mark.parametrize("tag,distilled", [("vit", False), ("deit", True)])
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", SAVED)
 def test_vit_copy_maps_unchanged(tag, distilled, method):
     model = V.VisionTransformer(distilled=distilled, **VIT_KW)
     model.load_state_dict(_weights(tag), strict=True)
@@ -56,7 +59,7 @@ def test_vit_copy_maps_unchanged(tag, distilled, method):
     _same(explain_vit(model, images, method, index=[1, 4, 7]), REF[f"{tag}.map.{method}.idx"])
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", SAVED)
 def test_bert_copy_maps_unchanged(method):
     model = BertForSequenceClassification(BertConfig(**BERT_KW))
     model.load_state_dict(_weights("bert"), strict=True)

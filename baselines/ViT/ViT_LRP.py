@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules import layers as L
-from modules.checkpoints import CheckpointError, load_state, mismatch_report, read_state_dict
+from modules.checkpoints import CheckpointError, load_state, mismatch_report, read_model_config, read_state_dict
 
 __all__ = [
     "VisionTransformer",
@@ -488,16 +488,13 @@ def save_model_dir(model: VisionTransformer, directory: str, extra: Optional[dic
 
 def load_model_dir(directory: str) -> VisionTransformer:
     """Rebuild a model written by :func:`save_model_dir` (weights cast to fp32)."""
-    import json
-
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} (a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg = read_model_config(directory)  # validated: numbers where numbers belong, consistent sizes
     try:
-        with open(path) as f:
-            cfg = json.load(f)
         kwargs = {k: v for k, v in cfg["model_kwargs"].items() if k in _KWARGS}
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: not a model config ({exc})") from None
     model = VisionTransformer(**kwargs)
     state = read_state_dict(os.path.join(directory, WEIGHTS_NAME))
@@ -557,7 +554,13 @@ class ViTCopyAdapter(CopyAdapter):
 
     def forward(self, feed, method):
         x = feed["pixel_values"].detach()
-        return self.model(x.requires_grad_(True) if method.needs_grad else x)  # a leaf: frozen models work too
+        if method.needs_grad or method.input_gradient:
+            x.requires_grad_(True)  # a leaf: frozen models work too
+        feed["_leaf"] = x
+        return self.model(x)
+
+    def gradient_relevance(self, feed, leaf, grad):
+        return (leaf * grad).sum(dim=1)  # pixels x gradient, summed over colour channels
 
     def streams(self, feed, state):
         calls = self.calls(state)

@@ -178,11 +178,16 @@ class Adapter:
         (B, N), or None when stopped early."""
         raise NotImplementedError
 
+    def gradient_relevance(self, feed: Dict[str, Any], leaf: Tensor, grad: Tensor) -> Tensor:
+        """Input relevance of a gradient rule set (copies only): the input
+        ``leaf`` times its gradient, summed over channels / the hidden size."""
+        raise NotImplementedError
+
     # -- the template --------------------------------------------------------
     def record(self, inputs: Any, method: Method, index: Index, start_layer: Optional[int]) -> Trace:
         """Forward pass, the gradients and relevance ``method`` needs, as a :class:`Trace`."""
         feed = self.prepare(inputs, index)
-        with self.recording(method) as recorder, torch.set_grad_enabled(method.needs_grad):
+        with self.recording(method) as recorder, torch.set_grad_enabled(method.needs_grad or method.input_gradient):
             output = self.forward(feed, method)
             logits, target, one_hot = self.score(feed, output, index)
             streams = self.streams(feed, recorder)
@@ -210,7 +215,12 @@ class Adapter:
                 for call, g in zip(needed, grads):
                     call.grad = torch.zeros_like(call.probs) if g is None else g.detach()
             input_relevance = None
-            if method.rule_set is not None:
+            if method.input_gradient:
+                # one modified backward pass: the relevance is input x gradient (METHODS.md section 9)
+                leaf = feed["_leaf"]
+                (g,) = torch.autograd.grad(score.sum(), [leaf])
+                input_relevance = self.gradient_relevance(feed, leaf.detach(), g)
+            elif method.rule_set is not None:
                 stop = None if method.to_input else min(stops)
                 with torch.no_grad():
                     input_relevance = self.relprop(one_hot.detach(), stop, feed, recorder, streams)

@@ -29,7 +29,8 @@ class CopyAdapter(Adapter):
 
     @contextlib.contextmanager
     def recording(self, method: Method) -> Iterator[ExplanationState]:
-        with explanation_state(rule_set=method.rule_set or "TA", save_inputs=method.rule_set is not None) as state:
+        relprop = method.rule_set is not None and not method.input_gradient
+        with explanation_state(rule_set=method.rule_set or "TA", save_inputs=relprop) as state:
             yield state
 
     def calls(self, state: ExplanationState) -> List[AttentionCall]:

@@ -248,8 +248,9 @@ class BertCopyAdapter(CopyAdapter):
         # the word embeddings as a leaf, so the attention maps have a graph
         # even when every parameter is frozen
         embeds = self.model.bert.embeddings.word_embeddings(feed["input_ids"]).detach()
-        if method.needs_grad:
+        if method.needs_grad or method.input_gradient:
             embeds.requires_grad_(True)
+        feed["_leaf"] = embeds
         return self.model(inputs_embeds=embeds, attention_mask=feed["attention_mask"],
                           token_type_ids=feed.get("token_type_ids")).logits
 
@@ -264,3 +265,6 @@ class BertCopyAdapter(CopyAdapter):
     def run_relprop(self, seed, stop, feed):
         r = self.model.relprop(seed, stop_layer=stop)
         return None if r is None else r.sum(dim=-1)
+
+    def gradient_relevance(self, feed, leaf, grad):
+        return (leaf * grad).sum(dim=-1)  # word embeddings x gradient, summed over the hidden size

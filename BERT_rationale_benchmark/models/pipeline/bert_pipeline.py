@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -59,6 +58,7 @@ from BERT_rationale_benchmark.utils import (SPLITS, Annotation, ERASERFormatErro
                                             check_evidence_offsets, load_flattened_documents, load_split)
 from modules import cli  # noqa: E402
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, resolve_method  # noqa: E402
+from modules.ranking import TIE_BREAKS, check_tie_break, top_k_indices  # noqa: E402
 
 __all__ = [
     "DEFAULT_PARAMS", "EncodedDoc", "load_params", "resolve_pretrained", "load_tokenizer", "encode_documents",
@@ -78,7 +78,8 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     "seed": 10111213,
     "train": {"batch_size": 10, "lr": 1e-5, "epochs": 10, "patience": 10, "max_grad_norm": 1.0,
               "select_on_val": True, "eval_batch_size": 32},
-    "explain": {"batch_size": 8, "k": [10, 20, 30, 40, 50, 60, 70, 80], "heatmaps": 5},
+    "explain": {"batch_size": 8, "k": [10, 20, 30, 40, 50, 60, 70, 80], "heatmaps": 5, "tie_break": "random",
+                "tie_seed": 0},
 }
 
 
@@ -158,6 +159,10 @@ def validate_params(params: Dict[str, Any], where: str = "parameters") -> None:
         raise cli.CLIError(f"{where}: explain.k must be a list of positive integers, got {ks!r}")
     if len(set(ks)) != len(ks):
         raise cli.CLIError(f"{where}: explain.k repeats a value: {ks!r}")
+    if ep["tie_break"] not in TIE_BREAKS:
+        raise cli.CLIError(f"{where}: explain.tie_break must be one of {', '.join(TIE_BREAKS)}, "
+                           f"got {ep['tie_break']!r}")
+    num(ep["tie_seed"], "explain.tie_seed", int, minimum=0, maximum=2 ** 63 - 1, where=where)
 
 
 def _model_dir_of_package(dist_name: str) -> Path:
@@ -605,12 +610,20 @@ def load_or_train_classifier(params: Dict[str, Any], data_dir: str | Path, outpu
 # ----------------------------------------------------------------------------------------------
 # explanations and rationales
 # ----------------------------------------------------------------------------------------------
-def top_k_words(word_scores: Sequence[Optional[float]], k: int) -> List[int]:
-    """Indices of the ``k`` highest scores, best first; ties go to the earlier
-    word, NaN scores last, None (a word without wordpieces) never.  Fewer
-    than ``k`` scored words: all of them."""
-    key = [(-s if s == s else math.inf, i) for i, s in enumerate(word_scores) if s is not None]
-    return [i for _, i in sorted(key)[:k]]
+def top_k_words(word_scores: Sequence[Optional[float]], k: int, tie_break: str = "random",
+                tie_seed: int = 0) -> List[int]:
+    """Indices of the ``k`` highest scores, best first; None (a word without
+    wordpieces) never; fewer than ``k`` scored words: all of them.  Words of
+    equal score are ordered by ``tie_break`` (:mod:`modules.ranking`, issue
+    16): ``random`` = a seeded permutation of the scored words' positions,
+    ``topk`` = ``torch.topk`` as the published pipeline, ``raster`` = the
+    earlier word first (this function's rule before).  NaN scores are refused
+    upstream (non-finite relevance exits 2)."""
+    check_tie_break(tie_break)
+    idx = [i for i, s in enumerate(word_scores) if s is not None]
+    values = torch.tensor([[float(word_scores[i]) for i in idx]], dtype=torch.float64)
+    chosen = top_k_indices(values, min(k, len(idx)), True, tie_break, tie_seed)[0].tolist()
+    return [idx[j] for j in chosen]
 
 
 def doc_word_scores(piece_scores: Tensor, doc: EncodedDoc) -> List[Optional[float]]:
@@ -680,7 +693,8 @@ RUN_FILE = "run.json"
 
 def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[EncodedDoc],
                          scores: List[List[Optional[float]]], probs: Tensor, classes: Sequence[str],
-                         method: str, heatmaps: int, provenance: Optional[Dict[str, Any]] = None) -> None:
+                         method: str, heatmaps: int, provenance: Optional[Dict[str, Any]] = None,
+                         tie_break: str = "random", tie_seed: int = 0) -> None:
     """Every file of one method (rationales for each k, heatmaps, ``run.json``),
     written to a temporary folder and published as ``folder`` by one rename."""
     with cli.atomic_directory(str(folder)) as tmp:
@@ -690,7 +704,8 @@ def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[Encoded
         for k in ks:
             with open(Path(tmp) / f"identifier_results_{k}.json", "w", encoding="utf-8") as f:
                 for doc, s, p in zip(docs, scores, probs):
-                    f.write(json.dumps(_result_record(doc, top_k_words(s, k), p, classes)) + "\n")
+                    f.write(json.dumps(_result_record(doc, top_k_words(s, k, tie_break, tie_seed), p, classes))
+                            + "\n")
         for i in range(min(heatmaps, len(docs))):
             _write_heatmaps(Path(tmp) / "heatmaps", i, docs[i], scores[i], method, probs[i], classes)
 
@@ -735,6 +750,7 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
         "split": split, "documents": len(docs), "accuracy": acc, "max_length": max_length,
         "truncated": n_trunc, "truncated_ids": [d.annotation_id for d in docs if d.truncated],
         "methods": {}, "k": list(params["explain"]["k"]),
+        "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
     }
     ks = sorted(params["explain"]["k"])
     import hashlib
@@ -743,6 +759,7 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
     provenance = {
         "split": split, "classifier_sha256": file_sha256(str(cls_dir / "config.json"), str(cls_dir / "model.safetensors")), "max_length": max_length,
         "k": ks, "documents": len(docs),
+        "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
         "data_sha256": hashlib.sha256(json.dumps(
             [[d.annotation_id, d.docid, d.label, d.words] for d in docs]).encode()).hexdigest(),
     }
@@ -753,7 +770,7 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
         scores = explain_documents(model, docs, name, int(params["explain"]["batch_size"]),
                                    tokenizer.pad_token_id, device)
         _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]),
-                             provenance)
+                             provenance, params["explain"]["tie_break"], int(params["explain"]["tie_seed"]))
         summary["methods"][name] = {"seconds": time.time() - t0}
         print(f"{name}: wrote identifier_results_{{{','.join(map(str, ks))}}}.json to {folder} "
               f"({time.time() - t0:.1f} s)")
