@@ -35,6 +35,7 @@ padding ``generate`` appends once a sample has finished): those maps are 0.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Union
 
@@ -221,15 +222,22 @@ def explain_generation(model: nn.Module, inputs: Any, max_new_tokens: int = 20,
     source_maps: List[Tensor] = []
     target_maps: List[Tensor] = []
     scores: List[Tensor] = []
+    shift = 0  # logits row = decoder column - shift
+    kwargs = {}
+    if causal and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        # only the explained positions (the last K columns) go through the (large) output layer: each of the
+        # K gradients then skips the dense backward of the vocabulary projection at every prompt position
+        kwargs["logits_to_keep"] = K
+        shift = full["input_ids"].shape[1] - K
     with adapter.recording(m) as cap, torch.enable_grad():
-        output = adapter.forward(feed, m)
+        output = model(**adapter.model_kwargs(feed), use_cache=False, return_dict=True, **kwargs)
         logits = output.logits
         records = list(cap.records)
         probs = [r.probs for r in records]
         detached = [(r.name, r.probs.detach()) for r in records]
         for k in range(K):
             rows = base + k
-            score = logits[arange, rows].gather(1, tokens[:, k:k + 1]).squeeze(1)
+            score = logits[arange, rows - shift].gather(1, tokens[:, k:k + 1]).squeeze(1)
             scores.append(score.detach())
             coupled = adapter.coupled(feed, detached, rows)
             if m.needs_grad:

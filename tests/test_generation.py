@@ -452,18 +452,23 @@ def test_explain_generation(name):
         torch.testing.assert_close(one.target[0], out.target[i, :kk, :one.target.shape[2]], atol=1e-5, rtol=1e-4)
 
 
-def test_explain_generation_stops_at_the_end_of_sequence():
-    model = build("t5")
-    inputs = _generation_inputs("t5")
-    out = explain_generation(model, inputs, max_new_tokens=3)
-    # make the first generated token the end-of-sequence token: every later map is 0
-    eos = int(out.tokens[0, 0])
+def test_explain_generation_marks_tokens_after_the_end_of_sequence():
+    model = build("gpt2")
+    inputs = _generation_inputs("gpt2")
+    out = explain_generation(model, inputs, max_new_tokens=4)
+    eos = int(out.tokens[0, 2])  # make sample 0's third token its end-of-sequence token
+    assert eos not in out.tokens[1, :3].tolist() and eos not in out.tokens[0, :2].tolist()
     model.generation_config.eos_token_id = eos
     try:
-        ended = explain_generation(model, _single(inputs, 0), max_new_tokens=3)
+        ended = explain_generation(model, inputs, max_new_tokens=4)
     finally:
         model.generation_config.eos_token_id = EOS
-    assert ended.tokens.shape[1] == 1 and ended.generated.all()
+    assert ended.generated[0].tolist() == [True, True, True, False]
+    assert (ended.source[0, 3] == 0).all() and (ended.target[0, 3] == 0).all()
+    n = ended.tokens.shape[1]
+    assert torch.equal(ended.tokens[:, :3], out.tokens[:, :3])
+    torch.testing.assert_close(ended.source[:, :3], out.source[:, :3], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ended.target[1, :n], out.target[1, :n, :n - 1], atol=1e-5, rtol=1e-4)
 
 
 def test_explain_generation_methods_and_bad_arguments():
