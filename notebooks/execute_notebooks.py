@@ -18,7 +18,8 @@ at once; its code cells must have been run in order (execution counts
 1, 2, 3, ...); and a fresh run must produce the same outputs cell by cell:
 the same output kinds, the same number of pictures, and the same text once
 every number is masked (so float noise between machines does not count,
-while a changed message, class name or word does).  Standard error
+while a changed message, class name or word does; a figure's size and panel
+count are compared as they are).  Standard error
 (warnings, progress bars) is not compared.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ _PROBE = ("import sys as _sys, resource as _r; _u = _r.getrusage(_r.RUSAGE_SELF)
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FIGURE = re.compile(r"<Figure size [0-9.]+x[0-9.]+ with [0-9]+ Axes>")
 
 
 class NotebookError(Exception):
@@ -133,7 +135,10 @@ def _text(value) -> str:
 def summarize(nb) -> List[List[Tuple]]:
     """Per code cell, what its outputs show, robust to float noise:
     ``("stdout", masked text)``, ``("data", mime types, masked text/plain,
-    masked text/html, pictures)`` or ``("error", name)``; stderr is left out."""
+    masked text/html, pictures)`` or ``("error", name)``; stderr is left out.
+    A matplotlib figure's text (``<Figure size 1040x560 with 8 Axes>``) is
+    kept unmasked: its size and number of panels follow from the code, so a
+    grid that gained a panel (a new method, say) is stale."""
     cells = []
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -151,7 +156,10 @@ def summarize(nb) -> List[List[Tuple]]:
             elif kind in ("display_data", "execute_result"):
                 data = out.get("data", {})
                 pictures = sum(1 for m in data if m in PICTURE_TYPES)
-                items.append(("data", tuple(sorted(data)), _mask(_text(data.get("text/plain", ""))),
+                plain = _text(data.get("text/plain", ""))
+                if not _FIGURE.fullmatch(plain):  # a figure's size and panel count are kept: they follow the code
+                    plain = _mask(plain)
+                items.append(("data", tuple(sorted(data)), plain,
                               _mask(_text(data.get("text/html", ""))), pictures))
             elif kind == "error":
                 items.append(("error", out.get("ename", "")))

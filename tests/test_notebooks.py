@@ -72,17 +72,19 @@ def test_stale_reasons_ignore_float_noise_and_stderr_but_not_words_or_pictures()
     noisy.cells[2].outputs[0].data["image/png"] = "AAAA"  # other pixels, same picture count
     assert en.stale_reasons(base, noisy) == []
 
-    for change in ("words", "picture", "kind"):
+    for change in ("words", "picture", "panels", "kind"):
         fresh = copy.deepcopy(base)
         if change == "words":
             fresh.cells[0].outputs = [_stdout("held-out accuracy: 0.9375 on 64 films\n")]
         elif change == "picture":
             fresh.cells[2].outputs = [_png(), _png()]
+        elif change == "panels":  # the same picture count, a grid with one more panel
+            fresh.cells[2].outputs[0].data["text/plain"] = "<Figure size 640x480 with 2 Axes>"
         else:
             fresh.cells[0].outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="x", traceback=[])]
         reasons = en.stale_reasons(base, fresh)
-        assert len(reasons) == 1 and reasons[0].startswith("code cell 1:" if change != "picture" else "code cell 2:"), (
-            change, reasons)
+        cell = "code cell 2:" if change in ("picture", "panels") else "code cell 1:"
+        assert len(reasons) == 1 and reasons[0].startswith(cell), (change, reasons)
 
 
 def test_stale_reasons_catch_edited_code_and_out_of_order_runs():
