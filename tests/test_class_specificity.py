@@ -100,7 +100,7 @@ def scene_data(tmp_path_factory):
     from data.scenes import main as scenes_main
 
     out = tmp_path_factory.mktemp("scenes")
-    assert scenes_main(["--out-dir", str(out), "--split", "val", "--count", "5", "--seed", "1", "--size", "48",
+    assert scenes_main(["--out-dir", str(out), "--split", "val", "--count", "4", "--seed", "1", "--size", "48",
                         "--min-objects", "2", "--max-objects", "2", "--distinct-classes", "--separated",
                         "--formats", "coco", "--quiet"]) == 0
     return out
@@ -122,20 +122,20 @@ def tiny_model_dir(tmp_path_factory):
 def _run(scene_data, model_dir, out, *extra):
     return CS.main(["--annotations", str(scene_data / "annotations" / "instances_val.json"),
                     "--image-dir", str(scene_data / "val"), "--weights", model_dir, "--output-dir", str(out),
-                    "--device", "cpu", "--batch-size", "2", "--num-overlays", "1", "--quiet", *extra])
+                    "--device", "cpu", "--batch-size", "2", "--num-overlays", "1", "--threads", "1", "--quiet", *extra])
 
 
 def test_cli_end_to_end_and_resume(scene_data, tiny_model_dir, tmp_path, capsys):
     from data.scenes import SceneConfig, generate_scene
 
     out = tmp_path / "run"
-    res = _run(scene_data, tiny_model_dir, out, "--limit", "3")
+    res = _run(scene_data, tiny_model_dir, out, "--limit", "2")
     saved = json.loads((out / "results.json").read_text())
-    assert saved["n_images"] == 3 and saved["methods"] == list(CS.METHOD_NAMES)
+    assert saved["n_images"] == 2 and saved["methods"] == list(CS.METHOD_NAMES)
     for f in ("table.md", "plot.png", "per_image.jsonl", "overlays/image_1.png"):
         assert (out / f).is_file(), f
     lines = [json.loads(x) for x in (out / "per_image.jsonl").read_text().splitlines()]
-    assert [r["image_id"] for r in lines] == [1, 2, 3]
+    assert [r["image_id"] for r in lines] == [1, 2]
     # the classes and regions are the scene's own objects
     sc = generate_scene(0, seed=1, split="val", config=SceneConfig(size=48, min_objects=2, max_objects=2,
                                                                   distinct_classes=True, separated=True))
@@ -148,14 +148,14 @@ def test_cli_end_to_end_and_resume(scene_data, tiny_model_dir, tmp_path, capsys)
     # the summary is the mean of the per-image lines
     ta = [r["methods"]["transformer_attribution"] for r in lines]
     assert saved["all"]["transformer_attribution"]["pointing_game"] == pytest.approx(
-        sum(sum(t["pointing"]) for t in ta) / 6)
+        sum(sum(t["pointing"]) for t in ta) / 4)
     # resume: the scored pictures are kept, the rest are added
     capsys.readouterr()
     res2 = _run(scene_data, tiny_model_dir, out, "--resume")
-    assert "resuming: 3 of 5" in capsys.readouterr().out
-    assert res2["n_images"] == 5
+    assert "resuming: 2 of 4" in capsys.readouterr().out
+    assert res2["n_images"] == 4
     lines2 = [json.loads(x) for x in (out / "per_image.jsonl").read_text().splitlines()]
-    assert [r["image_id"] for r in lines2] == [1, 2, 3, 4, 5] and lines2[:3] == lines
+    assert [r["image_id"] for r in lines2] == [1, 2, 3, 4] and lines2[:2] == lines
     assert res["weights_sha256"] == res2["weights_sha256"]
 
 
@@ -172,7 +172,7 @@ def test_real_layout_with_boxes_and_model_index(scene_data, tiny_model_dir, tmp_
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(coco))
     pairs, skipped = CS.read_pairs(str(path), str(scene_data / "val"), (), 8)
-    assert len(pairs) == 5 and skipped["not_two_classes"] == 1
+    assert len(pairs) == 4 and skipped["not_two_classes"] == 1
     x, regions = CS.load_pair(pairs[0], (48, 48), (0.5,) * 3, (0.5,) * 3)
     anns = pairs[0].anns[0]
     x0, y0, w, h = (int(v) for v in anns[0]["bbox"])
@@ -182,7 +182,7 @@ def test_real_layout_with_boxes_and_model_index(scene_data, tiny_model_dir, tmp_
     res = CS.main(["--annotations", str(path), "--image-dir", str(scene_data / "val"), "--weights", tiny_model_dir,
                    "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--methods", "rollout",
                    "generic_attribution", "--num-overlays", "0", "--quiet"])
-    assert res["n_images"] == 5 and res["skipped"]["not_two_classes"] == 1
+    assert res["n_images"] == 4 and res["skipped"]["not_two_classes"] == 1
 
 
 def test_bad_input_exits_2(scene_data, tiny_model_dir, tmp_path, capsys):

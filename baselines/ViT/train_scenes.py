@@ -175,7 +175,17 @@ def _initial_model(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
         if tuple(kw.img_size) != (args.size, args.size) or model.head.out_features != len(CLASS_NAMES):
             raise ValueError(f"--init {args.init}: model input {tuple(kw.img_size)} / {model.head.out_features} "
                              f"classes does not fit --size {args.size} and {len(CLASS_NAMES)} classes")
-        return model, {"init": os.path.relpath(os.path.abspath(args.init)), "init_sha256": weights_sha256(args.init)}
+        info = {"init": os.path.relpath(os.path.abspath(args.init)), "init_sha256": weights_sha256(args.init)}
+        try:  # a model from this script: keep how it was made, so a staged recipe stays reproducible
+            with open(os.path.join(args.init, "config.json")) as fh:
+                made = json.load(fh)
+            info["init_command"] = made.get("command")
+            info["init_training_seconds"] = (made.get("history") or {}).get("train_seconds")
+            if isinstance(made.get("history"), dict) and made["history"].get("init"):
+                info["init_of_init"] = {k: made["history"].get(k) for k in ("init", "init_sha256", "init_command")}
+        except (OSError, ValueError, AttributeError):
+            pass
+        return model, info
     model = VisionTransformer(img_size=args.size, patch_size=args.patch_size, in_chans=3, num_classes=len(CLASS_NAMES),
                               embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
                               mlp_ratio=args.mlp_ratio, qkv_bias=True, distilled=False)
