@@ -317,12 +317,13 @@ def _overlay(path: str, image: torch.Tensor, regions: torch.Tensor, names: Seque
     base = (img * 255).round().astype(np.uint8)
     colours = ((255, 255, 255), (255, 0, 255))
     outlined = draw_outline(draw_outline(base, regions[0].numpy(), colours[0]), regions[1].numpy(), colours[1])
-    rows = [[(f"{names[0]} (white) / {names[1]} (magenta)", outlined)]]
+    rows = [[(f"{names[0]} (white)\n{names[1]} (magenta)", outlined)]]
     for m in methods:
         row = []
         for k in range(2):
-            pic = overlay(img, maps[m][k].numpy(), clip_percentile=99.5 if m == "lrp" else None)
-            row.append((f"{METHODS[m].label}: {names[k]}", draw_outline(pic, regions[k].numpy(), colours[k])))
+            # pixel-level LRP maps have a few extreme values: clip every map for the eye
+            pic = overlay(img, maps[m][k].numpy(), clip_percentile=99.5)
+            row.append((f"{METHODS[m].label}:\n{names[k]}", draw_outline(pic, regions[k].numpy(), colours[k])))
         rows.append(row)
     return save_grid(path, rows, title=title)
 
