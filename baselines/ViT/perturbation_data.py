@@ -198,8 +198,10 @@ def encode_maps(maps: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     scale = np.where(ok, scale, 1.0).astype(np.float32)
     offset = np.where(np.isfinite(offset), offset, 0.0).astype(np.float32)
     shape = (-1, *([1] * (maps.ndim - 1)))
+    if not np.isfinite(maps).all():
+        raise InputError("maps hold NaN or Inf values; refusing to store them (as zeros)")
     vis = np.clip((maps - offset.reshape(shape)) / scale.reshape(shape), 0.0, 1.0)
-    return np.nan_to_num(vis).astype(np.float16), scale, offset
+    return vis.astype(np.float16), scale, offset
 
 
 def decode_maps(vis: np.ndarray, scale: np.ndarray, offset: Optional[np.ndarray] = None) -> np.ndarray:

@@ -317,9 +317,15 @@ def run(args: argparse.Namespace) -> Dict:
         raise InputError(f"{results} holds maps of vis-class {identity['vis_class']!r}, not {args.vis_class!r}")
 
     images = open_image_tree(args.imagenet_validation_path or info["dataset_root"])
+    from baselines.ViT.generate_visualizations import check_tree, content_sha256
+
+    check_tree(images)  # a symlink loop would count images twice
     if images.sha256() != identity["dataset_sha256"]:
         raise InputError(f"{images.root} is not the image tree {results} was made from "
                          f"(its file list differs from {info.get('dataset_root')})")
+    if "dataset_content_sha256" in identity and content_sha256(images) != identity["dataset_content_sha256"]:
+        raise InputError(f"{images.root}: images changed since {results} was made (same names, other bytes); "
+                         "make the maps again")
     weights = args.weights or info.get("weights")
     if weights is None or not os.path.exists(weights):
         raise InputError(f"weights {weights} not found; pass --weights")
