@@ -237,13 +237,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in paths:
         try:
             committed = nbformat.read(str(path), as_version=4)
+            nbformat.validate(committed)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, nbformat.ValidationError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"error: cannot read {path} as a notebook: {first}", file=sys.stderr)
+            return 2
+        try:
             nb, seconds, cpu, executable = execute(path, args.timeout)
         except NotebookError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        except (OSError, nbformat.reader.NotJSONError) as exc:
-            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
-            return 2
         if args.check:
             reasons = stale_reasons(committed, nb)
             failed |= bool(reasons)
