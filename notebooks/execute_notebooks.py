@@ -122,10 +122,10 @@ def execute(path: Path, timeout: int = 600) -> Tuple["nbformat.NotebookNode", fl
 
 
 def _mask(text: str) -> str:
-    """Text with every number and memory address replaced by '#', runs of blanks collapsed."""
+    """Text with every number and memory address replaced by '#', all white space runs made one blank."""
     text = _ADDRESS.sub("#", text)
     text = _NUMBER.sub("#", text)
-    return re.sub(r"[ \t]+", " ", text).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _text(value) -> str:
@@ -148,9 +148,9 @@ def summarize(nb) -> List[List[Tuple]]:
             kind = out.get("output_type")
             if kind == "stream":
                 if out.get("name") == "stdout":
-                    text = _mask(_text(out.get("text", "")))
+                    text = _text(out.get("text", ""))
                     if items and items[-1][0] == "stdout":  # one print may arrive in several messages
-                        items[-1] = ("stdout", _mask(items[-1][1] + "\n" + text))
+                        items[-1] = ("stdout", items[-1][1] + text)
                     else:
                         items.append(("stdout", text))
             elif kind in ("display_data", "execute_result"):
@@ -163,7 +163,7 @@ def summarize(nb) -> List[List[Tuple]]:
                               _mask(_text(data.get("text/html", ""))), pictures))
             elif kind == "error":
                 items.append(("error", out.get("ename", "")))
-        cells.append(items)
+        cells.append([("stdout", _mask(item[1])) if item[0] == "stdout" else item for item in items])
     return cells
 
 
@@ -201,9 +201,25 @@ def stale_reasons(committed, executed=None) -> List[str]:
     return reasons
 
 
+def _coalesce_streams(nb) -> None:
+    """Merge consecutive outputs of one stream (a print the kernel sent in several messages), in place."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.outputs:
+            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text = _text(merged[-1].text) + _text(out.text)
+            else:
+                merged.append(out)
+        cell.outputs = merged
+
+
 def save_executed(nb, path: Path, seconds: float, cpu_seconds: float) -> None:
-    """Write the executed notebook with its code hash (and its run time, for information)."""
+    """Write the executed notebook (streams coalesced) with its code hash (and its run time, for information)."""
     nb = copy.deepcopy(nb)
+    _coalesce_streams(nb)
     nb.metadata[META_KEY] = {"code_sha256": code_hash(nb), "wall_seconds": round(seconds),
                              "kernel_cpu_seconds": round(cpu_seconds),
                              "written_by": "notebooks/execute_notebooks.py"}

@@ -72,6 +72,12 @@ def test_stale_reasons_ignore_float_noise_and_stderr_but_not_words_or_pictures()
     noisy.cells[2].outputs[0].data["image/png"] = "AAAA"  # other pixels, same picture count
     assert en.stale_reasons(base, noisy) == []
 
+    split = copy.deepcopy(base)  # one print the kernel sent in pieces, a number cut in two, stderr in between
+    split.cells[0].outputs = [_stdout("held-out accuracy:"), _stdout(" 0.9"),
+                              nbformat.v4.new_output("stream", name="stderr", text="warning\n"),
+                              _stdout("219 on 64 reviews\n")]
+    assert en.stale_reasons(base, split) == []
+
     for change in ("words", "picture", "panels", "kind"):
         fresh = copy.deepcopy(base)
         if change == "words":
@@ -102,6 +108,16 @@ def test_stale_reasons_catch_edited_code_and_out_of_order_runs():
     unsaved = copy.deepcopy(base)
     del unsaved.metadata[en.META_KEY]
     assert "no code hash recorded" in en.stale_reasons(unsaved)[0]
+
+
+def test_save_executed_records_the_code_hash_and_joins_split_prints(tmp_path):
+    nb = _executed_like(_notebook("print('held-out accuracy', 0.9)"))
+    del nb.metadata[en.META_KEY]
+    nb.cells[0].outputs = [_stdout("held-out "), _stdout("accuracy 0.9\n")]
+    en.save_executed(nb, tmp_path / "n.ipynb", seconds=1.0, cpu_seconds=0.5)
+    saved = nbformat.read(str(tmp_path / "n.ipynb"), as_version=4)
+    assert [o.text for o in saved.cells[0].outputs] == ["held-out accuracy 0.9\n"]
+    assert en.stale_reasons(saved) == [] and en.stale_reasons(saved, nb) == []
 
 
 def test_a_raising_cell_fails_with_the_error(tmp_path):
