@@ -6,6 +6,12 @@ adds the ratio to the model's forward+backward at the same batch size and
 writes a JSON file and a Markdown table.
 
     python benchmarks/iccv_speed.py --models detr --batch-sizes 1 8 --threads 2 --device cpu
+    python benchmarks/iccv_speed.py --models lxmert --batch-sizes 1 8 --threads 2 --device cpu
+
+LXMERT: ``LxmertForQuestionAnswering(LxmertConfig())`` — base size (9 language,
+5 object-relationship, 5 cross layers, hidden 768), random weights, 20 question
+tokens and 36 boxes of 2048 features; forward, forward+backward and every
+attention method (the predicted answer explained).
 
 DETR: ``DetrForObjectDetection(DetrConfig(use_pretrained_backbone=False))``
 — DETR-R50 sized (timm ResNet-50 backbone built offline, 6+6 layers, 100
@@ -107,7 +113,50 @@ def bench_detr(batch_sizes: Sequence[int], device: torch.device, warmup: int, re
     return rows
 
 
-MODELS: Dict[str, Callable[..., List[dict]]] = {"detr": bench_detr}
+# --------------------------------------------------------------------------
+# LXMERT
+# --------------------------------------------------------------------------
+def bench_lxmert(batch_sizes: Sequence[int], device: torch.device, warmup: int, repeats: int,
+                 tokens: int = 20, boxes: int = 36, methods: Optional[Sequence[str]] = None, **_: object) -> List[dict]:
+    """LXMERT base size (``LxmertConfig()`` defaults: 9 language, 5 object, 5 cross layers, hidden 768,
+    3129 answers, 2048-value box features), random weights, ``tokens`` question tokens and ``boxes``
+    boxes: forward, forward+backward, and every attention method (the predicted answer explained)."""
+    import transformers as tf
+
+    from modules.explain import explain
+    from modules.methods import ATTENTION_METHODS
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = tf.LxmertForQuestionAnswering(tf.LxmertConfig()).to(device).eval()
+    methods = list(ATTENTION_METHODS if methods is None else methods)
+    rows: List[dict] = []
+    for B in batch_sizes:
+        g = torch.Generator().manual_seed(B)
+        inputs = {"input_ids": torch.randint(1000, 20000, (B, tokens), generator=g).to(device),
+                  "attention_mask": torch.ones(B, tokens, dtype=torch.long, device=device),
+                  "visual_feats": torch.randn(B, boxes, 2048, generator=g).to(device),
+                  "visual_pos": torch.rand(B, boxes, 4, generator=g).to(device)}
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(**inputs)
+
+        def forward_backward() -> None:
+            out = model(**inputs).question_answering_score
+            out.gather(1, out.argmax(-1, keepdim=True)).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+        fns: List[Tuple[str, Callable[[], object]]] = [("forward", forward), ("forward+backward", forward_backward)]
+        fns += [(f"explain {m}", lambda m=m: explain(model, inputs, m)) for m in methods]
+        for what, t in time_rows(fns, device, warmup, repeats).items():
+            rows.append({"model": "LXMERT base (random weights)", "input": f"{tokens} tokens, {boxes} boxes",
+                         "batch": B, "what": what, **t})
+            print(f"  batch {B:>2}  {what:<40} {t['seconds']:8.2f} s", flush=True)
+    return rows
+
+
+MODELS: Dict[str, Callable[..., List[dict]]] = {"detr": bench_detr, "lxmert": bench_lxmert}
 """Model name -> benchmark function (add LXMERT etc. here)."""
 
 
@@ -157,7 +206,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[dict] = []
     for name in args.models:
         print(f"{name}:", flush=True)
-        kwargs = {"queries": args.queries, "methods": args.methods} if name == "detr" else {}
+        kwargs = {"queries": args.queries, "methods": args.methods} if name == "detr" else {"methods": args.methods}
         rows += MODELS[name](args.batch_sizes, device, args.warmup, args.repeats, **kwargs)
         with_ratios(rows)
         atomic_write_json(args.out, {"meta": meta, "rows": rows})  # incremental: each model as it finishes
