@@ -19,8 +19,8 @@ import transformers as tf
 from PIL import Image
 
 from modules.adapters.detr import resolve_detection_index
-from modules.detection import (box_cxcywh_to_xyxy, detection_masks, explain_detections, masks_from_maps,
-                               otsu_binarize, preprocess)
+from modules.detection import (detection_masks, explain_detections, masks_from_maps, otsu_binarize,
+                               preprocess)
 from modules.explain import explain, explain_trace
 from modules.methods import ATTENTION_METHODS
 from tests.test_generic import _assert_unchanged, _randomize, _snapshot
