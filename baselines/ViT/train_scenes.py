@@ -13,15 +13,21 @@ each drawn under a random rotation by a multiple of 90 degrees and
 mirroring.  A training-only dense loss speeds learning up: a linear layer on
 each final patch token names the class of the object covering the patch
 (or background), from the scenes' exact masks; it is dropped when the model
-is saved, so the shipped model is the plain classifier.  Everything is seeded, so the same command on the same software
-and thread count reproduces the shipped model::
+is saved, so the shipped model is the plain classifier.  Everything is
+seeded, so the same commands on the same software and thread count
+reproduce the shipped model, trained in three stages (each run's
+``config.json`` records its command and how its starting model was made)::
 
-    python baselines/ViT/train_scenes.py --out-dir samples/synthetic_scenes_vit
+    python baselines/ViT/train_scenes.py --out-dir stage1 --steps 3000 --lr 1e-3
+    python baselines/ViT/train_scenes.py --init stage1 --out-dir stage2 --steps 1600 --lr 2e-3 --seed 1
+    python baselines/ViT/train_scenes.py --init stage2 --out-dir samples/synthetic_scenes_vit \
+        --steps 1500 --lr 1.5e-3 --seed 2
 
 Validation: two-object scenes of two different classes, apart from each
 other (the scenes of the class-specificity benchmark), and the share of them
 whose two classes are the model's top 2 (``top_k_all_present``: for a scene
-with k distinct classes, every present class is among the k highest logits).
+with k distinct classes, every present class is among the k highest logits)
+and are among its top 3 (``top_k_plus_1_all_present``).
 ``config.json`` records the command, the data seed, this accuracy and the
 training history; the folder loads with
 :func:`baselines.ViT.ViT_LRP.load_model_dir`.
