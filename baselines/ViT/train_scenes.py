@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=3, help="most objects per training scene")
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    p.add_argument("--pool-size", type=int, default=12000, help="training scenes generated once and reused "
+    p.add_argument("--pool-size", type=int, default=10000, help="training scenes generated once and reused "
                                                                 "under random 90-degree rotations and mirroring")
     p.add_argument("--loss", choices=("soft_ce", "bce"), default="soft_ce",
                    help="soft_ce: softmax cross-entropy with the present classes sharing the target; "
