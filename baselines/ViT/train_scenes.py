@@ -18,10 +18,11 @@ seeded, so the same commands on the same software and thread count
 reproduce the shipped model, trained in three stages (each run's
 ``config.json`` records its command and how its starting model was made)::
 
-    python baselines/ViT/train_scenes.py --out-dir stage1 --steps 3000 --lr 1e-3
-    python baselines/ViT/train_scenes.py --init stage1 --out-dir stage2 --steps 1600 --lr 2e-3 --seed 1
-    python baselines/ViT/train_scenes.py --init stage2 --out-dir samples/synthetic_scenes_vit \
-        --steps 1500 --lr 1.5e-3 --seed 2
+    python baselines/ViT/train_scenes.py --out-dir stage1 --pool-size 10000 --steps 3000 --lr 1e-3
+    python baselines/ViT/train_scenes.py --init stage1 --out-dir stage2 --pool-size 10000 \\
+        --steps 1600 --lr 2e-3 --seed 1
+    python baselines/ViT/train_scenes.py --init stage2 --out-dir samples/synthetic_scenes_vit \\
+        --pool-size 10000 --steps 1500 --lr 1.5e-3 --seed 2
 
 Validation: two-object scenes of two different classes, apart from each
 other (the scenes of the class-specificity benchmark), and the share of them
