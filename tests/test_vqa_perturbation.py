@@ -81,3 +81,21 @@ def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
     assert vp.main(["--model-dir", str(tmp_path), "--scenes", "1", "--output-dir", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
+
+
+def test_shipped_vqa_standin_loads_and_keeps_its_recorded_accuracy():
+    """samples/synthetic_scenes_lxmert: re-measure the recorded validation accuracy on its first 40 scenes."""
+    import os
+
+    from transformers import AutoTokenizer, LxmertForQuestionAnswering
+
+    from baselines.LXMERT.train_scenes_lxmert import accuracy_by_type, build_split
+
+    d = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "synthetic_scenes_lxmert")
+    model = LxmertForQuestionAnswering.from_pretrained(d, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    assert tok.convert_tokens_to_ids("disk") != tok.convert_tokens_to_ids("[UNK]")  # the vocabulary survived
+    record = model.config.standin
+    val = build_split("val", 40, record["data_seed"], tok, progress=False)
+    acc = accuracy_by_type(model, val, torch.device("cpu"))
+    assert abs(acc["all"] - record["val_accuracy"]["all"]) < 0.12
