@@ -101,3 +101,18 @@ def test_mask_eval_bad_input(tiny_detr_dir, tmp_path, capsys):
     assert "give either --scenes" in capsys.readouterr().err
     assert dme.main(["--model-dir", str(tmp_path), "--scenes", "1", "--output-dir", str(tmp_path / "y")]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_shipped_detector_loads_and_keeps_its_recorded_ap50():
+    """samples/synthetic_scenes_detr: re-measure AP50 on the first 60 of its validation scenes."""
+    import os
+
+    import torch
+    import transformers as tf
+
+    d = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "synthetic_scenes_detr")
+    model = tf.ConditionalDetrForObjectDetection.from_pretrained(d, local_files_only=True).eval()
+    record = model.config.standin
+    pool = tsd.scene_pool(60, record["data_seed"], "val", record["size"])
+    ap = tsd.ap50(tsd.predict(model, pool, torch.device("cpu")), pool, nms=False)
+    assert abs(ap - record["val"]["ap50"]) < 0.12
