@@ -74,7 +74,7 @@ __all__ = [
     "check_number", "add_device_arg", "add_weights_arg", "add_threads_arg", "add_seed_arg", "apply_threads",
     "default_device", "resolve_device", "set_tf32", "check_finite", "check_output_dir", "check_output_file",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory", "publish_dir",
-    "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS",
+    "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS", "resume_results",
 ]
 
 EXIT_INPUT = 2
@@ -674,3 +674,20 @@ def open_image(path: str, mode: Optional[str] = "RGB", max_pixels: Optional[int]
         raise CLIError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt files
         raise CLIError(f"{path}: cannot read the image ({one_line(exc)})") from None
+
+
+def resume_results(path: str, identity: str, fresh: dict) -> dict:
+    """The results file of an earlier run to resume: its contents when it
+    exists and records the same ``identity`` (a hash of the arguments the
+    results depend on), ``fresh`` when there is none; a file of other
+    arguments is refused in one line (never mixed, never overwritten)."""
+    if not os.path.isfile(path):
+        return fresh
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{path}: unreadable results ({one_line(exc)}); move it away to start again") from None
+    if not isinstance(old, dict) or old.get("identity") != identity:
+        raise CLIError(f"{path} holds results of other arguments; use another output folder")
+    return old

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_write_text, check_output_dir,
                          existing_dir, existing_file, file_lock, open_image, positive_int, probability,
-                         resolve_device, run_main)
+                         resolve_device, resume_results, run_main)
 
 METHODS = ("generic_attribution", "rollout", "attn_last_layer", "attn_gradcam")
 LABELS = {"generic_attribution": "Ours (generic attribution, ICCV 2021)", "rollout": "Rollout",
@@ -255,12 +255,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         results = {"identity": identity, "data": "scenes stand-in (not COCO)" if args.scenes else "COCO",
                    "iou_thresholds": [round(float(t), 2) for t in IOU_THRESHOLDS], "threshold": args.threshold,
                    "model": os.path.abspath(args.model_dir), "methods": {}}
-        if os.path.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old.get("identity") != identity:
-                raise CLIError(f"{path} holds results of other arguments; use another --output-dir")
-            results = old
+        results = resume_results(path, identity, results)
         for method in args.methods:
             if method in results["methods"]:
                 continue

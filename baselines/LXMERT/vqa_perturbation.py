@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_write_text, check_output_dir,
-                         existing_dir, existing_file, file_lock, positive_int, resolve_device, run_main)
+                         existing_dir, existing_file, file_lock, resume_results, positive_int, resolve_device, run_main)
 from modules.explain import explain
 from modules.ranking import DEFAULT_TIE_BREAK, TIE_BREAKS, top_k_masks
 
@@ -322,12 +322,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         results = {"identity": identity, "steps": list(STEPS), "tie_break": args.tie_break,
                    "tie_seed": args.tie_seed, "data": "scenes stand-in (not VQA v2)" if args.scenes else "VQA v2",
                    "model": os.path.abspath(args.model_dir), "methods": {}, "partial": {}}
-        if os.path.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old.get("identity") != identity:
-                raise CLIError(f"{path} holds results of other arguments; use another --output-dir")
-            results = old
+        results = resume_results(path, identity, results)
         for variant in args.methods:
             done = results["partial"].get(variant, {"count": 0, "per_item": {t: [] for t in TESTS}})
             if variant in results["methods"]:
