@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -50,14 +50,33 @@ from modules.explain import explain
 from modules.ranking import DEFAULT_TIE_BREAK, TIE_BREAKS, top_k_masks
 
 STEPS: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
-VARIANTS: Dict[str, Tuple[str, dict]] = {
-    "generic_attribution": ("generic_attribution", {}),
-    "generic_no_normalization": ("generic_attribution", {"normalize": False}),
-    "generic_no_self_in_rule_10": ("generic_attribution", {"self_in_rule_10": False}),
-    "rollout": ("rollout", {}),
-    "attn_last_layer": ("attn_last_layer", {}),
-    "attn_gradcam": ("attn_gradcam", {}),
-    "random": ("random", {}),
+Maps = Callable[[object, dict, torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _engine(method: str, **options) -> Maps:
+    """A variant explained by the engine: (text maps (B, T), box maps (B, K)) of the predicted answers."""
+    def maps(model, inputs: dict, pred: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = explain(model, inputs, method, index=pred, **options)
+        return out.text, out.image
+    return maps
+
+
+def _random(model, inputs: dict, pred: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference: seeded uniform random relevance (a random removal order)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = inputs["input_ids"].shape
+    K = inputs["visual_feats"].shape[1]
+    return torch.rand(B, T, generator=g).to(pred.device), torch.rand(B, K, generator=g).to(pred.device)
+
+
+VARIANTS: Dict[str, Maps] = {
+    "generic_attribution": _engine("generic_attribution"),
+    "generic_no_normalization": _engine("generic_attribution", normalize=False),
+    "generic_no_self_in_rule_10": _engine("generic_attribution", self_in_rule_10=False),
+    "rollout": _engine("rollout"),
+    "attn_last_layer": _engine("attn_last_layer"),
+    "attn_gradcam": _engine("attn_gradcam"),
+    "random": _random,
 }
 LABELS = {"generic_attribution": "Ours (generic attribution, ICCV 2021)",
           "generic_no_normalization": "Ours, no normalisation (ablation)",
@@ -171,19 +190,12 @@ def order_by(scores: torch.Tensor, mask: torch.Tensor, positive: bool) -> List[i
 # --------------------------------------------------------------------------
 def explain_batch(model, inputs: dict, variant: str, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(predicted answer (B,), text maps (B, T), box maps (B, K)) for one variant."""
-    method, options = VARIANTS[variant]
     with torch.no_grad():
-        logits = model(**inputs).question_answering_score
-    pred = logits.argmax(-1)
-    if method == "random":
-        g = torch.Generator().manual_seed(seed)
-        B, T = inputs["input_ids"].shape
-        K = inputs["visual_feats"].shape[1]
-        return pred, torch.rand(B, T, generator=g).to(logits.device), torch.rand(B, K, generator=g).to(logits.device)
-    maps = explain(model, inputs, method, index=pred, **options)
-    if not (torch.isfinite(maps.text).all() and torch.isfinite(maps.image).all()):
+        pred = model(**inputs).question_answering_score.argmax(-1)
+    text, boxes = VARIANTS[variant](model, inputs, pred, seed)
+    if not (torch.isfinite(text).all() and torch.isfinite(boxes).all()):
         raise CLIError(f"{variant}: the maps are not finite")
-    return pred, maps.text, maps.image
+    return pred, text, boxes
 
 
 def run_batch(model, tokenizer, items: Sequence[dict], variant: str, args, device: torch.device) -> Dict[str, List[List[float]]]:
