@@ -63,7 +63,7 @@ from data.synthetic import _background, _clutter, _placed, _smooth_noise, _to_ui
 __all__ = [
     "CLASS_NAMES", "NUM_CLASSES", "COLOURS", "COLOUR_NAMES", "SIZES", "SCENE_VERSION", "SceneConfig",
     "SceneObject", "Scene", "Question", "scene_rng", "generate_scene", "scene_questions", "scene_caption",
-    "relation_holds", "coco_dict", "vqa_dicts", "captions_dict", "write_images", "write_coco",
+    "relation_holds", "join_phrases", "word_tokenizer", "coco_dict", "vqa_dicts", "captions_dict", "write_images", "write_coco",
     "write_vqa", "write_captions", "write_imagefolder", "write_gtsegs_mat", "write_scenes_json",
     "write_dataset", "SceneDataset", "build_parser", "main",
 ]
@@ -496,11 +496,34 @@ def scene_caption(scene: Scene) -> str:
     """A short caption naming every object left to right:
     'a large red disk, a small blue star and a white ring.'"""
     objs = sorted(scene.objects, key=lambda o: o.centroid[0])
-    parts = [f"{_article(o.size)} {o.phrase}" for o in objs]
-    if not parts:
+    if not objs:
         return "an empty textured background."
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return join_phrases([f"{_article(o.size)} {o.phrase}" for o in objs])
+
+
+def join_phrases(parts: Sequence[str], conjunction: str = "and") -> str:
+    """'p1, p2 and p3.': the caption template (one phrase: 'p1.')."""
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" {conjunction} " + parts[-1]
     return text + "."
+
+
+def word_tokenizer(words: Sequence[str], strip_accents: Optional[bool] = None,
+                   model_input_names: Optional[Sequence[str]] = None):
+    """A word-level ``BertTokenizerFast`` over ``words`` (lower case; ids 0-4:
+    [PAD] [UNK] [CLS] [SEP] [MASK], then ``words`` in order); ``model_input_names``
+    (kept by ``save_pretrained``) drops ``token_type_ids`` for models without them.
+
+    The vocabulary is passed as a dict and checked: with transformers 5,
+    ``BertTokenizerFast(vocab_file=...)`` silently keeps only the special
+    tokens, and every word would become [UNK]."""
+    from transformers import BertTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words))}
+    extra = {"model_input_names": list(model_input_names)} if model_input_names else {}
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, strip_accents=strip_accents, **extra)
+    if words and tok.convert_tokens_to_ids(words[0]) == vocab["[UNK]"]:
+        raise RuntimeError("the tokenizer lost its vocabulary")
+    return tok
 
 
 # --------------------------------------------------------------------------

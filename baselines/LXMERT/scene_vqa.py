@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
-from data.scenes import CLASS_NAMES, COLOUR_NAMES, NUMBER_WORDS, PLURALS, Scene, scene_rng
+from data.scenes import CLASS_NAMES, COLOUR_NAMES, NUMBER_WORDS, PLURALS, Scene, scene_rng, word_tokenizer
 
 __all__ = ["FEATURE_VERSION", "FEATURE_DIM", "MAX_BOXES", "ANSWERS", "VOCAB_WORDS", "box_features",
            "scene_boxes", "build_tokenizer", "encode_questions"]
@@ -85,13 +85,7 @@ def scene_boxes(scene: Scene, background_boxes: int = 2) -> Tuple[np.ndarray, np
 
 def build_tokenizer():
     """A word-level ``BertTokenizerFast`` over :data:`VOCAB_WORDS` (lower case)."""
-    from transformers import BertTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(VOCAB_WORDS))}
-    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
-    if tok.convert_tokens_to_ids("disk" if "disk" in vocab else VOCAB_WORDS[0]) == vocab["[UNK]"]:
-        raise RuntimeError("the tokenizer lost its vocabulary")  # the transformers 5 vocab_file pitfall
-    return tok
+    return word_tokenizer(VOCAB_WORDS)
 
 
 def encode_questions(tokenizer, questions: Sequence[str], max_length: int = 16) -> Dict[str, np.ndarray]:
