@@ -12,6 +12,7 @@ command, the data seed and the validation accuracy per question type.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data seed (scenes) and training seed")
     p.add_argument("--minutes", type=positive_float, default=18.0, help="training time budget (wall clock)")
     p.add_argument("--max-steps", type=positive_int, default=100000, help="stop after this many steps")
+    p.add_argument("--cosine-steps", type=positive_int, default=None,
+                   help="warm up for 100 steps, then a cosine decay reaching 0 at this step (default: constant lr)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--hidden", type=int_range(16, 1024), default=128)
@@ -140,6 +143,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 loss = out.loss
                 if not torch.isfinite(loss):
                     raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
+                if args.cosine_steps:  # counted in steps, so the run stays deterministic
+                    t = min(step / args.cosine_steps, 1.0)
+                    for group in opt.param_groups:
+                        group["lr"] = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * t))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
