@@ -35,7 +35,7 @@ def _notebook(*cells):
 
 def test_the_issue_13_notebooks_are_there():
     names = {p.name for p in NOTEBOOKS}
-    assert {"BERT_explainability.ipynb", "ViT_explainability.ipynb"} <= names
+    assert {"BERT_explainability.ipynb", "ViT_explainability.ipynb", "Multimodal_explainability.ipynb"} <= names
 
 
 # -- the checker itself, on hand-made notebooks (no kernel) ---------------------------------------
