@@ -116,3 +116,20 @@ def test_shipped_detector_loads_and_keeps_its_recorded_ap50():
     pool = tsd.scene_pool(60, record["data_seed"], "val", record["size"])
     ap = tsd.ap50(tsd.predict(model, pool, torch.device("cpu")), pool, nms=False)
     assert abs(ap - record["val"]["ap50"]) < 0.12
+
+
+def test_training_with_a_step_schedule_is_deterministic(tmp_path):
+    """--cosine-steps: the learning rate follows the step count, not the clock, so two runs give the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    def train(name):
+        d = tmp_path / name
+        argv = ["--out-dir", str(d), "--train-scenes", "8", "--val-scenes", "2", "--cosine-steps", "3", "--batch-size",
+                "4", "--eval-every", "100", "--queries", "5", "--d-model", "32", "--size", "64"]
+        assert tsd.main(argv) == 0
+        assert json.load(open(d / "config.json"))["standin"]["steps"] == 3
+        return load_file(str(d / "model.safetensors"))
+
+    a, b = train("a"), train("b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

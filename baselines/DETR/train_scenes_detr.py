@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--minutes", type=positive_float, default=20.0, help="training time budget (wall clock)")
     p.add_argument("--max-steps", type=positive_int, default=100000)
+    p.add_argument("--cosine-steps", type=positive_int, default=None,
+                   help="decay the learning rate over this many steps (deterministic; training stops there) "
+                        "instead of over the --minutes budget (the default: how many steps that is depends on "
+                        "the machine)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=2.5e-4)
     p.add_argument("--queries", type=int_range(1, 100), default=10)
@@ -245,7 +249,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     aux = BoxClassifier(encoder.channels[-1], NUM_CLASSES).to(device)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    total = args.max_steps
+    total = min(args.max_steps, args.cosine_steps or args.max_steps)
     warmup = 100
     g = np.random.default_rng(args.seed)
     n = len(train["images"])
@@ -277,8 +281,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                     loss = loss + args.aux_weight * nn.functional.cross_entropy(logits, target)
                 if not torch.isfinite(loss):
                     raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
-                # warm-up then cosine over the time budget (the step count it will reach is unknown)
-                progress = min((time.time() - start) / budget, 1.0)
+                # warm-up then cosine over --cosine-steps, or over the time budget (reproducible only in steps)
+                progress = min(step / args.cosine_steps if args.cosine_steps else (time.time() - start) / budget, 1.0)
                 lr = args.lr * (min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress)))
                 for group in opt.param_groups:
                     group["lr"] = lr
