@@ -38,7 +38,7 @@ demo: $(STAMP)
 	@echo '== 5/6 VQA perturbation test on the scenes stand-in (not VQA v2) =='
 	$(PY) baselines/LXMERT/vqa_perturbation.py --model-dir samples/synthetic_scenes_lxmert --scenes 40 --output-dir $(DEMO_DIR)/vqa_perturbation --batch-size 32 --device cpu
 	@echo '== 6/6 masks from DETR explanations on the scenes stand-in (not COCO) =='
-	$(PY) baselines/DETR/detr_mask_eval.py --model-dir samples/synthetic_scenes_detr --scenes 100 --output-dir $(DEMO_DIR)/detr_masks --threshold 0.2 --device cpu
+	$(PY) baselines/DETR/detr_mask_eval.py --model-dir samples/synthetic_scenes_detr --scenes 100 --output-dir $(DEMO_DIR)/detr_masks --threshold 0.3 --device cpu
 	@echo "demo done: tables and pictures under $(DEMO_DIR)/"
 
 benchmark: $(STAMP)
