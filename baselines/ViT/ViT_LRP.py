@@ -415,7 +415,8 @@ def from_timm(timm_model: nn.Module) -> VisionTransformer:
     model.default_cfg = {"architecture": cfg.get("architecture", type(timm_model).__name__),
                          "input_size": (3, *model.patch_embed.img_size),
                          "mean": tuple(cfg.get("mean", IMAGENET_MEAN)), "std": tuple(cfg.get("std", IMAGENET_STD))}
-    return model.to(next(timm_model.parameters()).device).eval()
+    p = next(timm_model.parameters())
+    return model.to(device=p.device, dtype=p.dtype).eval()  # same weights: same device and dtype
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
