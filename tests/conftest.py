@@ -40,9 +40,10 @@ import torch
 # --------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------
-def tiny_vit(distilled=False, img_size=32, patch_size=8, depth=3, seed=0, bias=True, dtype=None, **kw):
-    """The ViT/DeiT copy with weights far larger than the 0.02 init (attention far
-    from uniform); ``bias=False`` zeroes every bias; ``dtype`` casts the model."""
+def tiny_vit(distilled=False, img_size=32, patch_size=8, depth=3, seed=0, bias=True, bias_std=None, dtype=None, **kw):
+    """The ViT/DeiT copy with weights N(0, 0.3), far larger than the 0.02 init
+    (attention far from uniform); biases as initialised, N(0, ``bias_std``) if
+    given, zero with ``bias=False`` (no qkv bias then); ``dtype`` casts the model."""
     from baselines.ViT import ViT_LRP as V
 
     torch.manual_seed(seed)
@@ -56,6 +57,8 @@ def tiny_vit(distilled=False, img_size=32, patch_size=8, depth=3, seed=0, bias=T
                 p.normal_(0, 0.3)
             elif not bias and name.endswith("bias"):
                 p.zero_()
+            elif bias_std is not None and name.endswith("bias"):
+                p.normal_(0, bias_std)
     model.eval()
     return model.to(dtype) if dtype is not None else model
 
