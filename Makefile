@@ -16,6 +16,9 @@ $(PY):
 
 $(STAMP): $(PY) setup.py requirements.txt
 	$(PY) -m pip install -e '.[test]'
+	@# Quantus (a test oracle, issue 24) without its opencv-python: that wheel would share
+	@# the cv2 folder with opencv-python-headless and needs libGL (see setup.py)
+	$(PY) -m pip install --no-deps 'quantus==0.6.0'
 	touch $(STAMP)
 
 install: $(STAMP)

