@@ -183,7 +183,8 @@ def alpha_beta(x: Tensor, weight: Tensor, R: Tensor, shared_denominator: bool,
     - separate denominators (rule set LRP):
       R_in = x+ * (safe_div(R, Z1) W+) + x- * (safe_div(R, Z2) W-).
 
-    ``x`` is (..., in), ``weight`` (out, in), ``R`` (..., out).
+    ``x`` is (..., in), ``weight`` (out, in) or batched (..., out, in) (a
+    constant operand of a matmul), ``R`` (..., out).
 
     The shared-denominator case is evaluated with three products instead of
     four, through the identities x+ W+^T + x- W-^T = (x W^T + |x| |W|^T) / 2
@@ -195,13 +196,13 @@ def alpha_beta(x: Tensor, weight: Tensor, R: Tensor, shared_denominator: bool,
         w_abs = weight.abs()
         x_abs = x.abs()
         if z is None:
-            z = x @ weight.t()
-        s = safe_div(R, (z + x_abs @ w_abs.t()) / 2)
+            z = x @ weight.transpose(-2, -1)
+        s = safe_div(R, (z + x_abs @ w_abs.transpose(-2, -1)) / 2)
         return (x * (s @ weight) + x_abs * (s @ w_abs)) / 2
     xp, xn = x.clamp(min=0), x.clamp(max=0)
     wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-    s1 = safe_div(R, xp @ wp.t())
-    s2 = safe_div(R, xn @ wn.t())
+    s1 = safe_div(R, xp @ wp.transpose(-2, -1))
+    s2 = safe_div(R, xn @ wn.transpose(-2, -1))
     return xp * (s1 @ wp) + xn * (s2 @ wn)
 
 

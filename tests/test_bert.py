@@ -481,8 +481,8 @@ def test_cli_runs_as_a_script_from_the_repo_root(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model directory not found: {tmp_path / 'missing'}"]
 
 
-def test_cli_explains_other_hf_text_classifiers_with_every_attention_method(tmp_path, capsys):
-    """A DistilBERT directory has no LRP copy: the attention methods explain it unmodified, LRP methods refuse."""
+def test_cli_explains_other_hf_text_classifiers_with_every_method(tmp_path, capsys):
+    """A DistilBERT directory has no LRP copy: every method explains it unmodified (LRP through the scope)."""
     d = tmp_path / "distilbert"
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + VOCAB_WORDS)}
     tok = transformers.BertTokenizer(vocab=vocab)
@@ -500,7 +500,9 @@ def test_cli_explains_other_hf_text_classifiers_with_every_attention_method(tmp_
         code, _, err = _run_cli(["--model-dir", str(d), "--text", "not boring", "--method", method,
                                  "--out", str(tmp_path / f"{method}.html"), "--device", "cpu"], capsys)
         assert code == 0, err
-    code, _, err = _run_cli(["--model-dir", str(d), "--text", "not boring", "--method", "lrp",
-                             "--out", str(tmp_path / "r.html"), "--device", "cpu"], capsys)
-    assert code == 2 and "generic_attribution, rollout, attn_last_layer, attn_gradcam" in err
-    assert not (tmp_path / "r.html").exists()
+    for method in ("transformer_attribution", "lrp", "lrp_last_layer", "attnlrp", "cplrp"):
+        out = tmp_path / f"{method}.html"
+        code, _, err = _run_cli(["--model-dir", str(d), "--text", "not boring", "--method", method,
+                                 "--out", str(out), "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert out.read_text().count('class="word"') == 2  # not, boring

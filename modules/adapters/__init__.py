@@ -133,9 +133,11 @@ class Adapter:
     def matches(cls, model: nn.Module) -> bool:
         raise NotImplementedError
 
+    lrp: ClassVar[bool] = False  # True: an unmodified family the LRP scope covers (every method)
+
     @classmethod
     def method_names(cls) -> Tuple[str, ...]:
-        return METHOD_NAMES if cls.copy else ATTENTION_METHODS
+        return METHOD_NAMES if cls.copy or cls.lrp else ATTENTION_METHODS
 
     def methods(self) -> Tuple[str, ...]:
         return self.method_names()
@@ -171,12 +173,23 @@ class Adapter:
         raise NotImplementedError
 
     def relprop(self, seed: Tensor, stop: Optional[int], feed: Dict[str, Any], recorder: Any,
-                streams: Dict[str, Stream]) -> Optional[Tensor]:
-        """LRP pass from the logits (copies only), down to attention layer
-        ``stop`` (None: to the input).  Fills each call's ``relevance`` and
-        returns the input relevance as a pixel map (B, H, W) or a token row
-        (B, N), or None when stopped early."""
+                streams: Dict[str, Stream], logits: Optional[Tensor] = None) -> Optional[Tensor]:
+        """LRP pass from the logits, down to attention layer ``stop`` (None:
+        to the input).  Fills each call's ``relevance`` and returns the input
+        relevance as a pixel map (B, H, W) or a token row (B, N), or None when
+        stopped early.  ``logits``: the forward's output with its graph (the
+        scope's relevance pass runs backward from it)."""
         raise NotImplementedError
+
+    def forward_scope(self, method: Method, feed: Dict[str, Any], recorder: Any) -> Any:
+        """A context around :meth:`forward` only (the LRP scope of unmodified
+        models; nothing for the copies)."""
+        return contextlib.nullcontext()
+
+    def relevance_pass(self, recorder: Any) -> Any:
+        """A context in which backward passes carry relevance (or a rule
+        set's modified gradient) instead of the gradient."""
+        return contextlib.nullcontext()
 
     def gradient_relevance(self, feed: Dict[str, Any], leaf: Tensor, grad: Tensor) -> Tensor:
         """Input relevance of a gradient rule set (copies only): the input
@@ -187,8 +200,10 @@ class Adapter:
     def record(self, inputs: Any, method: Method, index: Index, start_layer: Optional[int]) -> Trace:
         """Forward pass, the gradients and relevance ``method`` needs, as a :class:`Trace`."""
         feed = self.prepare(inputs, index)
-        with self.recording(method) as recorder, torch.set_grad_enabled(method.needs_grad or method.input_gradient):
-            output = self.forward(feed, method)
+        with self.recording(method) as recorder, torch.set_grad_enabled(
+                method.needs_grad or method.input_gradient or (method.rule_set is not None and not self.copy)):
+            with self.forward_scope(method, feed, recorder):
+                output = self.forward(feed, method)
             logits, target, one_hot = self.score(feed, output, index)
             streams = self.streams(feed, recorder)
             if isinstance(streams, Coupled):
@@ -211,19 +226,21 @@ class Adapter:
                 if not score.requires_grad or not all(p.requires_grad for p in probs):
                     raise RuntimeError("the attention probabilities carry no autograd graph: run outside "
                                        "torch.no_grad() / torch.inference_mode()")
-                grads = torch.autograd.grad(score.sum(), probs, allow_unused=True)
+                grads = torch.autograd.grad(score.sum(), probs, allow_unused=True,
+                                            retain_graph=method.rule_set is not None)
                 for call, g in zip(needed, grads):
                     call.grad = torch.zeros_like(call.probs) if g is None else g.detach()
             input_relevance = None
             if method.input_gradient:
                 # one modified backward pass: the relevance is input x gradient (METHODS.md section 9)
                 leaf = feed["_leaf"]
-                (g,) = torch.autograd.grad(score.sum(), [leaf])
+                with self.relevance_pass(recorder):
+                    (g,) = torch.autograd.grad(score.sum(), [leaf])
                 input_relevance = self.gradient_relevance(feed, leaf.detach(), g)
             elif method.rule_set is not None:
                 stop = None if method.to_input else min(stops)
                 with torch.no_grad():
-                    input_relevance = self.relprop(one_hot.detach(), stop, feed, recorder, streams)
+                    input_relevance = self.relprop(one_hot.detach(), stop, feed, recorder, streams, logits=logits)
             for stream in streams.values():
                 for op in stream.ops:
                     if isinstance(op, AttentionCall):

@@ -126,6 +126,7 @@ class _HFAdapter(HookAdapter):
 
 @register_adapter
 class HFImageClassifierAdapter(_HFAdapter):
+    lrp = True  # every LRP method through the scope (modules.lrp_scope)
     family = "Hugging Face image classifiers (unmodified)"
     examples = tuple(IMAGE_CLASSES)
     notes = "BEiT mean pooling, DINOv2 [CLS]+mean: METHODS.md section 8 (ours)"
@@ -175,6 +176,7 @@ class HFImageClassifierAdapter(_HFAdapter):
 
 @register_adapter
 class HFTextClassifierAdapter(_HFAdapter):
+    lrp = True  # every LRP method through the scope (modules.lrp_scope)
     family = "Hugging Face text classifiers (unmodified)"
     examples = tuple(TEXT_CLASSES)
     notes = "[CLS] models: METHODS.md section 3 conventions; last-token and mean pooling: section 8 (ours)"

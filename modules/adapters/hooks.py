@@ -14,10 +14,12 @@ import contextlib
 from functools import cached_property
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from modules.adapters import Adapter
 from modules.attention_capture import AttentionCapture, AttentionLayer, AttentionRecord, capture_attention
+from modules.lrp_scope import ScopeState, relevance_scope
 from modules.methods import Method
 from modules.trace import AttentionCall
 
@@ -61,6 +63,91 @@ class HookAdapter(Adapter):
     def recording(self, method: Method) -> Iterator[AttentionCapture]:
         with capture_attention(self.model, layers=self.layers, family=self.library) as cap:
             yield cap
+
+    # -- LRP on the unmodified model (METHODS.md section 10) -----------------
+    @contextlib.contextmanager
+    def forward_scope(self, method: Method, feed: Dict[str, Any], recorder: Any) -> Iterator[Optional[ScopeState]]:
+        """The LRP scope around the forward of a method with a rule set: the
+        explained input made a leaf, the rules attached to the operations."""
+        if method.rule_set is None:
+            yield None
+            return
+        state = ScopeState(method.rule_set)
+        recorder.scope = state
+        with contextlib.ExitStack() as stack:
+            self.attach_input(feed, stack)
+            stack.enter_context(relevance_scope(self.model, method.rule_set, state))
+            yield state
+
+    def attach_input(self, feed: Dict[str, Any], stack: contextlib.ExitStack) -> None:
+        """Make the explained input a leaf that requires grad (``feed["_leaf"]``):
+        the pixels of an image model; for a text model the output of its
+        input embeddings (a scoped forward hook), and the tensor entering
+        its encoder is kept as ``feed["_encoder_input"]`` (where full LRP's
+        text map is read, METHODS.md section 3)."""
+        if isinstance(feed.get("pixel_values"), Tensor):
+            leaf = feed["pixel_values"].detach().requires_grad_(True)
+            feed["pixel_values"] = feed["_leaf"] = leaf
+            return
+        embeddings = self.model.get_input_embeddings()
+
+        def make_leaf(module, args, output):
+            leaf = output.detach().requires_grad_(True)
+            feed["_leaf"] = leaf
+            return leaf
+
+        stack.callback(embeddings.register_forward_hook(make_leaf).remove)
+        encoder_input = self.encoder_input_module()
+        if encoder_input is not None:
+            def keep(module, args, output):
+                feed["_encoder_input"] = output if isinstance(output, Tensor) else output[0]
+            stack.callback(encoder_input.register_forward_hook(keep).remove)
+
+    def encoder_input_module(self) -> Optional[nn.Module]:
+        """The module whose output enters the first layer (Hugging Face:
+        ``base_model.embeddings``), None when the word embeddings do."""
+        base = getattr(self.model, "base_model", None)
+        emb = getattr(base, "embeddings", None)
+        return emb if isinstance(emb, nn.Module) else None
+
+    @contextlib.contextmanager
+    def relevance_pass(self, recorder: Any) -> Iterator[None]:
+        state: ScopeState = recorder.scope
+        state.relevance = True
+        try:
+            yield
+        finally:
+            state.relevance = False
+
+    def relprop(self, seed, stop, feed, recorder, streams, logits=None):
+        """The relevance pass from ``logits`` (seed one-hot, value 1) through
+        the scope's rules: each needed attention call's relevance, and the
+        input relevance when ``stop`` is None."""
+        to_input = stop is None
+        needed: List[AttentionCall] = []
+        if not to_input:
+            for stream in streams.values():
+                cross = [op for op in stream.ops if isinstance(op, AttentionCall) and not op.is_self]
+                needed += stream.calls[stop:] + [c for c in cross if c not in stream.calls[stop:]]
+        targets = [c.probs for c in needed]
+        if to_input:
+            targets.append(self.input_for_relevance(feed))
+        with self.relevance_pass(recorder):
+            got = torch.autograd.grad(logits, targets, seed.to(logits.dtype), allow_unused=True)
+        for call, r in zip(needed, got):
+            call.relevance = torch.zeros_like(call.probs) if r is None else r
+        if not to_input:
+            return None
+        r = got[-1]
+        return r.sum(dim=1) if "pixel_values" in feed else r.sum(dim=-1)
+
+    def input_for_relevance(self, feed: Dict[str, Any]) -> Tensor:
+        return feed.get("_encoder_input", feed["_leaf"])
+
+    def gradient_relevance(self, feed, leaf, grad):
+        """Input x modified gradient (AttnLRP, CP-LRP): summed over colour
+        channels (pixels) or the hidden size (word embeddings)."""
+        return (leaf * grad).sum(dim=1) if "pixel_values" in feed else (leaf * grad).sum(dim=-1)
 
     def calls(self, cap: AttentionCapture, prefix: Optional[str] = None) -> List[AttentionCall]:
         """The recorded calls (of the modules under ``prefix``), in forward order."""

@@ -50,7 +50,7 @@ class CopyAdapter(Adapter):
     def run_relprop(self, seed: Any, stop: Any, feed: Dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    def relprop(self, seed, stop, feed, recorder, streams):
+    def relprop(self, seed, stop, feed, recorder, streams, logits=None):
         out = self.run_relprop(seed, stop, feed)
         self.fill_relevance(recorder, streams)
         return out

@@ -129,6 +129,7 @@ def _pair(v: Any) -> Tuple[int, int]:
 
 
 class _SwinAdapter(HookAdapter):
+    lrp = True  # every LRP method through the scope (modules.lrp_scope)
     """Shared part: hooks on the blocks (geometry) and merges, the stream."""
 
     pad_first = False  # Hugging Face pads before the cyclic shift, timm after

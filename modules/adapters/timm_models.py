@@ -71,6 +71,7 @@ def _attention_pool_forward(module: nn.Module, record, x: Tensor, attn_mask: Opt
 
 @register_adapter
 class TimmViTAdapter(HookAdapter):
+    lrp = True  # every LRP method through the scope (modules.lrp_scope)
     family = "timm ViT family (unmodified)"
     examples = ("VisionTransformer (token/avg/map pooling, registers, no class token)", "DeiT", "DeiT III",
                 "VisionTransformerDistilled", "Eva (EVA, EVA-02)", "Beit")

@@ -1,0 +1,625 @@
+"""LRP rules attached to tensor operations: every LRP method on unmodified models.
+
+../shared/METHODS.md section 10 is the specification.  Inside
+:func:`relevance_scope` a :class:`torch.overrides.TorchFunctionMode` sees
+every torch call of the model's forward.  Each *computing* operation whose
+input depends on the explained input (an "activation") gets a switch: an
+``autograd.Function`` whose output equals the operation's, and whose
+backward either
+
+* passes the incoming gradient on to the operation's own autograd graph
+  (the *gradient* pass: ``d y_c / d A_l`` exactly as autograd computes it), or
+* maps the incoming relevance to the relevance of the operation's
+  activation inputs with the rule of the chosen rule set (the *relevance*
+  pass, zennit's "relevance as the gradient").
+
+:attr:`ScopeState.relevance` says which, read at backward time, so one
+forward serves both passes.  Routing operations (reshape, index, cat, ...)
+are left to autograd, whose backward routes relevance exactly (a tensor
+read twice sums its branches: the Clone rule).  An operation on an
+activation that neither computes by a known rule nor routes is refused with
+a one-line :class:`UnsupportedOperationError` naming it and the module it
+ran in.
+
+Which tensors are activations: inside the scope no parameter requires grad
+(their flags are put back on exit) and the explained input is a leaf that
+does, so ``requires_grad`` marks exactly the tensors that depend on the
+explained input.  A position embedding, an attention mask or a rotary
+table is then a constant, whatever parameter it was computed from.
+
+Rule sets (:data:`modules.layers.RULE_SETS`): ``TA`` and ``LRP`` compute
+relevance directly (METHODS.md sections 1-3); ``AttnLRP`` and ``CPLRP``
+are modified gradients, the relevance being input x gradient (section 9).
+
+Elementwise activation modules and RMS norms written as several torch calls
+(Hugging Face ``NewGELUActivation``, ``LlamaRMSNorm``; timm ``QuickGELU``)
+are treated as one operation at module level (:func:`module_rule`): their
+inner calls run plainly and their output gets the switch.
+
+The model is left exactly as found: no attribute is set on it, the
+parameters' ``requires_grad`` flags are restored, and the module hooks used
+to name modules in messages are global hooks removed on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from modules.layers import GRADIENT_RULE_SETS, RULE_SETS, add_relevance, alpha_beta, matmul_relevance, safe_div, z_beta
+
+__all__ = ["ScopeState", "UnsupportedOperationError", "relevance_scope", "ROUTING", "module_rule",
+           "conv2d_alpha_beta_params", "sum_to"]
+
+
+class UnsupportedOperationError(RuntimeError):
+    """An operation on an activation that has no LRP rule (one-line message)."""
+
+
+# --------------------------------------------------------------------------
+# State of one explanation
+# --------------------------------------------------------------------------
+@dataclass
+class ScopeState:
+    """What one scope records; read by the switches at backward time.
+
+    Attributes
+    ----------
+    rule_set:
+        One of :data:`modules.layers.RULE_SETS`.
+    relevance:
+        False: backward passes are ordinary gradients; True: relevance
+        (TA/LRP) or the rule set's modified gradient (AttnLRP/CP-LRP).
+    attentions:
+        (module name, probabilities) of every ``scaled_dot_product_attention``
+        the scope decomposed, in forward order.
+    ops:
+        Number of operations that received a rule (for the overhead report).
+    """
+
+    rule_set: str
+    relevance: bool = False
+    attentions: List[Tuple[str, Tensor]] = field(default_factory=list)
+    ops: int = 0
+    module_stack: List[str] = field(default_factory=list)
+    opaque: int = 0
+
+    @property
+    def gradient_rules(self) -> bool:
+        return self.rule_set in GRADIENT_RULE_SETS
+
+    @property
+    def shared(self) -> bool:
+        """TA: shared alpha-beta denominator and rescaled adds."""
+        return self.rule_set == "TA"
+
+    def where(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "the model's forward"
+
+
+class _Switch(torch.autograd.Function):
+    """``y`` (computed by the operation, with its own graph) in the forward;
+    in the backward either the gradient to ``y`` (gradient pass) or
+    ``rule(R)`` to the activations (relevance pass)."""
+
+    @staticmethod
+    def forward(ctx, state: ScopeState, rule: Callable, y: Tensor, *acts: Tensor) -> Tensor:
+        ctx.state, ctx.rule, ctx.n = state, rule, len(acts)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if not ctx.state.relevance:
+            return (None, None, g) + (None,) * ctx.n
+        out = ctx.rule(g)
+        return (None, None, None) + tuple(out)
+
+
+def _switch(state: ScopeState, y: Tensor, acts: Sequence[Tensor], rule: Callable) -> Tensor:
+    state.ops += 1
+    return _Switch.apply(state, rule, y, *acts)
+
+
+def sum_to(g: Tensor, like: Tensor) -> Tensor:
+    """Reduce a broadcast relevance back to ``like``'s shape and dtype."""
+    shape = like.shape
+    while g.dim() > len(shape):
+        g = g.sum(dim=0)
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if dims:
+        g = g.sum(dim=dims, keepdim=True)
+    return g.to(like.dtype)
+
+
+def _is_act(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad
+
+
+def _value(t: Any) -> Any:
+    return t.detach() if isinstance(t, Tensor) else t
+
+
+# --------------------------------------------------------------------------
+# The rules (METHODS.md section 10's table)
+# --------------------------------------------------------------------------
+def conv2d_alpha_beta_params(x: Tensor, weight: Tensor, R: Tensor, shared: bool, stride, padding, dilation,
+                             groups: int) -> Tensor:
+    """Alpha-beta (alpha=1) for ``conv2d(x, weight)`` on its unfolded patches."""
+    if groups != 1 or isinstance(padding, str):
+        raise UnsupportedOperationError("conv2d alpha-beta: groups=1 and numeric padding only")
+    k = weight.shape[-2:]
+    cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    r = R.flatten(2).transpose(1, 2)
+    r_cols = alpha_beta(cols, weight.flatten(1), r, shared)
+    return F.fold(r_cols.transpose(1, 2), x.shape[-2:], k, dilation=dilation, padding=padding, stride=stride)
+
+
+def _identity_rule(state: ScopeState, x: Tensor, y: Tensor) -> Callable:
+    """TA/LRP: relevance passes unchanged.  AttnLRP/CP-LRP: the identity rule
+    for element-wise non-linearities, local gradient ``y / (x + 1e-10)``."""
+    if not state.gradient_rules:
+        return lambda R: (sum_to(R, x),)
+    xv, yv = x.detach(), y.detach()
+    return lambda g: (sum_to(g * yv / (xv + 1e-10), x),)
+
+
+def _pass_rule(x: Tensor) -> Callable:
+    """Relevance (or the modified gradient) passes unchanged."""
+    return lambda R: (sum_to(R, x),)
+
+
+def _zero_rule(acts: Sequence[Tensor]) -> Callable:
+    return lambda R: tuple(torch.zeros_like(a) for a in acts)
+
+
+def _product_rule(state: ScopeState, u: Tensor, v: Tensor, z: Tensor, kind: str) -> Callable:
+    """Two activations multiplied (``matmul`` or element-wise).
+
+    TA/LRP: section 1's matmul rule, S = safe_div(R, z), R_u = u * (S d z/d u),
+    each share halved.  AttnLRP: the uniform rule (each factor half the
+    gradient).  CP-LRP: the plain gradient (the attention weights are made
+    constant at the softmax instead)."""
+    uv, vv, zv = u.detach(), v.detach(), z.detach()
+    if state.gradient_rules:
+        half = 0.5 if state.rule_set == "AttnLRP" else 1.0
+        if kind == "matmul":
+            return lambda g: (sum_to(half * (g @ vv.transpose(-2, -1)), u), sum_to(half * (uv.transpose(-2, -1) @ g), v))
+        return lambda g: (sum_to(half * g * vv, u), sum_to(half * g * uv, v))
+    if kind == "matmul":
+        def rule(R):
+            if uv.dim() == vv.dim():
+                ru, rv = matmul_relevance(uv, vv, R)
+            else:
+                s = safe_div(R, zv)
+                ru, rv = uv * sum_to(s @ vv.transpose(-2, -1), uv), vv * sum_to(uv.transpose(-2, -1) @ s, vv)
+            return sum_to(ru / 2, u), sum_to(rv / 2, v)
+        return rule
+
+    def elementwise(R):
+        s = safe_div(R, zv)
+        return sum_to(uv * s * vv / 2, u), sum_to(vv * s * uv / 2, v)
+    return elementwise
+
+
+def _linear_rule(state: ScopeState, x: Tensor, weight: Tensor, z: Tensor) -> Callable:
+    """Alpha-beta (TA: shared denominator; LRP: separate), bias ignored;
+    ``z = x W^T`` from the forward.  Gradient rule sets: LRP-0 (the plain gradient)."""
+    xv, wv, zv = x.detach(), weight.detach(), z.detach()
+    if state.gradient_rules:
+        return lambda g: (sum_to(g @ wv, x),)
+    return lambda R: (sum_to(alpha_beta(xv, wv, R, shared_denominator=state.shared, z=zv), x),)
+
+
+# --------------------------------------------------------------------------
+# Operations by name
+# --------------------------------------------------------------------------
+ROUTING = frozenset("""
+reshape view view_as permute transpose t swapaxes swapdims movedim moveaxis cat concat concatenate stack hstack vstack
+split split_with_sizes tensor_split unbind chunk __getitem__ __setitem__ gather index_select take_along_dim narrow
+select roll expand expand_as contiguous clone to type float double half bfloat16 cpu cuda flatten unflatten
+squeeze unsqueeze repeat tile flip masked_fill masked_fill_ where pad dropout dropout_ alpha_dropout feature_alpha_dropout
+detach detach_ copy_ zeros_like ones_like empty_like full_like new_zeros new_ones new_empty new_full new_tensor
+__get__ pin_memory requires_grad_ retain_grad diagonal tril triu index_put index_put_ masked_select
+broadcast_to repeat_interleave type_as fill_ zero_ view_as_real view_as_complex as_strided __deepcopy__
+""".split())
+"""Operations whose backward is exact relevance routing (METHODS.md section 10)."""
+
+_ACTIVATIONS = frozenset("gelu silu tanh relu relu_ gelu_ sigmoid hardtanh leaky_relu elu mish hardswish "
+                         "softplus quick_gelu".split())
+_NORMS = frozenset("layer_norm rms_norm".split())
+_ADDS = {"add": 1, "__add__": 1, "__radd__": 1, "__iadd__": 1, "sub": -1, "__sub__": -1, "__isub__": -1,
+         "subtract": -1, "__rsub__": -2, "rsub": -2}
+_MULS = frozenset("mul __mul__ __rmul__ __imul__ multiply".split())
+_DIVS = frozenset("div __truediv__ __itruediv__ divide true_divide".split())
+_MATMULS = frozenset("matmul __matmul__ bmm mm".split())
+_REDUCE = {"sum": False, "mean": True}
+_CONSTANT_NORMS = frozenset("norm vector_norm".split())
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+class _Scope(TorchFunctionMode):
+    def __init__(self, state: ScopeState):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.state.opaque:
+            return func(*args, **kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        acts = [t for t in flat if _is_act(t)]
+        if not acts:
+            return func(*args, **kwargs)
+        return self.dispatch(func, args, kwargs, acts)
+
+    # -- the table ----------------------------------------------------------
+    def dispatch(self, func, args, kwargs, acts):
+        s = self.state
+        name = _name(func)
+        if name in ROUTING:
+            return func(*args, **kwargs)
+        if name == "linear":
+            return self.linear(*args, **kwargs)
+        if name == "conv2d":
+            return self.conv2d(func, args, kwargs)
+        if name in _MATMULS:
+            return self.matmul(args[0], args[1], func)
+        if name == "addmm":
+            return self.addmm(func, args, kwargs)
+        if name == "einsum":
+            return self.einsum(func, args, kwargs)
+        if name in _ADDS:
+            return self.add(func, args, kwargs, _ADDS[name])
+        if name in _MULS:
+            return self.mul(func, args, kwargs)
+        if name in _DIVS:
+            a, b = args[0], args[1]
+            if _is_act(a) and not _is_act(b) and not kwargs.get("rounding_mode"):
+                y = func(*args, **kwargs)
+                return _switch(s, y, [a], _pass_rule(a))
+            return self.refuse(name, "a division by an activation")
+        if name in ("neg", "__neg__", "negative"):
+            y = func(*args, **kwargs)
+            return _switch(s, y, [args[0]], _pass_rule(args[0]))
+        if name in ("softmax", "_softmax", "log_softmax"):
+            x = args[0]
+            y = func(*args, **kwargs)
+            if s.rule_set == "CPLRP":
+                return _switch(s, y, [x], _zero_rule([x]))  # constant attention weights
+            if s.rule_set == "AttnLRP":
+                return y  # the plain gradient
+            return _switch(s, y, [x], _pass_rule(x))
+        if name in _NORMS:
+            return self.norm(func, name, args, kwargs)
+        if name in _ACTIVATIONS:
+            x = args[0]
+            y = func(*args, **kwargs)
+            return _switch(s, y, [x], _identity_rule(s, x, y))
+        if name in _REDUCE:
+            return self.reduce(func, name, args, kwargs)
+        if name in _CONSTANT_NORMS:
+            y = func(*args, **kwargs)
+            return _switch(s, y, [args[0]], _zero_rule([args[0]]))
+        if name == "normalize":  # x / ||x||: the norm a constant (ours)
+            x = args[0]
+            y = func(*args, **kwargs)
+            return _switch(s, y, [x], _identity_rule(s, x, y) if s.gradient_rules else _pass_rule(x))
+        if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):  # a global average pool: a mean
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            n = 1 if name.endswith("1d") else 2
+            if all(v == 1 for v in ((size,) * n if isinstance(size, int) else tuple(size))):
+                return self.reduce(torch.mean, "mean", (args[0], tuple(range(-n, 0)), True), {})
+            return self.refuse(name, "an adaptive pool to more than one cell")
+        if name == "scaled_dot_product_attention":
+            return self.sdpa(*args, **kwargs)
+        y = func(*args, **kwargs)
+        if not isinstance(y, Tensor) or not y.is_floating_point() or not y.requires_grad:
+            return y  # shapes, comparisons, indices: nothing to propagate
+        return self.refuse(name)
+
+    def refuse(self, name: str, what: str = "an operation on an activation") -> Any:
+        raise UnsupportedOperationError(
+            f"LRP ({self.state.rule_set}): {what} has no rule: torch '{name}' in module '{self.state.where()}' "
+            "(METHODS.md section 10 lists the rules)")
+
+    # -- the computing operations ------------------------------------------
+    def linear(self, x, weight, bias=None):
+        s = self.state
+        if _is_act(weight) or _is_act(bias):
+            return self.refuse("linear", "a linear layer whose weight depends on the input")
+        z = F.linear(x, weight)
+        y = z if bias is None else z + bias
+        return _switch(s, y, [x], _linear_rule(s, x, weight, z))
+
+    def addmm(self, func, args, kwargs):
+        bias, x, w = args[:3]
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3 or _is_act(bias) or _is_act(w):
+            return self.refuse("addmm", "addmm other than bias + x @ W")
+        z = x @ w
+        y = z + bias
+        return _switch(self.state, y, [x], _linear_rule(self.state, x, w.t(), z))
+
+    def conv2d(self, func, args, kwargs):
+        s = self.state
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        p = dict(zip(names, args))
+        p.update(kwargs)
+        x, w = p["input"], p["weight"]
+        stride, padding, dilation, groups = (p.get("stride", 1), p.get("padding", 0), p.get("dilation", 1),
+                                             p.get("groups", 1))
+        if _is_act(w) or _is_act(p.get("bias")):
+            return self.refuse("conv2d", "a convolution whose weight depends on the input")
+        y = func(*args, **kwargs)
+        xv, wv = x.detach(), w.detach()
+        if s.gradient_rules:
+            rule = lambda g: (torch.nn.grad.conv2d_input(xv.shape, wv, g, stride, padding, dilation, groups),)
+        elif x.is_leaf:  # the explained pixels: z^B with per-sample bounds
+            conv = lambda inp, weight: F.conv2d(inp, weight, None, stride, padding, dilation, groups)
+            rule = lambda R: (z_beta(xv, wv, R, conv),)
+        else:
+            rule = lambda R: (conv2d_alpha_beta_params(xv, wv, R, s.shared, stride, padding, dilation, groups),)
+        return _switch(s, y, [x], rule)
+
+    def matmul(self, u, v, func=torch.matmul):
+        s = self.state
+        z = func(u, v)
+        if _is_act(u) and _is_act(v):
+            kind = "matmul"
+            return _switch(s, z, [u, v], _product_rule(s, u, v, z, kind))
+        if _is_act(u):  # x @ C: a linear map with weight C^T (C may be batched: a learned query)
+            if v.dim() < 2:
+                return self.refuse(_name(func), "a product of an activation with a vector")
+            return _switch(s, z, [u], _linear_rule(s, u, v.transpose(-2, -1), z))
+        if u.dim() < 2 or v.dim() < 2:
+            return self.refuse(_name(func), "a product of a constant with an activation vector")
+        # C @ x: transpose to x^T @ C^T
+        vt = v.transpose(-2, -1)
+        rule_t = _linear_rule(s, vt, u, z.transpose(-2, -1))
+        return _switch(s, z, [v], lambda R: (rule_t(R.transpose(-2, -1))[0].transpose(-2, -1),))
+
+    def einsum(self, func, args, kwargs):
+        eq = args[0]
+        ops = list(args[1:]) if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else list(args[1])
+        acts = [o for o in ops if _is_act(o)]
+        if len(ops) != 2 or len(acts) != 2:
+            return self.refuse("einsum", "an einsum other than a product of two activations")
+        u, v = ops
+        z = func(*args, **kwargs)
+        s = self.state
+        uv, vv, zv = u.detach(), v.detach(), z.detach()
+        ins, out = eq.replace(" ", "").split("->")
+        a, b = ins.split(",")
+
+        def grads(S):
+            with torch.enable_grad():
+                u_ = uv.requires_grad_(True) if not uv.requires_grad else uv
+                u_ = uv.detach().requires_grad_(True)
+                v_ = vv.detach().requires_grad_(True)
+                zz = torch.einsum(eq, u_, v_)
+                return torch.autograd.grad(zz, (u_, v_), S)
+
+        if s.gradient_rules:
+            half = 0.5 if s.rule_set == "AttnLRP" else 1.0
+            return _switch(s, z, [u, v], lambda g: tuple(half * t for t in grads(g)))
+
+        def rule(R):
+            gu, gv = grads(safe_div(R, zv))
+            return uv * gu / 2, vv * gv / 2
+        return _switch(s, z, [u, v], rule)
+
+    def add(self, func, args, kwargs, sign):
+        """``c_a a + c_b b`` (add: 1, alpha; sub: 1, -alpha; rsub: -1, 1)."""
+        a, b = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        y = func(*args, **kwargs)
+        coeffs = (-alpha, 1) if sign == -2 else (1, sign * alpha)
+        return _switch(self.state, y, [t for t in (a, b) if _is_act(t)], _add_rule(self.state, a, b, coeffs, y))
+
+    def mul(self, func, args, kwargs):
+        s = self.state
+        a, b = args[0], args[1]
+        y = func(*args, **kwargs)
+        if _is_act(a) and _is_act(b):
+            return _switch(s, y, [a, b], _product_rule(s, a, b, y, "elementwise"))
+        x = a if _is_act(a) else b
+        # times a scalar, a constant or a parameter (attention scale, masks, LayerScale): identity
+        if s.gradient_rules:
+            c = _value(b if x is a else a)
+            return _switch(s, y, [x], lambda g: (sum_to(g * c, x),))
+        return _switch(s, y, [x], _pass_rule(x))
+
+    def norm(self, func, name, args, kwargs):
+        s = self.state
+        x = args[0]
+        if any(_is_act(t) for t in list(args[1:]) + list(kwargs.values())):
+            return self.refuse(name, "a norm whose weight depends on the input")
+        y = func(*args, **kwargs)
+        if not s.gradient_rules:
+            return _switch(s, y, [x], _pass_rule(x))
+        if name == "rms_norm":  # the rms a constant: y = x * (w / rms), local gradient y / x
+            return _switch(s, y, [x], _identity_rule(s, x, y))
+        # layer_norm with the standard deviation a constant (METHODS.md section 9)
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        p = dict(zip(names, args))
+        p.update(kwargs)
+        shape = p["normalized_shape"]
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        dims = tuple(range(-len(shape), 0))
+        xv = x.detach()
+        std = torch.sqrt(xv.var(dim=dims, unbiased=False, keepdim=True) + p.get("eps", 1e-5))
+        w = p.get("weight")
+
+        def rule(g):
+            gw = g if w is None else g * w.detach()
+            gx = gw / std
+            return (gx - gx.mean(dim=dims, keepdim=True),)
+        return _switch(s, y, [x], rule)
+
+    def reduce(self, func, name, args, kwargs):
+        s = self.state
+        x = args[0]
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        if kwargs.get("dtype") is not None or (dims is not None and not isinstance(dims, (int, tuple, list))):
+            return self.refuse(name, "a reduction with these arguments")
+        y = func(*args, **kwargs)
+        nd = x.dim()
+        red = tuple(range(nd)) if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0) else \
+            tuple(d % nd for d in ((dims,) if isinstance(dims, int) else dims))
+
+        def expand(t: Tensor) -> Tensor:
+            if not keepdim:
+                for d in sorted(red):
+                    t = t.unsqueeze(d)
+            return t
+
+        xv = x.detach()
+        if s.gradient_rules:
+            scale = 1.0 / math.prod(x.shape[d] for d in red) if _REDUCE[name] else 1.0
+            return _switch(s, y, [x], lambda g: (expand(g).expand_as(xv) * scale,))
+        total = xv.sum(dim=red, keepdim=True)
+        return _switch(s, y, [x], lambda R: (xv * safe_div(expand(R).to(xv.dtype), total),))
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
+        """``scaled_dot_product_attention`` decomposed: q k^T, scale, mask,
+        softmax (recorded), A v — each step by its rule."""
+        if dropout_p:
+            return self.refuse("scaled_dot_product_attention", "attention dropout (run in eval mode)")
+        q, k, v = query, key, value
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        d = q.shape[-1]
+        scores = self.op(torch.matmul, q, k.transpose(-2, -1))
+        scores = self.op(torch.mul, scores, scale if scale is not None else 1.0 / math.sqrt(d))
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        if is_causal:
+            causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = self.op(torch.add, scores, attn_mask)
+        probs = self.op(torch.softmax, scores, -1)
+        self.state.attentions.append((self.state.where(), probs))
+        return self.op(torch.matmul, probs, v)
+
+    def op(self, func, *args, **kwargs):
+        """One operation through the table (used by decompositions)."""
+        flat, _ = tree_flatten((args, kwargs))
+        acts = [t for t in flat if _is_act(t)]
+        if not acts:
+            return func(*args, **kwargs)
+        return self.dispatch(func, args, kwargs, acts)
+
+
+def _add_rule(state: ScopeState, a: Any, b: Any, coeffs: Tuple[float, float], y: Tensor) -> Callable:
+    """Residual add ``y = c_a a + c_b b``: section 1's rule (TA: rescaled)
+    over the two terms for two activations; an activation plus a constant:
+    the same rule, the constant's share dropped.  AttnLRP/CP-LRP: the plain
+    gradient (LRP-0: the split by value is input x gradient)."""
+    keep = [(t, c) for t, c in zip((a, b), coeffs) if _is_act(t)]
+    if state.gradient_rules:
+        return lambda g: tuple(sum_to(g * c, t) for t, c in keep)
+    terms = [(_value(t) if isinstance(t, Tensor) else torch.as_tensor(t, dtype=y.dtype, device=y.device)) * c
+             for t, c in zip((a, b), coeffs)]
+
+    kept = [_is_act(t) for t in (a, b)]  # now: the parameters' flags are restored by backward time
+
+    def rule(R):
+        ta, tb = (t.to(R.dtype).expand(R.shape) for t in terms)
+        ra, rb = add_relevance(ta, tb, R, rescale=state.shared)
+        return tuple(sum_to(r, t) for r, t, k in zip((ra, rb), (a, b), kept) if k)
+    return rule
+
+
+# --------------------------------------------------------------------------
+# Module-level rules: activations and RMS norms written as several torch calls
+# --------------------------------------------------------------------------
+_ACTIVATION_MODULES = ("transformers.activations", "timm.layers.activations", "torch.nn.modules.activation")
+
+
+def module_rule(module: nn.Module) -> Optional[str]:
+    """``"elementwise"`` for activation modules and RMS norms (treated as
+    one operation: identity / the identity rule), else None."""
+    cls = type(module)
+    name = cls.__name__
+    if cls.__module__.startswith(_ACTIVATION_MODULES) and not isinstance(module, (nn.Softmax, nn.MultiheadAttention,
+                                                                                   nn.Softmax2d, nn.LogSoftmax)):
+        return "elementwise"
+    if name.endswith("RMSNorm") or name == "T5LayerNorm":
+        return "elementwise"
+    return None
+
+
+@contextlib.contextmanager
+def relevance_scope(model: nn.Module, rule_set: str, state: Optional[ScopeState] = None) -> Iterator[ScopeState]:
+    """Run ``model``'s forward inside this context to attach the rules.
+
+    Inside: no parameter of ``model`` requires grad (restored on exit), each
+    module call is named for messages, activation modules and RMS norms are
+    one operation, and every torch call is routed through the rules.  The
+    backward passes run after the context has closed; set
+    ``state.relevance`` to choose between the gradient and the relevance pass.
+    """
+    if rule_set not in RULE_SETS:
+        raise ValueError(f"unknown rule set {rule_set!r}; valid: {', '.join(RULE_SETS)}")
+    state = state or ScopeState(rule_set)
+    names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    mode = _Scope(state)
+    opened: List[Tuple[nn.Module, bool]] = []
+
+    def pre(module, args):
+        state.module_stack.append(names.get(id(module), type(module).__name__))
+        opaque = bool(args) and _is_act(args[0]) and module_rule(module) is not None and not state.opaque
+        opened.append((module, opaque))
+        if opaque:
+            state.opaque += 1
+
+    def post(module, args, output):
+        state.module_stack.pop()
+        _, opaque = opened.pop()
+        if not opaque:
+            return None
+        state.opaque -= 1
+        x = args[0]
+        if not isinstance(output, Tensor):
+            raise UnsupportedOperationError(f"LRP: module '{names.get(id(module))}' ({type(module).__name__}) "
+                                            "returned no tensor")
+        with torch.overrides._pop_mode_temporarily() if _mode_active(mode) else contextlib.nullcontext():
+            return _switch(state, output, [x], _identity_rule(state, x, output))
+
+    for p in params:
+        p.requires_grad_(False)
+    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = nn.modules.module.register_module_forward_hook(post)
+    try:
+        with mode:
+            yield state
+    finally:
+        h1.remove()
+        h2.remove()
+        for p in params:
+            p.requires_grad_(True)
+        state.module_stack.clear()
+        state.opaque = 0
+
+
+def _mode_active(mode: TorchFunctionMode) -> bool:
+    from torch.overrides import _get_current_function_mode_stack
+
+    stack = _get_current_function_mode_stack()
+    return bool(stack) and stack[-1] is mode
