@@ -10,6 +10,12 @@ matrices built here.  Tiny random configurations: a 56-pixel image with
 4-pixel patches gives a 14 x 14 finest grid, stages 14 -> 7 -> 4 with window
 4 (padding to 16 and 8 with shifted windows, an odd merge 7 -> 4, a last
 stage clamped to one unshifted window).
+
+Every test runs with torch's default dtype float64 (the ``float64``
+fixture: models built and inputs drawn in float64), so the engine and the
+references, and batch and singles, agree to ~1e-12 on any CPU (issue 20);
+one CPU thread (``one_thread``).  (Hugging Face's Swin takes its eager
+softmax in float32 even then; both sides read the same probabilities.)
 """
 import pytest
 import torch
@@ -27,20 +33,12 @@ from modules.trace import AttentionCall, Merge, WindowLayout, propagate_row
 from tests.test_generic import _assert_unchanged, _randomize, _snapshot
 
 tf.logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("one_thread", "float64")
 IMG, PATCH, WIN, DIM, B = 56, 4, 4, 8, 3
 DEPTHS, HEADS = (2, 2, 2), (1, 2, 2)
 STAGES = [(14, 14), (7, 7), (4, 4)]  # feature map of each stage (ceil halving)
 SHIFTS = [2, 2, 0]  # odd blocks shift by window // 2; the 4x4 stage is one window: no shift
 GRID = STAGES[0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one CPU thread is faster, and much faster on a loaded machine (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def timm_v1():
@@ -155,7 +153,7 @@ def observed_windows(model, block, h, w):
         dim, target = block.norm1.normalized_shape[0], block.attn
     else:
         dim, target = block.layernorm_before.normalized_shape[0], block.attention
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32)
+    ids = torch.arange(1, h * w + 1, dtype=next(block.parameters()).dtype)
     seen = {}
     handle = target.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
     try:
@@ -196,7 +194,7 @@ def test_window_layout_dense_gather_scatter_agree_with_apply(geometry):
     v = torch.rand(2, h * w, generator=g)
     dense = layout.dense(local)
     call = AttentionCall("x", torch.zeros(2 * nW, 1, n, n), windows=layout)
-    torch.testing.assert_close(call.apply(v, local), (v.unsqueeze(1) @ dense).squeeze(1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(call.apply(v, local), (v.unsqueeze(1) @ dense).squeeze(1), atol=1e-12, rtol=1e-12)
     # gather/scatter: a round trip, padding reads 0
     gathered = layout.gather(v)
     assert torch.equal(layout.scatter(gathered), v)
@@ -302,7 +300,7 @@ def test_identity_attention_gives_the_merge_prediction(family):
         handles.append(target.register_forward_hook(force))
     try:
         for method in ("rollout", "attn_last_layer"):
-            torch.testing.assert_close(explain(model, x, method), want, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(explain(model, x, method), want, atol=1e-12, rtol=1e-9)
         trace = explain_trace(model, x, "generic_attribution").trace
     finally:
         for h in handles:
@@ -314,12 +312,12 @@ def test_identity_attention_gives_the_merge_prediction(family):
         call.grad = torch.ones_like(call.probs)
     generic = METHODS["generic_attribution"].compute
     L = len(stream.calls)
-    torch.testing.assert_close(generic(stream, 0, trace).reshape(2, *GRID), 2.0 ** L * want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(generic(stream, 2, trace).reshape(2, *GRID), 2.0 ** (L - 2) * want, atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(generic(stream, 0, trace).reshape(2, *GRID), 2.0 ** L * want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(generic(stream, 2, trace).reshape(2, *GRID), 2.0 ** (L - 2) * want, atol=1e-10,
+                               rtol=1e-10)
     for call in stream.calls:
         call.grad = torch.zeros_like(call.probs)  # Abar = 0: R = I, the merges alone
-    torch.testing.assert_close(generic(stream, 0, trace).reshape(2, *GRID), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(generic(stream, 0, trace).reshape(2, *GRID), want, atol=1e-12, rtol=1e-9)
 
 
 @pytest.mark.parametrize("family", ["timm_v1", "hf_v2"])  # the two pad/shift orders
@@ -352,13 +350,13 @@ def test_generic_and_rollout_equal_a_dense_reference(family):
 
     trace = explain_trace(model, x, "generic_attribution").trace
     want = reference(trace, lambda c: torch.eye(c.probs.shape[-1]) + (c.grad * c.probs).clamp(min=0).mean(dim=1))
-    torch.testing.assert_close(explain(model, x, "generic_attribution"), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explain(model, x, "generic_attribution"), want, atol=1e-10, rtol=1e-10)
     trace = explain_trace(model, x, "rollout").trace
 
     def rollout_local(c):
         m = torch.eye(c.probs.shape[-1]) + c.probs.mean(dim=1)
         return m / m.sum(dim=-1, keepdim=True)
-    torch.testing.assert_close(explain(model, x, "rollout"), reference(trace, rollout_local), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(explain(model, x, "rollout"), reference(trace, rollout_local), atol=1e-12, rtol=1e-9)
 
 
 # --------------------------------------------------------------------------
@@ -383,7 +381,7 @@ def test_every_method_shapes_batch_invariance_and_restoration(family):
         else:
             assert (maps > 0).any(), method
         singles = torch.cat([explain(model, x[i:i + 1], method) for i in range(B)])
-        torch.testing.assert_close(maps, singles, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(maps, singles, atol=1e-10, rtol=1e-9)
     assert torch.equal(logits(model, x), before_logits)
     _assert_unchanged(before, _snapshot(model))
     if is_timm(model):
