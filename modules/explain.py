@@ -51,6 +51,16 @@ class Explanation(NamedTuple):
     score: Tensor  # (B,) the explained value as the model returned it
     target: Tensor  # (B,) the explained class (CLIP: the text paired with each image)
     trace: Trace
+    delta: Optional[Tensor] = None
+    """(B,) conservation of the methods whose relevance reaches the input
+    (``lrp``, ``attnlrp``, ``cplrp``): the relevance put in at the output
+    minus the sum of the input relevance (captum's convergence delta).  The
+    relevance put in is 1 for the LRP rule sets (one-hot seed) and the
+    explained logit for the gradient rule sets.  What it holds: the biases'
+    shares, the dropped shares of constants added to activations (position
+    embeddings, class tokens, attention masks) and, for AttnLRP, the
+    softmax's Taylor remainder; 0 up to rounding on a model without them for
+    CP-LRP.  None for the other methods."""
 
 
 def supported_methods(model: nn.Module) -> Tuple[str, ...]:
@@ -152,7 +162,17 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
         for name, stream in trace.streams.items():
             got = _read_out(m, stream, trace, start_layer)
             maps.update(got if isinstance(got, dict) else {name: got})
-    return Explanation(_as_tuple(maps), trace.score, trace.target, trace)
+    return Explanation(_as_tuple(maps), trace.score, trace.target, trace, _delta(m, trace))
+
+
+def _delta(m: Method, trace: Trace) -> Optional[Tensor]:
+    """Relevance in minus relevance out at the input (see :attr:`Explanation.delta`)."""
+    r = trace.input_relevance
+    if not m.to_input or r is None:
+        return None
+    total = r.detach().flatten(1).sum(dim=1)
+    seed = trace.score.to(total.dtype) if m.input_gradient else torch.ones_like(total)
+    return seed - total
 
 
 def _as_tuple(maps: Dict[str, Tensor]) -> Union[Tensor, Tuple[Tensor, ...]]:

@@ -285,12 +285,12 @@ class _Scope(TorchFunctionMode):
         if name in _DIVS:
             a, b = args[0], args[1]
             if _is_act(a) and not _is_act(b) and not kwargs.get("rounding_mode"):
-                y = func(*args, **kwargs)
-                return _switch(s, y, [a], _pass_rule(a))
+                y = func(*args, **kwargs)  # by a constant: identity (gradient rule sets: the plain gradient)
+                return y if s.gradient_rules else _switch(s, y, [a], _pass_rule(a))
             return self.refuse(name, "a division by an activation")
-        if name in ("neg", "__neg__", "negative"):
+        if name in ("neg", "__neg__", "negative"):  # times -1: identity (gradient rule sets: the plain gradient)
             y = func(*args, **kwargs)
-            return _switch(s, y, [args[0]], _pass_rule(args[0]))
+            return y if s.gradient_rules else _switch(s, y, [args[0]], _pass_rule(args[0]))
         if name in ("softmax", "_softmax", "log_softmax"):
             x = args[0]
             y = func(*args, **kwargs)
