@@ -26,30 +26,46 @@ A results file must cover every annotation of the split: an incomplete or
 empty one is refused (exit 2) naming what is missing, since the missing
 documents would silently count as F1 0.  ``--allow-subset`` scores only the
 documents present (the truth restricted to them) and says so.
+
+**Every score of the published ERASER scorer** (issue 23;
+:mod:`BERT_rationale_benchmark.eraser_scores` holds the definitions and the
+published script's quirks): ``--results FILE --score-file OUT`` writes the
+published ``--score_file`` layout (``iou_scores``, ``rationale_prf``,
+``token_prf``, ``token_soft_metrics``, ``sentence_soft_metrics``,
+``classification_scores`` with accuracy, the per-class report,
+comprehensiveness, sufficiency, their entropy / KL variants and AOPC), and
+``--results-dir`` writes it for every method and k to ``eraser_scores.json``
+and prints the per-method table (``eraser_scores.md``).  A file whose optional
+fields are in some records only, whose distributions lack a class, whose
+soft scores do not cover the document or whose AOPC bins are incomplete is
+refused in one line (exit 2).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from BERT_rationale_benchmark import eraser_scores  # noqa: E402
 from BERT_rationale_benchmark.utils import (SPLITS, Annotation, ERASERFormatError, PathLike,  # noqa: E402
-                                            annotation_docid, check_evidence_offsets, load_flattened_documents,
-                                            load_jsonl, load_split)
+                                            annotation_docid, check_evidence_offsets, load_documents, load_jsonl,
+                                            load_split)
 from modules import cli  # noqa: E402
 
 __all__ = [
     "PRF", "TokenScores", "f1", "prf", "score_token_sets", "truth_token_sets", "predicted_token_sets",
     "load_results", "covered_annotations", "score_results", "find_result_files", "check_same_run", "score_results_dir", "format_table",
-    "write_table", "plot_f1", "main",
+    "write_table", "plot_f1", "main", "ScoringData", "load_scoring_data", "full_scores", "score_results_dir_full",
+    "format_eraser_table", "format_faithfulness_table", "write_eraser_scores", "write_score_file",
 ]
 
 Key = Tuple[str, str]  # (annotation_id, docid)
@@ -274,26 +290,71 @@ def _method_order(names: Iterable[str]) -> List[str]:
     return known + sorted(n for n in names if n not in known)
 
 
-def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str,
-                      allow_subset: bool = False) -> Dict[str, Dict[int, TokenScores]]:
-    """Scores of every method and k under ``results_dir`` (see
-    :func:`find_result_files`); each file must cover the whole split unless
-    ``allow_subset`` (:func:`covered_annotations`)."""
+@dataclass(frozen=True)
+class ScoringData:
+    """A split's annotations with its documents: flattened tokens, and the sentence count of each."""
+
+    annotations: List[Annotation]
+    documents: Dict[str, List[str]]
+    sentence_counts: Dict[str, int]
+
+    @property
+    def token_counts(self) -> Dict[str, int]:
+        return {d: len(t) for d, t in self.documents.items()}
+
+
+def load_scoring_data(data_dir: PathLike, split: str) -> ScoringData:
+    """The ``split`` annotations of ``data_dir`` and their documents (an empty split is an error)."""
+    annotations = load_split(data_dir, split)
+    if not annotations:
+        raise ERASERFormatError(f"the {split} split of {data_dir} is empty: nothing to score")
+    sentences = load_documents(data_dir, {annotation_docid(a) for a in annotations})
+    documents = {d: [t for sent in doc for t in sent] for d, doc in sentences.items()}
+    check_evidence_offsets(annotations, documents)
+    return ScoringData(annotations, documents, {d: len(doc) for d, doc in sentences.items()})
+
+
+def full_scores(results: Sequence[dict], annotations: Sequence[Annotation], data: ScoringData, path: PathLike,
+                iou_thresholds: Sequence[float] = eraser_scores.IOU_THRESHOLDS,
+                aopc_thresholds: Sequence[float] = eraser_scores.AOPC_THRESHOLDS,
+                notes: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Every score of the published ERASER script for validated ``results``,
+    in its ``--score_file`` layout (:func:`BERT_rationale_benchmark.eraser_scores.score_file`)."""
+    eraser_scores.check_fields(results, path, annotations, data.token_counts, data.sentence_counts, aopc_thresholds)
+    return eraser_scores.score_file(results, annotations, data.token_counts, data.sentence_counts, iou_thresholds,
+                                    aopc_thresholds, notes)
+
+
+def score_results_dir_full(results_dir: PathLike, data_dir: PathLike, split: str, allow_subset: bool = False,
+                           iou_thresholds: Sequence[float] = eraser_scores.IOU_THRESHOLDS,
+                           aopc_thresholds: Sequence[float] = eraser_scores.AOPC_THRESHOLDS,
+                           ) -> Tuple[Dict[str, Dict[int, TokenScores]], Dict[str, Dict[int, Dict[str, Any]]]]:
+    """Token scores and every published ERASER score of each method and k
+    under ``results_dir`` (see :func:`find_result_files`); each file must
+    cover the whole split unless ``allow_subset`` (:func:`covered_annotations`)
+    and carry complete fields (:func:`BERT_rationale_benchmark.eraser_scores.check_fields`)."""
     files = find_result_files(results_dir)
     if not files:
         raise FileNotFoundError(f"no identifier_results_<k>.json files in {results_dir} or its subfolders")
     check_same_run(results_dir, files, split)
-    annotations = load_split(data_dir, split)
-    documents = load_flattened_documents(data_dir, {annotation_docid(a) for a in annotations})
-    check_evidence_offsets(annotations, documents)
+    data = load_scoring_data(data_dir, split)
     table: Dict[str, Dict[int, TokenScores]] = {}
+    full: Dict[str, Dict[int, Dict[str, Any]]] = {}
     for method in _method_order(files):
-        table[method] = {}
+        table[method], full[method] = {}, {}
         for k, p in sorted(files[method].items()):
-            results = load_results(p, annotations, documents, split)
-            table[method][k] = score_results(results, covered_annotations(results, annotations, p, split,
-                                                                          allow_subset))
-    return table
+            results = load_results(p, data.annotations, data.documents, split)
+            covered = covered_annotations(results, data.annotations, p, split, allow_subset)
+            table[method][k] = score_results(results, covered)
+            full[method][k] = full_scores(results, covered, data, p, iou_thresholds, aopc_thresholds)
+    return table, full
+
+
+def score_results_dir(results_dir: PathLike, data_dir: PathLike, split: str,
+                      allow_subset: bool = False) -> Dict[str, Dict[int, TokenScores]]:
+    """Token scores of every method and k under ``results_dir`` (the first
+    half of :func:`score_results_dir_full`)."""
+    return score_results_dir_full(results_dir, data_dir, split, allow_subset)[0]
 
 
 def format_table(table: Mapping[str, Mapping[int, TokenScores]], which: str = "macro") -> str:
@@ -365,19 +426,140 @@ def plot_f1(table: Mapping[str, Mapping[int, TokenScores]], path: PathLike, titl
     return Path(path)
 
 
-def _print_single(path: PathLike, split: str, s: TokenScores) -> None:
+def _get(scores: Mapping[str, Any], *path: Any) -> Optional[float]:
+    node: Any = scores
+    for key in path:
+        if isinstance(node, list):
+            node = node[key] if isinstance(key, int) and key < len(node) else None
+        elif isinstance(node, Mapping):
+            node = node.get(key)
+        else:
+            return None
+        if node is None:
+            return None
+    return node if isinstance(node, (int, float)) else None
+
+
+def _cell(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+ERASER_COLUMNS: Tuple[Tuple[str, Tuple[Any, ...]], ...] = (
+    ("token F1", ("token_prf", "instance_macro", "f1")),
+    ("IOU F1", ("iou_scores", 0, "macro", "f1")),
+    ("token AUPRC", ("token_soft_metrics", "auprc")),
+    ("sentence AUPRC", ("sentence_soft_metrics", "auprc")),
+    ("comprehensiveness", ("classification_scores", "comprehensiveness")),
+    ("sufficiency", ("classification_scores", "sufficiency")),
+    ("AOPC comprehensiveness", ("classification_scores", "comprehensiveness_aopc")),
+    ("AOPC sufficiency", ("classification_scores", "sufficiency_aopc")),
+)
+MORE_COLUMNS: Tuple[Tuple[str, Tuple[Any, ...]], ...] = (
+    ("accuracy", ("classification_scores", "accuracy")),
+    ("macro class F1", ("classification_scores", "prf", "macro avg", "f1-score")),
+    ("token AP", ("token_soft_metrics", "average_precision")),
+    ("token ROC AUC", ("token_soft_metrics", "roc_auc_score")),
+    ("comp. entropy", ("classification_scores", "comprehensiveness_entropy")),
+    ("comp. KL", ("classification_scores", "comprehensiveness_kl")),
+    ("suff. entropy", ("classification_scores", "sufficiency_entropy")),
+    ("suff. KL", ("classification_scores", "sufficiency_kl")),
+)
+
+
+def format_eraser_table(full: Mapping[str, Mapping[int, Mapping[str, Any]]], k: int,
+                        columns: Sequence[Tuple[str, Tuple[Any, ...]]] = ERASER_COLUMNS) -> str:
+    """A markdown table, one row per method, of the published scores of each
+    method's ``identifier_results_<k>.json`` (fractions, as the ERASER paper
+    prints them; "-" where the file lacks the field).  Token and IOU F1 are the
+    macro figures (``instance_macro`` / IOU ``macro``, threshold 0.5);
+    comprehensiveness and sufficiency remove / keep the top-k words; token
+    AUPRC, sentence AUPRC and AOPC do not depend on k."""
+    lines = [f"| method (k={k}) | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for method, by_k in full.items():
+        scores = by_k.get(k, {})
+        lines.append(f"| {method} | " + " | ".join(_cell(_get(scores, *path)) for _, path in columns) + " |")
+    return "\n".join(lines)
+
+
+def format_faithfulness_table(full: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
+    """Comprehensiveness / sufficiency of the top-k words, one column per k."""
+    ks = sorted({k for row in full.values() for k in row})
+    lines = ["| comprehensiveness / sufficiency | " + " | ".join(f"k={k}" for k in ks) + " |",
+             "|---|" + "---:|" * len(ks)]
+    for method, by_k in full.items():
+        cells = [f"{_cell(_get(by_k.get(k, {}), 'classification_scores', 'comprehensiveness'), 2)} / "
+                 f"{_cell(_get(by_k.get(k, {}), 'classification_scores', 'sufficiency'), 2)}" for k in ks]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _score_json(scores: Any) -> str:
+    # the published script writes json.dump(scores, indent=4, sort_keys=True)
+    return json.dumps(scores, indent=4, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_score_file(path: PathLike, scores: Mapping[str, Any]) -> Path:
+    """The scores of one results file, laid out as the published ``--score_file``."""
+    cli.atomic_write_text(str(path), _score_json(scores))
+    return Path(path)
+
+
+def eraser_markdown(full: Mapping[str, Mapping[int, Mapping[str, Any]]], k: int) -> str:
+    return (format_eraser_table(full, k) + "\n\n" + format_eraser_table(full, k, MORE_COLUMNS) + "\n\n"
+            + format_faithfulness_table(full) + "\n")
+
+
+def write_eraser_scores(full: Mapping[str, Mapping[int, Mapping[str, Any]]], out_dir: PathLike, k: int) -> List[Path]:
+    """``eraser_scores.json`` (``{method: {k: published score-file dict}}``) and
+    ``eraser_scores.md`` (the tables at ``k`` and per k) under ``out_dir``."""
+    out = Path(out_dir)
+    js, md = out / "eraser_scores.json", out / "eraser_scores.md"
+    cli.atomic_write_text(str(js), _score_json({m: {str(kk): v for kk, v in row.items()} for m, row in full.items()}))
+    cli.atomic_write_text(str(md), eraser_markdown(full, k))
+    return [md, js]
+
+
+def _flatten(scores: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+    if isinstance(scores, Mapping):
+        return [x for key in sorted(scores) for x in _flatten(scores[key], f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(scores, list) and scores and isinstance(scores[0], Mapping) and "threshold" in scores[0]:
+        return [x for item in scores for x in _flatten({k: v for k, v in item.items() if k != "threshold"},
+                                                       f"{prefix}@{item['threshold']}")]
+    return [(prefix, scores)]
+
+
+def _print_single(path: PathLike, split: str, s: TokenScores, full: Mapping[str, Any]) -> None:
     print(f"{path}: {s.documents} documents ({split} split)")
     print(f"{'token-level':<12} {'precision':>9} {'recall':>9} {'F1':>9}")
     for name, v in (("macro", s.macro), ("micro", s.micro)):
         print(f"{name:<12} {v.precision:9.4f} {v.recall:9.4f} {v.f1:9.4f}")
     if s.accuracy is not None:
         print(f"classification accuracy: {s.accuracy:.4f}")
+    print("\nevery score of the published ERASER scorer (its --score_file keys):")
+    for key, value in _flatten(full):
+        if ".prf." in f".{key}." and not key.startswith("classification_scores.prf.macro avg"):
+            continue  # the per-class report is in the score file
+        shown = "null" if value is None else (f"{value:.6f}" if isinstance(value, float) else
+                                             ("[" + ", ".join(f"{x:.6f}" for x in value) + "]"
+                                              if isinstance(value, list) else str(value)))
+        print(f"  {key} = {shown}")
+
+
+def _thresholds(values: Sequence[float], flag: str, low_open: bool) -> List[float]:
+    if len(set(values)) != len(values):
+        raise cli.CLIError(f"{flag} repeats a value: {list(values)}")
+    for v in values:
+        if not (math.isfinite(v) and (v > 0 if low_open else v >= 0) and v <= 1):
+            raise cli.CLIError(f"{flag}: {v} is not in {'(0' if low_open else '[0'}, 1]")
+    return list(values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Token-level precision / recall / F1 of top-k rationales against ERASER human evidence "
-                    "(METHODS.md section 6).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(METHODS.md section 6), and every score of the published ERASER scorer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True,
                         help="ERASER directory with {train,val,test}.jsonl and docs/")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split the results are scored on")
@@ -386,8 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--results-dir", "--results_dir", dest="results_dir",
                        help="pipeline output folder: scores every <method>/identifier_results_<k>.json")
     parser.add_argument("--out-dir", default=None,
-                        help="where --results-dir writes token_f1.{md,csv,json,png} (default: the results dir)")
-    parser.add_argument("--score-file", default=None, help="with --results: also write the scores as JSON here")
+                        help="where --results-dir writes token_f1.{md,csv,json,png} and eraser_scores.{md,json} "
+                             "(default: the results dir)")
+    parser.add_argument("--score-file", "--score_file", dest="score_file", default=None,
+                        help="with --results: write every score as JSON here, in the published --score_file layout")
+    parser.add_argument("--iou-thresholds", "--iou_thresholds", dest="iou_thresholds", nargs="+", type=float,
+                        default=list(eraser_scores.IOU_THRESHOLDS), help="IOU thresholds of the partial-match F1")
+    parser.add_argument("--aopc-thresholds", "--aopc_thresholds", dest="aopc_thresholds", nargs="+", type=float,
+                        default=list(eraser_scores.AOPC_THRESHOLDS),
+                        help="AOPC bins (fractions of the words) read from thresholded_scores")
+    parser.add_argument("--table-k", type=int, default=None,
+                        help="with --results-dir: the k of the ERASER table's top-k columns (default: the smallest)")
     parser.add_argument("--allow-subset", action="store_true",
                         help="score results that cover only part of the split (only the documents present); "
                              "without it an incomplete results file is an error")
@@ -397,37 +588,46 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        iou = _thresholds(args.iou_thresholds, "--iou-thresholds", low_open=False)
+        aopc = _thresholds(args.aopc_thresholds, "--aopc-thresholds", low_open=True)
         if args.results:
             if args.score_file:
                 cli.check_output_file(args.score_file, flag="--score-file")
-            annotations = load_split(args.data_dir, args.split)
-            if not annotations:
-                raise ERASERFormatError(f"the {args.split} split of {args.data_dir} is empty: nothing to score")
-            documents = load_flattened_documents(args.data_dir, {annotation_docid(a) for a in annotations})
-            check_evidence_offsets(annotations, documents)
-            results = load_results(args.results, annotations, documents, args.split)
+            data = load_scoring_data(args.data_dir, args.split)
+            annotations = data.annotations
+            results = load_results(args.results, annotations, data.documents, args.split)
             scored = covered_annotations(results, annotations, args.results, args.split, args.allow_subset)
+            notes: List[str] = []
+            full = full_scores(results, scored, data, args.results, iou, aopc, notes)
             s = score_results(results, scored)
             if len(scored) < len(annotations):
                 print(f"--allow-subset: scoring {len(scored)} of {len(annotations)} documents of the {args.split} split")
-            _print_single(args.results, args.split, s)
+            for note in notes:
+                print(f"note: {note}")
+            _print_single(args.results, args.split, s, full)
             if args.score_file:
-                cli.atomic_write_json(args.score_file, {
-                    "documents": s.documents, "split_documents": len(annotations), "macro": asdict(s.macro),
-                    "micro": asdict(s.micro), "accuracy": s.accuracy})
+                print(f"wrote {write_score_file(args.score_file, full)}")
             return 0
         out_dir = Path(args.out_dir or args.results_dir)
         if not Path(args.results_dir).is_dir():
             raise ERASERFormatError(f"--results-dir {args.results_dir}: not a directory")
         cli.check_output_dir(str(out_dir), flag="--out-dir")
-        table = score_results_dir(args.results_dir, args.data_dir, args.split, args.allow_subset)
+        table, full = score_results_dir_full(args.results_dir, args.data_dir, args.split, args.allow_subset, iou, aopc)
+        ks = sorted({k for row in table.values() for k in row})
+        table_k = ks[0] if args.table_k is None else args.table_k
+        if table_k not in ks:
+            raise cli.CLIError(f"--table-k {table_k}: no identifier_results_{table_k}.json (have k = "
+                               f"{', '.join(map(str, ks))})")
         n_docs = next(iter(next(iter(table.values())).values())).documents
         print(f"token-level rationale F1, {args.split} split, {n_docs} documents\n")
         print(format_table(table, "macro"))
         print()
         print(format_table(table, "micro"))
+        print(f"\nERASER scores (the published scorer's definitions; fractions), {args.split} split\n")
+        print(eraser_markdown(full, table_k), end="")
         paths = write_table(table, out_dir)
         paths.append(plot_f1(table, out_dir / "token_f1.png", title=f"ERASER token F1 vs k ({args.split})"))
+        paths += write_eraser_scores(full, out_dir, table_k)
         print("\nwrote " + ", ".join(str(p) for p in paths))
         return 0
     except (ValueError, KeyError) as e:

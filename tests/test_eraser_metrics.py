@@ -126,16 +126,17 @@ def test_cli_single_file(data_dir: Path, tmp_path: Path, capsys):
                          "--score-file", str(score_file)]) == 0
     out = capsys.readouterr().out
     assert "2 documents" in out and "classification accuracy: 0.5000" in out
-    s = json.loads(score_file.read_text())
-    assert s["macro"]["f1"] == pytest.approx((4 / 7 + 1) / 2)
-    assert s["macro"]["precision"] == pytest.approx((2 / 3 + 1) / 2)
+    s = json.loads(score_file.read_text())  # the published --score_file layout (issue 23)
+    tok = s["token_prf"]
+    assert tok["instance_macro"]["f1"] == pytest.approx((4 / 7 + 1) / 2)
+    assert tok["instance_macro"]["p"] == pytest.approx((2 / 3 + 1) / 2)
     # micro: 3 hits of 4 predicted and 5 true
-    assert s["micro"]["precision"] == pytest.approx(3 / 4) and s["micro"]["recall"] == pytest.approx(3 / 5)
-    assert s["accuracy"] == 0.5
+    assert tok["instance_micro"]["p"] == pytest.approx(3 / 4) and tok["instance_micro"]["r"] == pytest.approx(3 / 5)
+    assert s["classification_scores"]["accuracy"] == 0.5
     # an empty prediction counts as F1 0 for that document
     res2 = _write(tmp_path / "r2.json", [_record("a.txt", [0, 1, 2, 3]), _record("b.txt", [])])
     assert metrics.main(["--data-dir", str(data_dir), "--results", str(res2), "--score-file", str(score_file)]) == 0
-    assert json.loads(score_file.read_text())["macro"]["f1"] == pytest.approx(0.5)
+    assert json.loads(score_file.read_text())["token_prf"]["instance_macro"]["f1"] == pytest.approx(0.5)
     # a missing document is refused (issue 15: it used to count as F1 0 with exit 0) ...
     res3 = _write(tmp_path / "r3.json", [_record("a.txt", [0, 1, 2, 3])])
     capsys.readouterr()
@@ -149,7 +150,8 @@ def test_cli_single_file(data_dir: Path, tmp_path: Path, capsys):
                          "--allow-subset"]) == 0
     assert "scoring 1 of 2 documents" in capsys.readouterr().out
     s = json.loads(score_file.read_text())
-    assert s["macro"]["f1"] == pytest.approx(1.0) and s["documents"] == 1 and s["split_documents"] == 2
+    assert s["token_prf"]["instance_macro"]["f1"] == pytest.approx(1.0)
+    assert s["classification_scores"]["prf"]["accuracy"] == 1.0  # one document, POS, predicted POS
 
 
 def test_cli_results_dir_writes_table_and_plot(data_dir: Path, tmp_path: Path, capsys):

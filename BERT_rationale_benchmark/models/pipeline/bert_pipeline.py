@@ -20,6 +20,26 @@ The ERASER Movie Reviews experiment of ../shared/METHODS.md section 6:
    LaTeX heatmaps of the first few documents under ``OUTPUT_DIR/<method>/heatmaps/``.
    Each method's folder is published by one rename once all its files are
    written; non-finite logits or relevance are refused (exit 2).
+4. Every results record also carries the fields the published ERASER scorer
+   reads beyond the hard rationales (issue 23): ``soft_rationale_predictions``
+   (the word score of every document token; a token that does not reach the
+   model - truncated, or dropped by the tokenizer - gets the document's lowest
+   word score), ``soft_sentence_predictions`` (the maximum word score of each
+   sentence, the lowest word score for a sentence no word of which reaches the
+   model), and, with ``explain.faithfulness`` (default true), the classifier's
+   probabilities on reduced documents: ``comprehensiveness_classification_scores``
+   (the top-k words **deleted**, as ERASER does: their wordpieces are removed
+   from the input, the rest closes up), ``sufficiency_classification_scores``
+   (only the top-k words kept, in document order), and ``thresholded_scores``
+   for the AOPC bins ``explain.aopc_thresholds`` (default 1, 5, 10, 20, 50 %:
+   the top ceil(t * n) words of the n scored words that reach the model).
+   ``explain.faithfulness_k`` (default null: every k) limits the re-runs to
+   some k; the other files then carry neither the two fields nor
+   ``thresholded_scores`` (the published verification wants them together).
+   Reduced documents keep [CLS] / [SEP] and never bring back words cut off by
+   truncation: they are the model's input minus (or restricted to) the chosen
+   words.  Identical reduced inputs are classified once; the full input reuses
+   the prediction of step 2.
 
 Documents are tokenised as pre-split words (ERASER tokens), so every
 wordpiece maps back to a document token offset.  Documents longer than
@@ -54,8 +74,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from BERT_rationale_benchmark.eraser_scores import aopc_bin_size  # noqa: E402
 from BERT_rationale_benchmark.utils import (SPLITS, Annotation, ERASERFormatError, annotation_docid,  # noqa: E402
-                                            check_evidence_offsets, load_flattened_documents, load_split)
+                                            check_evidence_offsets, load_documents, load_flattened_documents,
+                                            load_split)
 from modules import cli  # noqa: E402
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, resolve_method  # noqa: E402
 from modules.ranking import TIE_BREAKS, check_tie_break, top_k_indices  # noqa: E402
@@ -64,6 +86,7 @@ __all__ = [
     "DEFAULT_PARAMS", "EncodedDoc", "load_params", "resolve_pretrained", "load_tokenizer", "encode_documents",
     "make_batches", "train_classifier", "load_or_train_classifier", "predict", "top_k_words", "doc_word_scores",
     "explain_documents", "run", "main", "build_parser", "validate_params", "classifier_state", "training_identity",
+    "soft_word_scores", "soft_sentence_scores", "reduced_input_ids", "faithfulness_probs",
 ]
 
 PKG_PREFIX = "pkg:"
@@ -79,7 +102,8 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     "train": {"batch_size": 10, "lr": 1e-5, "epochs": 10, "patience": 10, "max_grad_norm": 1.0,
               "select_on_val": True, "eval_batch_size": 32},
     "explain": {"batch_size": 8, "k": [10, 20, 30, 40, 50, 60, 70, 80], "heatmaps": 5, "tie_break": "random",
-                "tie_seed": 0},
+                "tie_seed": 0, "faithfulness": True, "faithfulness_k": None,
+                "aopc_thresholds": [0.01, 0.05, 0.1, 0.2, 0.5]},
 }
 
 
@@ -163,6 +187,18 @@ def validate_params(params: Dict[str, Any], where: str = "parameters") -> None:
         raise cli.CLIError(f"{where}: explain.tie_break must be one of {', '.join(TIE_BREAKS)}, "
                            f"got {ep['tie_break']!r}")
     num(ep["tie_seed"], "explain.tie_seed", int, minimum=0, maximum=2 ** 63 - 1, where=where)
+    if not isinstance(ep["faithfulness"], bool):
+        raise cli.CLIError(f"{where}: explain.faithfulness must be true or false, got {ep['faithfulness']!r}")
+    fk = ep["faithfulness_k"]
+    if fk is not None and (not isinstance(fk, list) or not fk or not all(k in ks for k in fk) or len(set(fk)) != len(fk)):
+        raise cli.CLIError(f"{where}: explain.faithfulness_k must be null (every k) or a list of distinct values of "
+                           f"explain.k, got {fk!r}")
+    ts = ep["aopc_thresholds"]
+    if not isinstance(ts, list) or not ts or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in ts):
+        raise cli.CLIError(f"{where}: explain.aopc_thresholds must be a list of fractions in (0, 1], got {ts!r}")
+    if len(set(ts)) != len(ts):
+        raise cli.CLIError(f"{where}: explain.aopc_thresholds repeats a value: {ts!r}")
 
 
 def _model_dir_of_package(dist_name: str) -> Path:
@@ -660,17 +696,116 @@ def explain_documents(model, docs: Sequence[EncodedDoc], method: str, batch_size
     return out  # type: ignore[return-value]
 
 
-def _result_record(doc: EncodedDoc, top: List[int], probs: Tensor, classes: Sequence[str]) -> Dict[str, Any]:
-    return {
+def soft_word_scores(scores: Sequence[Optional[float]], n_words: int) -> List[float]:
+    """A score for every one of the document's ``n_words`` tokens (ERASER's
+    ``soft_rationale_predictions``): the word score where the word reaches the
+    model, the document's lowest word score elsewhere (truncated words, words
+    the tokenizer drops), so that they rank last."""
+    seen = [x for x in scores if x is not None]
+    low = min(seen) if seen else 0.0
+    out = [low] * n_words
+    for i, x in enumerate(scores):
+        if x is not None:
+            out[i] = float(x)
+    return out
+
+
+def soft_sentence_scores(soft: Sequence[float], scores: Sequence[Optional[float]],
+                         sentence_lengths: Sequence[int]) -> List[float]:
+    """One score per sentence (ERASER's ``soft_sentence_predictions``): the
+    maximum score of its words that reach the model; the document's lowest
+    word score for a sentence none of whose words does."""
+    seen = [x for x in scores if x is not None]
+    low = min(seen) if seen else 0.0
+    out, start = [], 0
+    for n in sentence_lengths:
+        inside = [scores[i] for i in range(start, min(start + n, len(scores))) if scores[i] is not None]
+        out.append(float(max(inside)) if inside else low)
+        start += n
+    if start != len(soft):
+        raise RuntimeError(f"sentence lengths add up to {start}, the document has {len(soft)} tokens")
+    return out
+
+
+def reduced_input_ids(doc: EncodedDoc, words: Sequence[int], keep: bool) -> List[int]:
+    """The model input of ``doc`` with the wordpieces of ``words`` deleted
+    (``keep=False``, comprehensiveness) or with only them kept (``keep=True``,
+    sufficiency); special tokens stay, truncated words stay out."""
+    chosen = set(words)
+    return [t for t, w in zip(doc.input_ids, doc.word_ids) if w is None or ((w in chosen) == keep)]
+
+
+Faithfulness = Dict[str, Dict[Any, Tuple[List[float], List[float]]]]
+
+
+def faithfulness_probs(model, docs: Sequence[EncodedDoc], scores: Sequence[Sequence[Optional[float]]],
+                       ks: Sequence[int], thresholds: Sequence[float], full_probs: Tensor, batch_size: int,
+                       pad_id: int, device: torch.device, tie_break: str = "random", tie_seed: int = 0,
+                       desc: str = "faithfulness") -> List[Faithfulness]:
+    """Class probabilities of every document with its top-k words removed and
+    with only them kept, for each k of ``ks`` and each AOPC bin of
+    ``thresholds`` (ceil(t * n) of the n scored words).  Returns, per document,
+    ``{"k": {k: (comprehensiveness, sufficiency)}, "bins": {t: (...)}}``.
+    Every distinct reduced input is classified once, batched by length; the
+    unreduced input reuses ``full_probs``."""
+    plans = []
+    wanted: Dict[Tuple[int, ...], Optional[int]] = {}
+    for i, (doc, s) in enumerate(zip(docs, scores)):
+        wanted[tuple(doc.input_ids)] = i  # the full input: step 2's prediction
+        n_scored = sum(x is not None for x in s)
+        plan = []
+        for kind, key, n in [("k", k, k) for k in ks] + [("bins", t, aopc_bin_size(t, n_scored)) for t in thresholds]:
+            top = top_k_words(s, n, tie_break, tie_seed)
+            pair = (tuple(reduced_input_ids(doc, top, keep=False)), tuple(reduced_input_ids(doc, top, keep=True)))
+            for ids in pair:
+                wanted.setdefault(ids, None)
+            plan.append((kind, key, pair))
+        plans.append(plan)
+    todo = [ids for ids, src in wanted.items() if src is None]
+    fake = [EncodedDoc("", "", 0, [], list(ids), [], 0, False) for ids in todo]
+    probs = predict(model, fake, batch_size, pad_id, device, desc=desc) if fake else torch.empty(0)
+    found = {ids: probs[j] for j, ids in enumerate(todo)}
+    found.update({ids: full_probs[src] for ids, src in wanted.items() if src is not None})
+    out = []
+    for plan in plans:
+        entry: Faithfulness = {"k": {}, "bins": {}}
+        for kind, key, (comp, suff) in plan:
+            entry[kind][key] = (found[comp].tolist(), found[suff].tolist())
+        out.append(entry)
+    return out
+
+
+def _distribution(values: Sequence[float], classes: Sequence[str]) -> Dict[str, float]:
+    return {c: float(p) for c, p in zip(classes, values)}
+
+
+def _result_record(doc: EncodedDoc, top: List[int], probs: Tensor, classes: Sequence[str],
+                   scores: Optional[Sequence[Optional[float]]] = None,
+                   sentence_lengths: Optional[Sequence[int]] = None,
+                   faith: Optional[Faithfulness] = None, k: Optional[int] = None) -> Dict[str, Any]:
+    rationale: Dict[str, Any] = {"docid": doc.docid,
+                                 "hard_rationale_predictions": [{"start_token": t, "end_token": t + 1} for t in top]}
+    if scores is not None:
+        soft = soft_word_scores(scores, len(doc.words))
+        rationale["soft_rationale_predictions"] = soft
+        if sentence_lengths is not None:
+            rationale["soft_sentence_predictions"] = soft_sentence_scores(soft, scores, sentence_lengths)
+    record: Dict[str, Any] = {
         "annotation_id": doc.annotation_id,
-        "rationales": [{"docid": doc.docid,
-                        "hard_rationale_predictions": [{"start_token": t, "end_token": t + 1} for t in top]}],
+        "rationales": [rationale],
         "classification": classes[int(probs.argmax())],
-        "classification_scores": {c: float(p) for c, p in zip(classes, probs.tolist())},
-        "truncated": doc.truncated,
-        "words": len(doc.words),
-        "words_seen": doc.words_seen,
+        "classification_scores": _distribution(probs.tolist(), classes),
     }
+    if faith is not None and k in faith["k"]:
+        comp, suff = faith["k"][k]
+        record["comprehensiveness_classification_scores"] = _distribution(comp, classes)
+        record["sufficiency_classification_scores"] = _distribution(suff, classes)
+        record["thresholded_scores"] = [
+            {"threshold": t, "comprehensiveness_classification_scores": _distribution(c, classes),
+             "sufficiency_classification_scores": _distribution(s, classes)}
+            for t, (c, s) in sorted(faith["bins"].items())]
+    record.update({"truncated": doc.truncated, "words": len(doc.words), "words_seen": doc.words_seen})
+    return record
 
 
 def _write_heatmaps(folder: Path, i: int, doc: EncodedDoc, scores: List[Optional[float]], method: str,
@@ -694,7 +829,9 @@ RUN_FILE = "run.json"
 def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[EncodedDoc],
                          scores: List[List[Optional[float]]], probs: Tensor, classes: Sequence[str],
                          method: str, heatmaps: int, provenance: Optional[Dict[str, Any]] = None,
-                         tie_break: str = "random", tie_seed: int = 0) -> None:
+                         tie_break: str = "random", tie_seed: int = 0,
+                         sentence_lengths: Optional[Dict[str, List[int]]] = None,
+                         faith: Optional[List[Faithfulness]] = None) -> None:
     """Every file of one method (rationales for each k, heatmaps, ``run.json``),
     written to a temporary folder and published as ``folder`` by one rename."""
     with cli.atomic_directory(str(folder)) as tmp:
@@ -703,9 +840,11 @@ def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[Encoded
                                               + "\n", encoding="utf-8")
         for k in ks:
             with open(Path(tmp) / f"identifier_results_{k}.json", "w", encoding="utf-8") as f:
-                for doc, s, p in zip(docs, scores, probs):
-                    f.write(json.dumps(_result_record(doc, top_k_words(s, k, tie_break, tie_seed), p, classes))
-                            + "\n")
+                for i, (doc, s, p) in enumerate(zip(docs, scores, probs)):
+                    record = _result_record(doc, top_k_words(s, k, tie_break, tie_seed), p, classes, s,
+                                            None if sentence_lengths is None else sentence_lengths[doc.docid],
+                                            None if faith is None else faith[i], k)
+                    f.write(json.dumps(record) + "\n")
         for i in range(min(heatmaps, len(docs))):
             _write_heatmaps(Path(tmp) / "heatmaps", i, docs[i], scores[i], method, probs[i], classes)
 
@@ -737,7 +876,9 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
     annotations = load_split(data_dir, split)
     if not annotations:
         raise ValueError(f"the {split} split of {data_dir} is empty")
-    documents = load_flattened_documents(data_dir, {annotation_docid(a) for a in annotations})
+    sentences = load_documents(data_dir, {annotation_docid(a) for a in annotations})
+    documents = {d: [t for sent in doc for t in sent] for d, doc in sentences.items()}
+    sentence_lengths = {d: [len(sent) for sent in doc] for d, doc in sentences.items()}
     check_evidence_offsets(annotations, documents)
     max_length = int(params["max_length"])
     docs = encode_documents(tokenizer, annotations, documents, classes, max_length)
@@ -760,6 +901,9 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
         "split": split, "classifier_sha256": file_sha256(str(cls_dir / "config.json"), str(cls_dir / "model.safetensors")), "max_length": max_length,
         "k": ks, "documents": len(docs),
         "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
+        "faithfulness": bool(params["explain"]["faithfulness"]),
+        "faithfulness_k": sorted(params["explain"]["faithfulness_k"] or ks) if params["explain"]["faithfulness"] else [],
+        "aopc_thresholds": list(params["explain"]["aopc_thresholds"]),
         "data_sha256": hashlib.sha256(json.dumps(
             [[d.annotation_id, d.docid, d.label, d.words] for d in docs]).encode()).hexdigest(),
     }
@@ -769,8 +913,15 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
         t0 = time.time()
         scores = explain_documents(model, docs, name, int(params["explain"]["batch_size"]),
                                    tokenizer.pad_token_id, device)
+        tie_break, tie_seed = params["explain"]["tie_break"], int(params["explain"]["tie_seed"])
+        faith = None
+        if params["explain"]["faithfulness"]:
+            faith_ks = sorted(params["explain"]["faithfulness_k"] or ks)
+            faith = faithfulness_probs(model, docs, scores, faith_ks, params["explain"]["aopc_thresholds"], probs,
+                                       int(params["train"]["eval_batch_size"]), tokenizer.pad_token_id, device,
+                                       tie_break, tie_seed, desc=f"{name} faithfulness")
         _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]),
-                             provenance, params["explain"]["tie_break"], int(params["explain"]["tie_seed"]))
+                             provenance, tie_break, tie_seed, sentence_lengths, faith)
         summary["methods"][name] = {"seconds": time.time() - t0}
         print(f"{name}: wrote identifier_results_{{{','.join(map(str, ks))}}}.json to {folder} "
               f"({time.time() - t0:.1f} s)")
