@@ -8,9 +8,12 @@ explanation pays), plus peak memory.  Results go to a JSON file.
     python benchmarks/explain_speed.py --batch-sizes 1 32 --device cuda
 
 With ``--timm-model NAME`` (default: the same architecture from timm) the
-unmodified timm model is timed too: its forward+backward and every
-attention method through the engine's hook path (rows ``timm:...``, ratios
-to the timm model's own forward+backward).  ``--timm-model none`` skips it.
+unmodified timm model is timed too, side by side in the same run: its
+forward, its forward inside the LRP scope (the scope's per-op overhead),
+its forward+backward and every ``--methods`` entry it supports through the
+engine (attention methods by hooks, LRP methods through the scope; rows
+``timm:...``, ratios to the timm model's own forward+backward).
+``--timm-model none`` skips it.
 
 Random weights: speed does not depend on them.  This is not a test.
 """
@@ -29,8 +32,9 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, create_model
-from modules.explain import explain
-from modules.methods import ATTENTION_METHODS, METHOD_NAMES
+from modules.explain import explain, supported_methods
+from modules.lrp_scope import relevance_scope
+from modules.methods import METHOD_NAMES
 
 
 def _sync(device: torch.device) -> None:
@@ -122,7 +126,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             rows["timm:forward+backward"] = time_fn(timm_forward_backward, device, args.warmup, args.repeats)
             timm_model.zero_grad(set_to_none=True)
-            for method in ATTENTION_METHODS:
+
+            def timm_forward():
+                with torch.no_grad():
+                    timm_model(x)
+
+            def timm_forward_in_scope():
+                """The LRP scope's per-op cost on a forward alone (rules attached, no backward)."""
+                with relevance_scope(timm_model, "TA"):
+                    timm_model(x.detach().requires_grad_(True))
+
+            rows["timm:forward"] = time_fn(timm_forward, device, args.warmup, args.repeats)
+            rows["timm:forward in LRP scope"] = time_fn(timm_forward_in_scope, device, args.warmup, args.repeats)
+            offered = supported_methods(timm_model)
+            for method in [m for m in args.methods if m in offered]:  # LRP methods through the scope
                 rows[f"timm:{method}"] = time_fn(lambda: explain(timm_model, x, method), device, args.warmup,
                                                  args.repeats)
         print(f"\nbatch {bs}:  {'what':<36}{'images/s':>10}{'s/batch':>10}{'x fwd+bwd':>11}", flush=True)

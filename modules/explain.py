@@ -143,8 +143,8 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
     if m.name not in adapter.methods():
         offering = copies_offering(m.name)
         raise UnsupportedMethodError(
-            f"{m.name} needs an LRP pass, which only the model copies offer ({', '.join(offering)}); "
-            f"{type(model).__name__} supports {', '.join(adapter.methods())}")
+            f"{m.name} needs an LRP pass, which {type(model).__name__} does not offer yet (families that do: "
+            f"{'; '.join(offering)}); {type(model).__name__} supports {', '.join(adapter.methods())}")
     for stream, depth in adapter.depths().items():
         check_start_layer(start_layer, depth)
     trace = adapter.record(inputs, m, index, start_layer)

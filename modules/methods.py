@@ -97,7 +97,7 @@ class Method:
 
     @property
     def needs_copy(self) -> bool:
-        """True for methods that need an LRP pass, which only the model copies offer."""
+        """True for methods that need an LRP pass (the copies, or the LRP scope on unmodified families)."""
         return self.rule_set is not None
 
     def default_start_layer(self, stream: Stream) -> int:

@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> List[str]:
     method = resolve_method(args.method).name if args.method else (
         "transformer_attribution" if "transformer_attribution" in supported else "generic_attribution")
     if method not in supported:
-        raise CLIError(f"{type(model).__name__} does not support --method {method} (it needs an LRP pass, which "
-                       f"only our copies offer); it supports: {', '.join(supported)}")
+        raise CLIError(f"{type(model).__name__} does not support --method {method} (it needs an LRP pass this "
+                       f"model does not offer); it supports: {', '.join(supported)}")
     out = check_output_file(_output_path(args, method), flag="--out")
     if random:
         print(f"warning: no --weights given: {args.model} is randomly initialised, its maps mean nothing",

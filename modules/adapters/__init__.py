@@ -94,7 +94,7 @@ def supported_models() -> List[Tuple[str, Sequence[str], Tuple[str, ...], str]]:
 
 
 def copies_offering(method: str) -> List[str]:
-    """The families (model copies) that run ``method``."""
+    """The families (model copies and unmodified families) that run ``method``."""
     supported_models()
     return [c.family for c in _ordered() if method in c.method_names()]
 
