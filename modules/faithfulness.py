@@ -477,14 +477,20 @@ def randomize_stage(model: nn.Module, names: Sequence[str], seed: int) -> None:
                     p.normal_(0.0, 0.02)
 
 
-def spearman(a: Tensor, b: Tensor) -> Tensor:
+def spearman(a: Tensor, b: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Spearman rank correlation per sample of (B, ...) maps, float64 (B,):
     the Pearson correlation of the average ranks (ties share their mean
-    rank, as ``scipy.stats.spearmanr``); NaN where a map is constant."""
+    rank, as ``scipy.stats.spearmanr``); NaN where a map is constant.
+    ``mask`` (same shape, bool): correlate only those entries (text: the
+    tokens, not the padding)."""
     from scipy.stats import rankdata
 
     x = np.asarray(torch.as_tensor(a).detach().cpu().to(torch.float64).reshape(len(a), -1))
     y = np.asarray(torch.as_tensor(b).detach().cpu().to(torch.float64).reshape(len(b), -1))
+    if mask is not None:
+        keep = np.asarray(torch.as_tensor(mask).detach().cpu().reshape(len(a), -1)).astype(bool)
+        return torch.cat([spearman(torch.from_numpy(x[i][keep[i]][None]), torch.from_numpy(y[i][keep[i]][None]))
+                          for i in range(len(x))])
     rx, ry = rankdata(x, axis=1), rankdata(y, axis=1)
     rx -= rx.mean(1, keepdims=True)
     ry -= ry.mean(1, keepdims=True)
@@ -524,7 +530,7 @@ def ssim(a: Tensor, b: Tensor, win_size: int = 7, k1: float = 0.01, k2: float = 
 def cascading_randomization(model: nn.Module, inputs: Any, explain_fn: Callable[[nn.Module, Any, Tensor], Tensor],
                             index: Index = None, stages: Optional[Sequence[Tuple[str, Sequence[str]]]] = None,
                             seed: int = 0, stage_seeds: Optional[Sequence[int]] = None,
-                            absolute: bool = False) -> Dict[str, Any]:
+                            absolute: bool = False, mask: Optional[Tensor] = None) -> Dict[str, Any]:
     """Cascading model-parameter randomisation (Adebayo et al. 2018).
 
     ``explain_fn(model, inputs, target)`` returns (B, ...) maps for the
@@ -534,8 +540,9 @@ def cascading_randomization(model: nn.Module, inputs: Any, explain_fn: Callable[
     kept (cascading) on a deep copy: ``model`` is left unchanged.  Stage j is
     drawn with ``stage_seeds[j]`` (default ``seed + j``).  Returns
     ``{"stages": names, "spearman": (S, B), "ssim": (S, B) or None (maps not
-    2-D or smaller than 7 x 7), "original": maps}`` comparing each stage's
-    maps with the original ones (of ``|map|`` when ``absolute``)."""
+    2-D or smaller than 7 x 7, or ``mask`` given), "original": maps}``
+    comparing each stage's maps with the original ones (of ``|map|`` when
+    ``absolute``; Spearman over the ``mask`` entries only when given)."""
     _, target = _explained(model, inputs, index)
     stages = list(stages) if stages is not None else randomization_stages(model)
     seeds = list(stage_seeds) if stage_seeds is not None else [int(seed) + j for j in range(len(stages))]
@@ -547,13 +554,13 @@ def cascading_randomization(model: nn.Module, inputs: Any, explain_fn: Callable[
         return m.abs() if absolute else m
 
     original = prep(explain_fn(model, inputs, target))
-    two_d = original.dim() == 3 and min(original.shape[1:]) >= 7
+    two_d = original.dim() == 3 and min(original.shape[1:]) >= 7 and mask is None
     work = copy.deepcopy(model)
     rho, sim = [], []
     for (name, names), s in zip(stages, seeds):
         randomize_stage(work, names, s)
         maps = prep(explain_fn(work, inputs, target))
-        rho.append(spearman(original, maps))
+        rho.append(spearman(original, maps, mask))
         if two_d:
             sim.append(ssim(original, maps))
     return {"stages": [n for n, _ in stages], "spearman": torch.stack(rho) if rho else torch.empty(0),
