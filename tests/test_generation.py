@@ -92,9 +92,9 @@ _CACHE = {}
 # in float32, with the tolerance TOL32 above the measured gap (see there).
 FLOAT32_MODELS = {"llama", "qwen2"}
 # Measured on these tiny models, float32 against float64 (singles, no padding):
-# maps differ by <= 4.2e-7 (explain) and 7.3e-7 (explain_generation), values ~1;
+# maps differ by <= 2.3e-7 (explain) and 7.3e-7 (explain_generation), values ~1-2;
 # batch and singles can each sit that far from exact, so TOL32 is ten times 2 x gap.
-# Scores (logits ~5) keep their float32 tolerance of before, 1e-5 + 1e-5 x |score| (gap measured <= 1.8e-6).
+# Scores (logits ~3) keep their float32 tolerance of before, 1e-5 + 1e-5 x |score| (gap measured <= 1.5e-6).
 TOL64, TOL32, SCORE32 = dict(atol=1e-10, rtol=1e-9), dict(atol=1e-5, rtol=1e-4), dict(atol=1e-5, rtol=1e-5)
 
 
@@ -385,11 +385,11 @@ def test_encoder_decoder_rule_restated_independently(name):
 # --------------------------------------------------------------------------
 # explain_generation
 # --------------------------------------------------------------------------
-def _generation_inputs(name, B=2, seed=2):
+def _generation_inputs(name, B=2):
     if name.startswith("ved"):
         return {"pixel_values": torch.randn(B, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))}
     if name in CAUSAL:
-        b = causal_batch(seed)
+        b = causal_batch()
         keep = [1, 2][:B]  # left- and right-padded prompts
         return {"input_ids": b["input_ids"][keep], "attention_mask": b["attention_mask"][keep]}
     b = enc_dec_batch(name)
@@ -467,9 +467,9 @@ def test_explain_generation(name):
 
 def test_explain_generation_marks_tokens_after_the_end_of_sequence():
     model = build("gpt2")
-    # prompts whose greedy tokens suit the test (float64 weights; every step's top-2 logit margin >= 8e-3,
-    # so float rounding cannot change them)
-    inputs = _generation_inputs("gpt2", seed=4)
+    # greedy tokens far from ties (every step's top-2 logit margin >= 0.04, measured), so float rounding
+    # cannot change which token is the third
+    inputs = _generation_inputs("gpt2")
     out = explain_generation(model, inputs, max_new_tokens=4)
     eos = int(out.tokens[0, 2])  # make sample 0's third token its end-of-sequence token
     assert eos not in out.tokens[1, :3].tolist() and eos not in out.tokens[0, :2].tolist()

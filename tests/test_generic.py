@@ -33,14 +33,18 @@ B, IMG, PATCH, SEQ, VOCAB = 3, 32, 8, 8, 60
 # Tiny random models (weights larger than the 0.02 init: attention far from uniform)
 # --------------------------------------------------------------------------
 def _randomize(model: nn.Module, seed: int = 0, std: float = 0.25) -> nn.Module:
+    """Weights drawn in float32 whatever the model's dtype: a float64 model gets the same numbers."""
     g = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, dtype=torch.float32)
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "LayerNorm" in name or "norm" in name.lower():
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("weight")
-                        else 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1.0 + 0.1 * randn(p.shape) if name.endswith("weight") else 0.1 * randn(p.shape))
             else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+                p.copy_(std * randn(p.shape))
     return model.eval()
 
 
