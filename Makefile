@@ -35,6 +35,7 @@ demo: $(STAMP)
 	$(PY) BERT_rationale_benchmark/synthetic_reviews.py --out-dir $(DEMO_DIR)/eraser/data --train 200 --val 20 --test 100 --seed 0
 	$(PY) BERT_rationale_benchmark/models/pipeline/bert_pipeline.py --data-dir $(DEMO_DIR)/eraser/data --output-dir $(DEMO_DIR)/eraser/run --model-params BERT_params/synthetic_minilm.json --all-methods --split test --device cpu
 	$(PY) BERT_rationale_benchmark/metrics.py --data-dir $(DEMO_DIR)/eraser/data --split test --results-dir $(DEMO_DIR)/eraser/run
+	$(PY) BERT_rationale_benchmark/metrics.py --data-dir $(DEMO_DIR)/eraser/data --split test --results $(DEMO_DIR)/eraser/run/transformer_attribution/identifier_results_10.json --score-file $(DEMO_DIR)/eraser/transformer_attribution_scores_10.json
 	@echo '== 4/6 class specificity on synthetic two-object scenes (ours; not ImageNet) =='
 	$(PY) data/scenes.py --out-dir $(DEMO_DIR)/scenes --split val --count 200 --seed 0 --min-objects 2 --max-objects 2 --distinct-classes --separated --formats coco --quiet
 	$(PY) baselines/ViT/class_specificity.py --annotations $(DEMO_DIR)/scenes/annotations/instances_val.json --image-dir $(DEMO_DIR)/scenes/val --weights samples/synthetic_scenes_vit --output-dir $(DEMO_DIR)/class_specificity --device cpu --quiet
