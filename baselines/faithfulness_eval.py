@@ -181,7 +181,9 @@ class TextTask(Task):
         docs = load_flattened_documents(args.eraser_dir, {annotation_docid(a) for a in anns})
         self.encoded = [self.tokenizer(docs[annotation_docid(a)], is_split_into_words=True, truncation=True,
                                        max_length=args.max_length)["input_ids"] for a in anns]
-        self.special = sorted(set(self.tokenizer.all_special_ids))
+        # never flipped: [CLS], [SEP], padding ([UNK] is a word of the text; [MASK] does not occur)
+        tk = self.tokenizer
+        self.special = sorted({i for i in (tk.cls_token_id, tk.sep_token_id, tk.pad_token_id) if i is not None})
         base = self.tokenizer.mask_token_id if args.text_baseline == "mask" else self.tokenizer.unk_token_id
         if base is None:
             raise cli.CLIError(f"the tokenizer of {d} has no [{args.text_baseline.upper()}] token")
@@ -250,8 +252,8 @@ def evaluate_batch(task: Task, batch, ids: Sequence[int], method: str, args) -> 
                            steps=args.steps, valid=valid, tie_break=args.tie_break, seed=args.tie_seed,
                            batch_size=args.batch_size * 4)
         flat = [maps[i][valid[i]] for i in range(len(ids))]
-        rec["sparseness"] = [float(FA.sparseness(m[None])[0]) for m in flat]
-        rec["entropy"] = [float(FA.entropy(m[None])[0]) for m in flat]
+        rec["sparseness"] = _floats(torch.cat([FA.sparseness(m[None]) for m in flat]))
+        rec["entropy"] = _floats(torch.cat([FA.entropy(m[None]) for m in flat]))
     else:
         flip = FA.flipping(model, inputs, maps.to(torch.float64), target, baseline=args.baseline, steps=args.steps,
                            tie_break=args.tie_break, seed=args.tie_seed, batch_size=args.batch_size * 4)
@@ -332,12 +334,11 @@ def summarize(records: Dict[str, Dict[str, Any]], methods: Sequence[str]) -> Dic
             s["rand_stages"] = rnd[0]["stages"]
             rho = np.array([sum((r["spearman"][j] for r in rnd), []) for j in range(len(rnd[0]["stages"]))],
                            dtype=np.float64)
-            s["rand_spearman"] = [None if np.isnan(v) else float(v) for v in np.nanmean(rho, 1)] \
-                if rho.size else []
+            s["rand_spearman"] = [_mean([None if np.isnan(v) else float(v) for v in row]) for row in rho]
             if rnd[0]["ssim"] is not None:
                 ss = np.array([sum((r["ssim"][j] for r in rnd), []) for j in range(len(rnd[0]["stages"]))],
                               dtype=np.float64)
-                s["rand_ssim"] = [float(v) for v in np.nanmean(ss, 1)]
+                s["rand_ssim"] = [_mean([None if np.isnan(v) else float(v) for v in row]) for row in ss]
             s["rand_n"] = int(rho.shape[1]) if rho.size else 0
         s["sparseness"] = _mean(sum((r["sparseness"] for r in recs), []))
         s["entropy"] = _mean(sum((r["entropy"] for r in recs), []))
