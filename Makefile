@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make demo   - every benchmark end to end on the offline stand-ins (CPU, no network)
 #   make test   - the test suite
+#   make test-portable - the test suite under other floating-point paths (issue 20)
 # Both create .venv if missing and install the project into it first.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_DIR ?= outputs/demo
 
-.PHONY: demo test install clean-demo benchmark
+.PHONY: demo test test-portable install clean-demo benchmark
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,30 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# The suite once per floating-point path other than this machine's default,
+# to see that no comparison depends on one CPU's rounding: one thread; ATen's
+# kernels without vector dispatch, then AVX2 ones; MKL's reproducible mode on
+# its AVX2 code path with oneDNN capped at AVX2 (ignored where torch has no
+# MKL / oneDNN).  PORTABLE_TESTS narrows it, e.g.
+#   make test-portable PORTABLE_TESTS="tests/test_engine_reference.py tests/test_vit.py"
+PORTABLE_TESTS ?= tests
+CAPABILITY = $(PY) -c "import torch; print('   torch', torch.__version__, '| ATen CPU capability', torch.backends.cpu.get_cpu_capability(), '| threads', torch.get_num_threads(), '| MKL', torch.backends.mkl.is_available())"
+
+test-portable: $(STAMP)
+	@echo '== 1/4 one thread: OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 =='
+	@OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(CAPABILITY)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest $(PORTABLE_TESTS) -q
+	@echo '== 2/4 ATen kernels without vector dispatch: ATEN_CPU_CAPABILITY=default =='
+	@ATEN_CPU_CAPABILITY=default $(CAPABILITY)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(PORTABLE_TESTS) -q
+	@echo '== 3/4 ATen AVX2 kernels: ATEN_CPU_CAPABILITY=avx2 =='
+	@ATEN_CPU_CAPABILITY=avx2 $(CAPABILITY)
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest $(PORTABLE_TESTS) -q
+	@echo '== 4/4 MKL reproducible mode, AVX2 paths: MKL_CBWR=COMPATIBLE MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 =='
+	@MKL_CBWR=COMPATIBLE MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(CAPABILITY)
+	MKL_CBWR=COMPATIBLE MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest $(PORTABLE_TESTS) -q
+	@echo "test-portable: the suite passed under every floating-point path"
 
 demo: $(STAMP)
 	@echo '== 1/6 segmentation test on the synthetic stand-in (not ImageNet) =='
