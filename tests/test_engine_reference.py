@@ -15,24 +15,18 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig
 
-from baselines.ViT import ViT_LRP as V
 from baselines.ViT.ViT_explanation_generator import explain as explain_vit
-from BERT_explainability.modules.BERT.BertForSequenceClassification import BertForSequenceClassification
 from BERT_explainability.modules.BERT.ExplanationGenerator import explain as explain_bert
 from modules.explain import explain
 from modules.methods import METHOD_NAMES
+from tests.conftest import tiny_bert, tiny_vit
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = load_file(os.path.join(HERE, "data", "engine_reference.safetensors"))
 # methods the reference was saved for (methods added later have no saved map)
 SAVED = [m for m in METHOD_NAMES if f"vit.map.{m}.s0" in REF]
-VIT_KW = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0,
-              qkv_bias=True)
-BERT_KW = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
-               max_position_embeddings=24, num_labels=3, attn_implementation="eager")
 
 
 def _weights(tag):
@@ -50,7 +44,7 @@ def _same(got, want):
 @pytest.mark.parametrize("tag,distilled", [("vit", False), ("deit", True)])
 @pytest.mark.parametrize("method", SAVED)
 def test_vit_copy_maps_unchanged(tag, distilled, method):
-    model = V.VisionTransformer(distilled=distilled, **VIT_KW)
+    model = tiny_vit(distilled=distilled)  # the architecture of make_engine_reference.py's VIT_KW
     model.load_state_dict(_weights(tag), strict=True)
     model.eval().double()
     images = REF[f"{tag}.inputs"].double()
@@ -62,7 +56,7 @@ def test_vit_copy_maps_unchanged(tag, distilled, method):
 
 @pytest.mark.parametrize("method", SAVED)
 def test_bert_copy_maps_unchanged(method):
-    model = BertForSequenceClassification(BertConfig(**BERT_KW))
+    model = tiny_bert()  # the architecture of make_engine_reference.py's BERT_KW
     model.load_state_dict(_weights("bert"), strict=True)
     model.eval().double()
     ids, mask = REF["bert.input_ids"], REF["bert.attention_mask"]

@@ -215,8 +215,7 @@ def test_head_mean_of_positive_part():
 
 
 @pytest.mark.parametrize("start_layer", [0, 2])
-def test_generic_relevance_matches_plain_loop_per_sample(start_layer):
-    torch.manual_seed(0)
+def test_generic_relevance_matches_plain_loop_per_sample(start_layer, seed):
     L, H, N = 4, 3, 6
     attn = [torch.rand(B, H, N, N).softmax(-1) for _ in range(L)]
     grad = [torch.randn(B, H, N, N) for _ in range(L)]

@@ -40,8 +40,7 @@ def test_pixels_to_remove_224_as_published():
 
 
 @pytest.mark.parametrize("direction", ["positive", "negative"])
-def test_remove_pixels_removes_exactly_the_top_or_bottom_k(direction):
-    torch.manual_seed(0)
+def test_remove_pixels_removes_exactly_the_top_or_bottom_k(direction, seed):
     B, H, W = 4, 12, 10
     maps = torch.rand(B, H, W)  # distinct values: top-k is unique
     images = torch.rand(B, 3, H, W) + 0.1  # no zero pixel before removal
