@@ -170,7 +170,8 @@ def _delta(m: Method, trace: Trace) -> Optional[Tensor]:
     r = trace.input_relevance
     if not m.to_input or r is None:
         return None
-    total = r.detach().flatten(1).sum(dim=1)
+    parts = r.values() if isinstance(r, dict) else [r]
+    total = sum(p.detach().flatten(1).sum(dim=1) for p in parts)
     seed = trace.score.to(total.dtype) if m.input_gradient else torch.ones_like(total)
     return seed - total
 

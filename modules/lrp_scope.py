@@ -241,6 +241,10 @@ _DIVS = frozenset("div __truediv__ __itruediv__ divide true_divide".split())
 _MATMULS = frozenset("matmul __matmul__ bmm mm".split())
 _REDUCE = {"sum": False, "mean": True}
 _CONSTANT_NORMS = frozenset("norm vector_norm".split())
+_CONSTANT_POWERS = frozenset("pow __pow__ sqrt rsqrt square".split())
+"""Powers of an activation are constants of the relevance pass: they occur in
+norms written as torch calls (CLIP's ``_get_vector_norm``); a model that uses
+one as a feature gets no relevance through it (ours, README)."""
 
 
 def _name(func: Callable) -> str:
@@ -284,10 +288,21 @@ class _Scope(TorchFunctionMode):
             return self.mul(func, args, kwargs)
         if name in _DIVS:
             a, b = args[0], args[1]
-            if _is_act(a) and not _is_act(b) and not kwargs.get("rounding_mode"):
-                y = func(*args, **kwargs)  # by a constant: identity (gradient rule sets: the plain gradient)
+            if not _is_act(a) or kwargs.get("rounding_mode"):
+                return self.refuse(name, "a division of a constant by an activation")
+            y = func(*args, **kwargs)
+            if not _is_act(b):  # by a constant: identity (gradient rule sets: the plain gradient)
                 return y if s.gradient_rules else _switch(s, y, [a], _pass_rule(a))
-            return self.refuse(name, "a division by an activation")
+            # by an activation (a norm computed by hand, CLIP's x / ||x||): the divisor is a
+            # constant (ours, as LayerNorm's std): identity; gradient rule sets: g / b
+            bv = b.detach()
+            rule = (lambda g: (sum_to(g / bv, a), torch.zeros_like(b))) if s.gradient_rules else \
+                (lambda R: (sum_to(R, a), torch.zeros_like(b)))
+            return _switch(s, y, [a, b], rule)
+        if name in _CONSTANT_POWERS:  # the pieces of a norm computed by hand: constants (ours)
+            x = args[0]
+            y = func(*args, **kwargs)
+            return _switch(s, y, [x], _zero_rule([x]))
         if name in ("neg", "__neg__", "negative"):  # times -1: identity (gradient rule sets: the plain gradient)
             y = func(*args, **kwargs)
             return y if s.gradient_rules else _switch(s, y, [args[0]], _pass_rule(args[0]))
@@ -359,6 +374,10 @@ class _Scope(TorchFunctionMode):
                                              p.get("groups", 1))
         if _is_act(w) or _is_act(p.get("bias")):
             return self.refuse("conv2d", "a convolution whose weight depends on the input")
+        if padding == "valid":
+            padding = 0
+        elif isinstance(padding, str):
+            return self.refuse("conv2d", f"a convolution with padding={padding!r}")
         y = func(*args, **kwargs)
         xv, wv = x.detach(), w.detach()
         if s.gradient_rules:

@@ -205,8 +205,10 @@ def _attn_gradcam(stream: Stream, start: int, trace: Trace) -> Tensor:
 def _lrp(stream: Stream, start: int, trace: Trace) -> Tensor:
     """Relevance at the input (full LRP, AttnLRP, CP-LRP): pixels (B, H, W)
     summed over colour channels, or tokens (B, N) summed over the hidden
-    dimension (the word embeddings for AttnLRP / CP-LRP)."""
-    return trace.input_relevance
+    dimension (the word embeddings for AttnLRP / CP-LRP); by stream for a
+    two-stream model."""
+    r = trace.input_relevance
+    return r[stream.name] if isinstance(r, dict) else r
 
 
 def _coupled_generic(coupled, **options) -> Dict[str, Tensor]:

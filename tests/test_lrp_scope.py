@@ -161,6 +161,34 @@ def test_every_lrp_method_on_text_families_with_padding(name):
         assert (got[batch["attention_mask"] == 0] == 0).all(), method  # padding reads 0
 
 
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_every_lrp_method_on_image_text_families(name):
+    """Two towers, one score: the image map and the text map of each pair;
+    the pair's similarity is a product of the two towers' embeddings (each half)."""
+    from tests.test_engine_coverage import GRID, SEQ, VOCAB, _clip, _siglip
+
+    model = (_clip if name == "clip" else _siglip)().double()
+    ids = torch.randint(3, VOCAB - 2, (B, SEQ), generator=torch.Generator().manual_seed(5))
+    ids[:, -1] = VOCAB - 1  # EOS last
+    inputs = {"input_ids": ids, "pixel_values": images()}
+    before = _snapshot(model)
+    for method in LRP_METHODS:
+        exp = explain_trace(model, inputs, method)
+        got = exp.maps
+        side = images().shape[-1] if method in ("lrp", "attnlrp", "cplrp") else GRID
+        assert got.image.shape == (B, side, side) and got.text.shape == (B, SEQ), method
+        assert torch.isfinite(got.image).all() and torch.isfinite(got.text).all(), method
+        for i in range(B):
+            one = explain(model, {k: v[i:i + 1] for k, v in inputs.items()}, method)
+            for a, b in ((got.image[i:i + 1], one.image), (got.text[i:i + 1], one.text)):
+                t = dict(atol=FULL_LRP_ATOL * float(b.abs().max()), rtol=0) if method == "lrp" else TOL64
+                torch.testing.assert_close(a, b, **t, msg=method)
+        if method in ("attnlrp", "cplrp"):  # the delta covers both towers' input relevance
+            total = got.image.flatten(1).sum(1) + got.text.sum(1)
+            torch.testing.assert_close(total + exp.delta, exp.score)
+    _assert_unchanged(before, _snapshot(model))
+
+
 # --------------------------------------------------------------------------
 # Conservation as an output
 # --------------------------------------------------------------------------

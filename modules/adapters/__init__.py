@@ -233,10 +233,15 @@ class Adapter:
             input_relevance = None
             if method.input_gradient:
                 # one modified backward pass: the relevance is input x gradient (METHODS.md section 9)
-                leaf = feed["_leaf"]
+                leaf = feed["_leaf"]  # a tensor (copies), or a dict by stream
+                leaves = list(leaf.values()) if isinstance(leaf, dict) else [leaf]
                 with self.relevance_pass(recorder):
-                    (g,) = torch.autograd.grad(score.sum(), [leaf])
-                input_relevance = self.gradient_relevance(feed, leaf.detach(), g)
+                    grads = torch.autograd.grad(score.sum(), leaves, allow_unused=True)
+                grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+                if isinstance(leaf, dict):
+                    input_relevance = self.gradient_relevance(feed, {k: v.detach() for k, v in leaf.items()}, grads)
+                else:
+                    input_relevance = self.gradient_relevance(feed, leaf.detach(), grads[0])
             elif method.rule_set is not None:
                 stop = None if method.to_input else min(stops)
                 with torch.no_grad():

@@ -267,6 +267,7 @@ def _mha_forward(mha: nn.MultiheadAttention, record, query: Tensor, key: Tensor,
 
 @register_adapter
 class HFImageTextAdapter(_HFAdapter):
+    lrp = True  # every LRP method through the scope (modules.lrp_scope)
     family = "Hugging Face image-text models (unmodified)"
     examples = IMAGE_TEXT_CLASSES
     notes = ("explains logits_per_image of each (image, text) pair; two maps (image, text); CLIP: "

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import Adapter
+from modules.adapters import Adapter, UnsupportedModelError
 from modules.attention_capture import AttentionCapture, AttentionLayer, AttentionRecord, capture_attention
 from modules.lrp_scope import ScopeState, relevance_scope
 from modules.methods import Method
@@ -80,28 +80,41 @@ class HookAdapter(Adapter):
             yield state
 
     def attach_input(self, feed: Dict[str, Any], stack: contextlib.ExitStack) -> None:
-        """Make the explained input a leaf that requires grad (``feed["_leaf"]``):
-        the pixels of an image model; for a text model the output of its
-        input embeddings (a scoped forward hook), and the tensor entering
-        its encoder is kept as ``feed["_encoder_input"]`` (where full LRP's
-        text map is read, METHODS.md section 3)."""
+        """Make the explained inputs leaves that require grad (``feed["_leaf"]``,
+        by stream): the pixels of an image model (``"image"``); for text
+        (``"text"``) the output of the model's input embeddings (a scoped
+        forward hook), and the tensor entering its encoder is kept in
+        ``feed["_encoder_input"]`` (where full LRP's text map is read,
+        METHODS.md section 3).  An image-text model has both."""
+        leaves: Dict[str, Tensor] = {}
+        feed["_leaf"] = leaves
         if isinstance(feed.get("pixel_values"), Tensor):
-            leaf = feed["pixel_values"].detach().requires_grad_(True)
-            feed["pixel_values"] = feed["_leaf"] = leaf
+            leaves["image"] = feed["pixel_values"] = feed["pixel_values"].detach().requires_grad_(True)
+        if not isinstance(feed.get("input_ids"), Tensor):
             return
-        embeddings = self.model.get_input_embeddings()
 
         def make_leaf(module, args, output):
-            leaf = output.detach().requires_grad_(True)
-            feed["_leaf"] = leaf
-            return leaf
+            leaves["text"] = output.detach().requires_grad_(True)
+            return leaves["text"]
 
-        stack.callback(embeddings.register_forward_hook(make_leaf).remove)
+        stack.callback(self.input_embeddings().register_forward_hook(make_leaf).remove)
         encoder_input = self.encoder_input_module()
         if encoder_input is not None:
             def keep(module, args, output):
                 feed["_encoder_input"] = output if isinstance(output, Tensor) else output[0]
             stack.callback(encoder_input.register_forward_hook(keep).remove)
+
+    def input_embeddings(self) -> nn.Module:
+        """The word-embedding module (Hugging Face ``get_input_embeddings``; a
+        two-tower model's text tower's)."""
+        for owner in (self.model, getattr(self.model, "text_model", None)):
+            try:
+                emb = owner.get_input_embeddings() if owner is not None else None
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(emb, nn.Module):
+                return emb
+        raise UnsupportedModelError(f"{type(self.model).__name__}: no input embeddings found for the LRP methods")
 
     def encoder_input_module(self) -> Optional[nn.Module]:
         """The module whose output enters the first layer (Hugging Face:
@@ -129,25 +142,30 @@ class HookAdapter(Adapter):
             for stream in streams.values():
                 cross = [op for op in stream.ops if isinstance(op, AttentionCall) and not op.is_self]
                 needed += stream.calls[stop:] + [c for c in cross if c not in stream.calls[stop:]]
-        targets = [c.probs for c in needed]
-        if to_input:
-            targets.append(self.input_for_relevance(feed))
+        inputs = self.inputs_for_relevance(feed) if to_input else {}
+        targets = [c.probs for c in needed] + list(inputs.values())
         with self.relevance_pass(recorder):
             got = torch.autograd.grad(logits, targets, seed.to(logits.dtype), allow_unused=True)
         for call, r in zip(needed, got):
             call.relevance = torch.zeros_like(call.probs) if r is None else r
         if not to_input:
             return None
-        r = got[-1]
-        return r.sum(dim=1) if "pixel_values" in feed else r.sum(dim=-1)
+        rel = {k: torch.zeros_like(t) if r is None else r for (k, t), r in zip(inputs.items(), got[len(needed):])}
+        return _per_stream({k: r.sum(dim=1) if k == "image" else r.sum(dim=-1) for k, r in rel.items()})
 
-    def input_for_relevance(self, feed: Dict[str, Any]) -> Tensor:
-        return feed.get("_encoder_input", feed["_leaf"])
+    def inputs_for_relevance(self, feed: Dict[str, Any]) -> Dict[str, Tensor]:
+        """Where full LRP reads each stream's input relevance."""
+        out = dict(feed["_leaf"])
+        if "_encoder_input" in feed:
+            out["text"] = feed["_encoder_input"]
+        return out
 
     def gradient_relevance(self, feed, leaf, grad):
         """Input x modified gradient (AttnLRP, CP-LRP): summed over colour
         channels (pixels) or the hidden size (word embeddings)."""
-        return (leaf * grad).sum(dim=1) if "pixel_values" in feed else (leaf * grad).sum(dim=-1)
+        return _per_stream({k: (x * g).sum(dim=1) if k == "image" else (x * g).sum(dim=-1)
+                            for (k, x), g in zip(leaf.items(), grad)})
+
 
     def calls(self, cap: AttentionCapture, prefix: Optional[str] = None) -> List[AttentionCall]:
         """The recorded calls (of the modules under ``prefix``), in forward order."""
@@ -165,6 +183,10 @@ class HookAdapter(Adapter):
                                f"{expected} attention layers")
         return out
 
+
+def _per_stream(rel: Dict[str, Tensor]) -> Any:
+    """One stream: its tensor; several: the dict (read by stream name)."""
+    return next(iter(rel.values())) if len(rel) == 1 else rel
 
 def module_path(model: nn.Module, module: nn.Module) -> str:
     for name, m in model.named_modules():
