@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 from modules.layers import GRADIENT_RULE_SETS, RULE_SETS, add_relevance, alpha_beta, matmul_relevance, safe_div, z_beta
 
@@ -258,19 +257,15 @@ class _Scope(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.state.opaque:
+        if self.state.opaque or not _has_act(args, kwargs):
             return func(*args, **kwargs)
-        flat, _ = tree_flatten((args, kwargs))
-        acts = [t for t in flat if _is_act(t)]
-        if not acts:
-            return func(*args, **kwargs)
-        return self.dispatch(func, args, kwargs, acts)
+        return self.dispatch(func, args, kwargs)
 
     # -- the table ----------------------------------------------------------
-    def dispatch(self, func, args, kwargs, acts):
+    def dispatch(self, func, args, kwargs):
         s = self.state
         name = _name(func)
-        if name in ROUTING:
+        if name in ROUTING or (s.gradient_rules and name in _LINEAR_IN_GRADIENT_RULES and _linear_use(name, args)):
             return func(*args, **kwargs)
         if name == "linear":
             return self.linear(*args, **kwargs)
@@ -537,11 +532,40 @@ class _Scope(TorchFunctionMode):
 
     def op(self, func, *args, **kwargs):
         """One operation through the table (used by decompositions)."""
-        flat, _ = tree_flatten((args, kwargs))
-        acts = [t for t in flat if _is_act(t)]
-        if not acts:
+        if not _has_act(args, kwargs):
             return func(*args, **kwargs)
-        return self.dispatch(func, args, kwargs, acts)
+        return self.dispatch(func, args, kwargs)
+
+
+def _has_act(args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor argument (or one in a list/tuple argument) is an activation."""
+    for a in args:
+        if isinstance(a, Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)):
+            if any(isinstance(t, Tensor) and t.requires_grad for t in a):
+                return True
+    for a in kwargs.values():
+        if isinstance(a, Tensor) and a.requires_grad:
+            return True
+    return False
+
+
+_LINEAR_IN_GRADIENT_RULES = frozenset("linear conv2d addmm add __add__ __radd__ __iadd__ sub __sub__ __isub__ subtract "
+                                      "__rsub__ rsub sum mean adaptive_avg_pool1d adaptive_avg_pool2d matmul "
+                                      "__matmul__ bmm mm mul __mul__ __rmul__ __imul__ multiply".split())
+"""Operations that are linear in their one activation: under the gradient rule
+sets (LRP-0) their plain gradient is the rule, so they run unintercepted."""
+
+
+def _linear_use(name: str, args: tuple) -> bool:
+    """A product is linear only with one activation factor (two: the product rule)."""
+    if name in ("matmul", "__matmul__", "bmm", "mm", "mul", "__mul__", "__rmul__", "__imul__", "multiply"):
+        return sum(isinstance(a, Tensor) and a.requires_grad for a in args[:2]) == 1
+    if name in ("linear", "conv2d", "addmm"):
+        return not any(isinstance(a, Tensor) and a.requires_grad for a in args[1:])
+    return True
 
 
 def _add_rule(state: ScopeState, a: Any, b: Any, coeffs: Tuple[float, float], y: Tensor) -> Callable:
