@@ -398,3 +398,39 @@ def test_plain_inference_outside_the_scope_is_unchanged():
     assert torch.equal(before, after)
     state = ScopeState("TA")
     assert state.ops == 0 and not state.relevance
+
+
+def test_elementwise_product_norms_and_activation_modules(no_stabiliser):
+    """Our rules for operations the papers never met, each against its equation."""
+    import transformers as tf
+    from transformers.activations import NewGELUActivation
+
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    R = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    W1 = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    W2 = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    # a gated product of two activations (SwiGLU): each factor half of the matmul-style share
+    _, r = _scoped(_Net(lambda t: (t @ W1) * (t @ W2)), x0, "TA", R)
+    a, b = x0 @ W1, x0 @ W2
+    half = R / 2  # u * (R / (u v)) * v = R for each factor, halved
+    torch.testing.assert_close(r, _alpha_beta_restated(x0, W1.T, half, True) + _alpha_beta_restated(x0, W2.T, half, True))
+    # x / ||x|| (a norm written by hand, as CLIP's): the divisor a constant, relevance passes to x
+    _, r = _scoped(_Net(lambda t: t / torch.pow(torch.sum(torch.pow(t, 2), -1, keepdim=True), 0.5)), x0, "LRP", R)
+    torch.testing.assert_close(r, R)
+    # activation modules and RMS norms written as several calls: one operation
+    rms = tf.models.llama.modeling_llama.LlamaRMSNorm(7).double()
+    for module in (NewGELUActivation(), rms):
+        y, r = _scoped(module, x0, "TA", R)
+        torch.testing.assert_close(r, R)  # TA / LRP: identity
+        _, gr = _scoped(module, x0, "AttnLRP", R)
+        torch.testing.assert_close(x0 * gr, y * R, atol=1e-9, rtol=1e-7)  # identity rule: x * grad = y * R
+    # LayerNorm under the gradient rule sets: the standard deviation a constant (METHODS.md section 9)
+    ln = nn.LayerNorm(7).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+    _, gr = _scoped(ln, x0, "CPLRP", R)
+    leaf = x0.clone().requires_grad_(True)
+    std = torch.sqrt(leaf.var(-1, unbiased=False, keepdim=True) + ln.eps).detach()
+    (want,) = torch.autograd.grad(((leaf - leaf.mean(-1, keepdim=True)) / std * ln.weight + ln.bias), leaf, R)
+    torch.testing.assert_close(gr, want)
