@@ -142,8 +142,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for method in [m for m in args.methods if m in offered]:  # LRP methods through the scope
                 rows[f"timm:{method}"] = time_fn(lambda: explain(timm_model, x, method), device, args.warmup,
                                                  args.repeats)
+        if timm_model is not None:
+            # side by side, round robin: copy and scope alternate, so a machine whose load drifts
+            # affects both; the median of the per-round ratios
+            for method in [m for m in args.methods if m in offered and m in METHOD_NAMES]:
+                ratios = []
+                for _ in range(args.repeats):
+                    a = time_fn(lambda: explain(model, x, method), device, 0, 1)["seconds"]
+                    b = time_fn(lambda: explain(timm_model, x, method), device, 0, 1)["seconds"]
+                    ratios.append(b / a)
+                rows[f"scope/copy:{method}"] = {"seconds": float("nan"), "ratio": statistics.median(ratios),
+                                               "ratios": ratios}
         print(f"\nbatch {bs}:  {'what':<36}{'images/s':>10}{'s/batch':>10}{'x fwd+bwd':>11}", flush=True)
         for name, r in rows.items():
+            if name.startswith("scope/copy:"):
+                info["results"].append({"batch_size": bs, "what": name, **r})
+                print(f"{'':12}{name:<36}  scope time / copy time, round robin: median {r['ratio']:.3f}", flush=True)
+                continue
             r["images_per_second"] = bs / r["seconds"]
             own_floor = rows["timm:forward+backward"]["seconds"] if name.startswith("timm:") else floor
             r["ratio_to_forward_backward"] = r["seconds"] / own_floor
