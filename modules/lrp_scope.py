@@ -411,12 +411,10 @@ class _Scope(TorchFunctionMode):
         z = func(*args, **kwargs)
         s = self.state
         uv, vv, zv = u.detach(), v.detach(), z.detach()
-        ins, out = eq.replace(" ", "").split("->")
-        a, b = ins.split(",")
 
         def grads(S):
+            """The einsum's vector-Jacobian products (it is bilinear: exact for any S)."""
             with torch.enable_grad():
-                u_ = uv.requires_grad_(True) if not uv.requires_grad else uv
                 u_ = uv.detach().requires_grad_(True)
                 v_ = vv.detach().requires_grad_(True)
                 zz = torch.einsum(eq, u_, v_)

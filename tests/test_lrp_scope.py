@@ -434,3 +434,21 @@ def test_elementwise_product_norms_and_activation_modules(no_stabiliser):
     std = torch.sqrt(leaf.var(-1, unbiased=False, keepdim=True) + ln.eps).detach()
     (want,) = torch.autograd.grad(((leaf - leaf.mean(-1, keepdim=True)) / std * ln.weight + ln.bias), leaf, R)
     torch.testing.assert_close(gr, want)
+
+
+def test_einsum_of_two_activations_is_the_matmul_rule(no_stabiliser):
+    g = torch.Generator().manual_seed(7)
+    u0 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    v0 = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    R = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    out = []
+    for fn in (lambda a, b: torch.einsum("bij,bjk->bik", a, b), lambda a, b: a @ b):
+        for rule_set in ("TA", "AttnLRP"):
+            u, v = u0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+            with relevance_scope(nn.Identity(), rule_set) as state:
+                z = fn(u, v)
+            state.relevance = True
+            out.append(torch.autograd.grad(z, (u, v), R))
+    for a, b in zip(out[:2], out[2:]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
