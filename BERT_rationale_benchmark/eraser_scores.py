@@ -363,7 +363,8 @@ def score_classifications(results: Sequence[Mapping[str, Any]], annotations: Seq
             out[f"{name}_entropy"] = _mean([entropy(list(r["classification_scores"].values()))
                                             - entropy(list(r[field].values())) for r in results])
             keys = [list(r["classification_scores"]) for r in results]
-            out[f"{name}_kl"] = _mean([kl_divergence([r[field][c] for c in k], [r["classification_scores"][c] for c in k])
+            out[f"{name}_kl"] = _mean([kl_divergence([r[field][c] for c in k],
+                                                     [r["classification_scores"][c] for c in k])
                                        for r, k in zip(results, keys)])
         else:
             out[name] = out[f"{name}_entropy"] = out[f"{name}_kl"] = None

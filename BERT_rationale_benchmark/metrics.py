@@ -483,8 +483,12 @@ def format_eraser_table(full: Mapping[str, Mapping[int, Mapping[str, Any]]], k: 
 
 
 def format_faithfulness_table(full: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
-    """Comprehensiveness / sufficiency of the top-k words, one column per k."""
-    ks = sorted({k for row in full.values() for k in row})
+    """Comprehensiveness / sufficiency of the top-k words, one column per k
+    (only the k whose files carry them: ``explain.faithfulness_k``)."""
+    ks = sorted({k for row in full.values() for k, scores in row.items()
+                 if _get(scores, "classification_scores", "comprehensiveness") is not None})
+    if not ks:
+        return "(no comprehensiveness / sufficiency in these files)"
     lines = ["| comprehensiveness / sufficiency | " + " | ".join(f"k={k}" for k in ks) + " |",
              "|---|" + "---:|" * len(ks)]
     for method, by_k in full.items():
@@ -601,7 +605,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             full = full_scores(results, scored, data, args.results, iou, aopc, notes)
             s = score_results(results, scored)
             if len(scored) < len(annotations):
-                print(f"--allow-subset: scoring {len(scored)} of {len(annotations)} documents of the {args.split} split")
+                print(f"--allow-subset: scoring {len(scored)} of {len(annotations)} documents of the "
+                      f"{args.split} split")
             for note in notes:
                 print(f"note: {note}")
             _print_single(args.results, args.split, s, full)

@@ -25,7 +25,7 @@ import torch
 
 from BERT_rationale_benchmark import eraser_scores as es
 from BERT_rationale_benchmark import metrics
-from BERT_rationale_benchmark.utils import load_documents, load_split
+from BERT_rationale_benchmark.utils import load_documents
 
 TOL = 1e-12
 
@@ -115,7 +115,8 @@ def test_entropy_and_kl_hand_computed():
     assert es.entropy([1.0, 0.0]) == 0.0
     assert es.kl_divergence([0.5, 0.5], [0.5, 0.5]) == 0.0
     # KL((1/2, 1/2) || (1/4, 3/4)) = 1/2 ln 2 + 1/2 ln(2/3)
-    assert es.kl_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=TOL)
+    assert es.kl_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3),
+                                                                       abs=TOL)
     assert es.kl_divergence([0.5, 0.5], [1.0, 0.0]) == math.inf
     from scipy.stats import entropy
     rng = random.Random(0)
@@ -231,7 +232,7 @@ def _generate(root: Path, seed: int, n_docs: int = 14):
         sentences = [[f"w{j}" for j in range(rng.randint(2, 9))] for _ in range(rng.randint(1, 5))]
         (data / "docs" / docid).write_text("\n".join(" ".join(s) for s in sentences) + "\n")
         n = sum(map(len, sentences))
-        starts = list(chain.from_iterable([sum(map(len, sentences[:j]))] * 1 for j in range(len(sentences))))
+        starts = [sum(map(len, sentences[:j])) for j in range(len(sentences))]  # first token of each sentence
         evidences = []
         for _ in range(rng.randint(0 if i == 3 else 1, 3)):  # doc3: no evidence at all
             sj = rng.randrange(len(sentences))
@@ -464,7 +465,8 @@ def test_sections_follow_the_first_record(tmp_path: Path, capsys):
     assert metrics.main(["--data-dir", str(data), "--results", str(path), "--score-file", str(out)]) == 0
     s = json.loads(out.read_text())
     assert set(s) == {"token_soft_metrics", "classification_scores"}
-    assert s["classification_scores"]["comprehensiveness"] is None and s["classification_scores"]["sufficiency_aopc"] is None
+    assert s["classification_scores"]["comprehensiveness"] is None
+    assert s["classification_scores"]["sufficiency_aopc"] is None
     assert "hard rationale scores skipped" in capsys.readouterr().out
 
 

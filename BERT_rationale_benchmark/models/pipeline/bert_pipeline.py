@@ -190,7 +190,8 @@ def validate_params(params: Dict[str, Any], where: str = "parameters") -> None:
     if not isinstance(ep["faithfulness"], bool):
         raise cli.CLIError(f"{where}: explain.faithfulness must be true or false, got {ep['faithfulness']!r}")
     fk = ep["faithfulness_k"]
-    if fk is not None and (not isinstance(fk, list) or not fk or not all(k in ks for k in fk) or len(set(fk)) != len(fk)):
+    if fk is not None and (not isinstance(fk, list) or not fk or not all(k in ks for k in fk)
+                           or len(set(fk)) != len(fk)):
         raise cli.CLIError(f"{where}: explain.faithfulness_k must be null (every k) or a list of distinct values of "
                            f"explain.k, got {fk!r}")
     ts = ep["aopc_thresholds"]
