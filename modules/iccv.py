@@ -18,7 +18,8 @@ from torch import Tensor
 
 __all__ = ["avg_heads", "self_attention_rule", "rbar", "bimodal_rule", "init_relevance", "mask_map",
            "nan_to_zero", "rollout_product", "coupled_generic", "coupled_last_layer", "coupled_rollout",
-           "raw_attention", "gradcam_map", "read_outputs"]
+           "raw_attention", "gradcam_map", "read_outputs", "coupled_transformer_attribution", "coupled_partial_lrp",
+           "has_relevance"]
 
 
 def avg_heads(attention: Tensor, grad: Tensor) -> Tensor:
@@ -139,7 +140,7 @@ def _abar(call, masks, fn) -> Tensor:
 
 
 def coupled_generic(coupled, normalize: bool = True, self_in_rule_10: bool = True,
-                    nan_guard: Union[bool, str] = True) -> Dict[Tuple[str, str], Tensor]:
+                    nan_guard: Union[bool, str] = True, use_lrp: bool = False) -> Dict[Tuple[str, str], Tensor]:
     """The paper's method (``generate_ours`` without LRP), every stream pair's R.
 
     Self-attention calls apply Eqs. 6-7, cross-attention calls Eqs. 10-11;
@@ -148,7 +149,9 @@ def coupled_generic(coupled, normalize: bool = True, self_in_rule_10: bool = Tru
     and ``self_in_rule_10`` are the published ablations; ``nan_guard=False``
     keeps NaNs as the published LXMERT generator does, ``"published"``
     drops a whole Eq. 10 addition that holds a NaN as the published DETR
-    generator does (:func:`bimodal_rule`).
+    generator does (:func:`bimodal_rule`).  ``use_lrp`` (the published
+    ``generate_ours(use_lrp=True)``, "ours with LRP"): every A replaced by its
+    LRP relevance, the gradient still multiplied: Abar = mean_h max(G * R_A, 0).
     """
     first = coupled.calls[0].probs
     masks = coupled.masks
@@ -156,7 +159,7 @@ def coupled_generic(coupled, normalize: bool = True, self_in_rule_10: bool = Tru
     for group in coupled.groups:
         deltas = []
         for call in group:
-            abar = _abar(call, masks, lambda c: avg_heads(c.probs, c.grad))
+            abar = _abar(call, masks, lambda c: avg_heads(c.relevance if use_lrp else c.probs, c.grad))
             s, q = call.query, call.key
             if call.is_self:
                 for t in coupled.sizes:
@@ -231,6 +234,68 @@ def coupled_rollout(coupled) -> Dict[Tuple[str, str], Tensor]:
         idx = max(i for i, c in enumerate(calls) if c.query == s and c.key == t)
         cross = _abar(calls[idx], masks, raw_attention)
         out[s, t] = torch.bmm(torch.bmm(rollout_of(s, idx).transpose(1, 2), cross), rollout_of(t, idx))
+    return out
+
+
+def has_relevance(coupled) -> bool:
+    """True when the trace carries an LRP relevance for every call (the
+    adapter ran the relevance pass: a method or option that asked for it)."""
+    return all(c.relevance is not None for c in coupled.calls)
+
+
+def coupled_transformer_attribution(coupled) -> Dict[Tuple[str, str], Tensor]:
+    """The CVPR method adapted to coupled streams, as the published
+    ``GeneratorBaselines.generate_transformer_attr`` (LXMERT) and DETR's
+    ``generate_transformer_att`` compute it (METHODS_ICCV.md sections 2, 4):
+    Abar = mean_h max(G * R_A, 0) with R_A the LRP relevance of A;
+
+    * R[s, s] = I, then R <- R + Abar R over **every** self-attention call of
+      stream s, in forward order (LXMERT: the language encoder and every
+      x-layer's ``lang_self_att``, the last included), no cross term;
+    * R[s, t], s != t: Abar of the **last** cross-attention from s to t
+      alone (no aggregation, no R bar).
+    """
+    masks = coupled.masks
+    out = {}
+    for o in coupled.outputs.values():
+        s, t = o.row_stream, o.col_stream
+        weigh = lambda c: avg_heads(c.relevance, c.grad)  # noqa: E731
+        if s != t:
+            out[s, t] = _abar(_last_calls(coupled, s, t), masks, weigh)
+            continue
+        first = coupled.calls[0].probs
+        n = coupled.sizes[s]
+        eye = torch.eye(n, dtype=first.dtype, device=first.device).expand(first.shape[0], n, n)
+        R = mask_map(eye, masks.get(s), masks.get(s))
+        for call in coupled.calls:
+            if call.query == s and call.key == s:
+                R = R + torch.bmm(_abar(call, masks, weigh), R)
+        out[s, t] = R
+    return out
+
+
+def coupled_partial_lrp(coupled) -> Dict[Tuple[str, str], Tensor]:
+    """Partial LRP as published (``generate_partial_lrp``, METHODS_ICCV.md
+    sections 2, 4): the LRP relevance of the last attention from s to t
+    (self: the stream's last self-attention), mean over heads (no gradient,
+    no clamp), min-max normalised over the **whole matrix** (the real rows
+    and columns of each sample; a constant matrix gives 0, where the
+    published division would give NaN).  The explained token's own entry is
+    zeroed after the normalisation by :func:`read_outputs` (``zero_self``)."""
+    from modules.methods import masked_minmax
+
+    masks = coupled.masks
+    out = {}
+    for o in coupled.outputs.values():
+        s, t = o.row_stream, o.col_stream
+        call = _last_calls(coupled, s, t)
+        m = call.relevance.mean(dim=1)
+        B, nq, nk = m.shape
+        rows = masks.get(s, torch.ones(B, nq, dtype=torch.bool, device=m.device))
+        cols = masks.get(t, torch.ones(B, nk, dtype=torch.bool, device=m.device))
+        if call.key_offset or nk != cols.shape[1]:
+            raise RuntimeError(f"partial LRP: the map of {call.name} does not cover stream {t}")
+        out[s, t] = masked_minmax(m, rows[:, :, None] & cols[:, None, :])
     return out
 
 

@@ -77,6 +77,13 @@ class Method:
     adapter_options:
         Those of ``options`` an adapter takes (refused, with a one-line
         error, for a model whose adapter does not take them).
+    coupled_rule_set:
+        The rule set of the relevance pass on coupled streams (LXMERT, DETR),
+        when it differs from ``rule_set``: the published multi-modal code has
+        one LRP layer file per model, ``layers_ours`` (rule set TA: shared
+        alpha-beta denominator, rescaled adds), used for every LRP baseline
+        (METHODS_ICCV.md sections 2, 4).  ``generic_attribution`` with
+        ``use_lrp=True`` runs the TA pass too (:data:`COUPLED_LRP_RULE_SET`).
     """
 
     name: str
@@ -94,6 +101,7 @@ class Method:
     options: Tuple[str, ...] = ()
     input_gradient: bool = False
     adapter_options: Tuple[str, ...] = ()
+    coupled_rule_set: Optional[str] = None
 
     @property
     def needs_copy(self) -> bool:
@@ -212,7 +220,18 @@ def _lrp(stream: Stream, start: int, trace: Trace) -> Tensor:
 
 
 def _coupled_generic(coupled, **options) -> Dict[str, Tensor]:
-    return iccv.read_outputs(coupled, iccv.coupled_generic(coupled, **options))
+    """The paper's method; "ours with LRP" when the adapter was asked for it
+    (``use_lrp=True``, an adapter option: the adapter then runs the relevance
+    pass and the trace carries R_A for every call)."""
+    return iccv.read_outputs(coupled, iccv.coupled_generic(coupled, use_lrp=iccv.has_relevance(coupled), **options))
+
+
+def _coupled_transformer_attribution(coupled) -> Dict[str, Tensor]:
+    return iccv.read_outputs(coupled, iccv.coupled_transformer_attribution(coupled))
+
+
+def _coupled_partial_lrp(coupled) -> Dict[str, Tensor]:
+    return iccv.read_outputs(coupled, iccv.coupled_partial_lrp(coupled))
 
 
 def _coupled_rollout(coupled) -> Dict[str, Tensor]:
@@ -229,18 +248,19 @@ def _coupled_gradcam(coupled) -> Dict[str, Tensor]:
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("transformer_attribution", "Transformer attribution (ours)", "TA", True, True, _transformer_attribution,
-           self_entry="min", text_start="last"),
+           self_entry="min", text_start="last", compute_coupled=_coupled_transformer_attribution,
+           coupled_rule_set="TA"),
     Method("generic_attribution", "Generic attention attribution", None, True, True, _generic_attribution,
            compute_coupled=_coupled_generic,
-           options=("normalize", "self_in_rule_10", "nan_guard", "clip_convention"),
-           adapter_options=("clip_convention",)),
+           options=("normalize", "self_in_rule_10", "nan_guard", "clip_convention", "use_lrp"),
+           adapter_options=("clip_convention", "use_lrp")),
     Method("rollout", "Rollout", None, False, False, _rollout, self_entry="zero", compute_coupled=_coupled_rollout),
     Method("attn_last_layer", "Raw attention", None, False, False, _attn_last_layer, last_layer_only=True,
            self_entry="zero", compute_coupled=_coupled_raw),
     Method("attn_gradcam", "GradCAM", None, True, True, _attn_gradcam, last_layer_only=True, normalized=True,
            compute_coupled=_coupled_gradcam),
     Method("lrp_last_layer", "Partial LRP", "LRP", False, True, _lrp_last_layer, last_layer_only=True,
-           self_entry="zero"),
+           self_entry="zero", compute_coupled=_coupled_partial_lrp, coupled_rule_set="TA"),
     Method("lrp", "LRP", "LRP", False, True, _lrp, self_entry="zero", to_input=True),
     Method("attnlrp", "AttnLRP (Achtibat et al. 2024)", "AttnLRP", False, True, _lrp, to_input=True,
            input_gradient=True),
@@ -252,6 +272,14 @@ ALIASES: Dict[str, str] = {
     "partial_lrp": "lrp_last_layer",
     "last_attn": "attn_last_layer",
 }
+
+COUPLED_LRP_RULE_SET = "TA"
+"""Rule set of ``generic_attribution(use_lrp=True)`` on coupled streams (the
+published ``generate_ours(use_lrp=True)`` runs the model's ``relprop``,
+``layers_ours``: TA)."""
+
+COUPLED_LRP_METHODS: Tuple[str, ...] = ("transformer_attribution", "lrp_last_layer")
+"""The LRP methods with a coupled-stream definition (METHODS_ICCV.md sections 2-4)."""
 
 EVAL_START_LAYER: Dict[str, int] = {"transformer_attribution": 1, "rollout": 1}
 """start_layer the paper's evaluation scripts use (METHODS.md section 2); 0 for the rest."""

@@ -24,7 +24,7 @@ from modules.attention_capture import UnsupportedModelError
 from modules.methods import ATTENTION_METHODS, METHOD_NAMES, Index, Method, resolve_index
 from modules.trace import AttentionCall, Coupled, Stream, Trace, last_call
 
-__all__ = ["Adapter", "register_adapter", "adapter_for", "supported_models", "copies_offering",
+__all__ = ["Adapter", "CoupledLRP", "register_adapter", "adapter_for", "supported_models", "copies_offering",
            "UnsupportedModelError", "UnsupportedMethodError", "InputsError", "model_device"]
 
 
@@ -207,7 +207,7 @@ class Adapter:
             logits, target, one_hot = self.score(feed, output, index)
             streams = self.streams(feed, recorder)
             if isinstance(streams, Coupled):
-                return self._record_coupled(streams, method, logits, target, one_hot)
+                return self._record_coupled(streams, method, logits, target, one_hot, recorder)
             needed: List[AttentionCall] = []
             stops: List[int] = []
             for stream in streams.values():
@@ -253,23 +253,78 @@ class Adapter:
         return Trace(logits.detach(), target, score.detach(), streams, input_relevance)
 
     def _record_coupled(self, coupled: Coupled, method: Method, logits: Tensor, target: Tensor,
-                        one_hot: Tensor) -> Trace:
-        """Gradients of every call of a coupled trace (inside the recording context)."""
+                        one_hot: Tensor, recorder: Any = None) -> Trace:
+        """Gradients and, when the forward ran in an LRP scope, the relevance
+        of every call of a coupled trace (inside the recording context).
+
+        The relevance pass starts at the explained logit with value 1 (the
+        published ``model.relprop(one_hot_vector)``) and reads R_A at every
+        recorded probability tensor, the gradient pass ``d y_c / d A`` from
+        the same forward (the scope's switches read ``state.relevance``)."""
         if method.compute_coupled is None:
             raise UnsupportedMethodError(f"{method.name} has no definition for {type(self.model).__name__}'s "
                                          f"coupled streams")
         score = (logits * one_hot).sum(dim=-1)
         calls = coupled.calls
+        lrp = getattr(recorder, "scope", None) is not None
+        probs = [c.probs for c in calls]
+        if (method.needs_grad or lrp) and (not score.requires_grad or not all(p.requires_grad for p in probs)):
+            raise RuntimeError("the attention probabilities carry no autograd graph: run outside "
+                               "torch.no_grad() / torch.inference_mode()")
         if method.needs_grad:
-            if not score.requires_grad:
-                raise RuntimeError("the attention probabilities carry no autograd graph: run outside "
-                                   "torch.no_grad() / torch.inference_mode()")
-            grads = torch.autograd.grad(score.sum(), [c.probs for c in calls], allow_unused=True)
+            grads = torch.autograd.grad(score.sum(), probs, allow_unused=True, retain_graph=lrp)
             for call, g in zip(calls, grads):
                 call.grad = torch.zeros_like(call.probs) if g is None else g.detach()
+        if lrp:
+            with self.relevance_pass(recorder):
+                rel = torch.autograd.grad(logits, probs, one_hot.detach().to(logits.dtype), allow_unused=True)
+            for call, r in zip(calls, rel):
+                call.relevance = torch.zeros_like(call.probs) if r is None else r.detach()
         for call in calls:
             call.probs = call.probs.detach()
         return Trace(logits.detach(), target, score.detach(), {}, None, coupled)
+
+
+class CoupledLRP:
+    """Mixin of the coupled-stream adapters (LXMERT, DETR) whose LRP pass is
+    the scope of :mod:`modules.lrp_scope` on the unmodified model: the
+    methods with a coupled definition that need relevance
+    (:data:`modules.methods.COUPLED_LRP_METHODS`), the option ``use_lrp`` of
+    ``generic_attribution`` ("ours with LRP"), and the rule set the
+    published code uses (:attr:`Method.coupled_rule_set`, TA)."""
+
+    options: ClassVar[Tuple[str, ...]] = ("use_lrp",)
+
+    @classmethod
+    def method_names(cls) -> Tuple[str, ...]:
+        from modules.methods import COUPLED_LRP_METHODS
+
+        return tuple(m for m in METHOD_NAMES if m in ATTENTION_METHODS or m in COUPLED_LRP_METHODS)
+
+    def configure(self, **options: Any) -> None:
+        use = options.get("use_lrp", False)
+        if not isinstance(use, bool):
+            raise ValueError(f"use_lrp={use!r} is not True or False")
+        super().configure(**options)
+
+    def coupled_rule_set(self, method: Method) -> Optional[str]:
+        from modules.methods import COUPLED_LRP_RULE_SET
+
+        if method.coupled_rule_set is not None:
+            return method.coupled_rule_set
+        if method.rule_set is not None:
+            return method.rule_set
+        if self.settings.get("use_lrp"):
+            if method.name != "generic_attribution":  # pragma: no cover - explain() refuses it before
+                raise ValueError(f"use_lrp applies to generic_attribution, not {method.name}")
+            return COUPLED_LRP_RULE_SET
+        return None
+
+    def forward_scope(self, method: Method, feed: Dict[str, Any], recorder: Any) -> Any:
+        import dataclasses
+
+        rule_set = self.coupled_rule_set(method)
+        return super().forward_scope(dataclasses.replace(method, rule_set=rule_set), feed, recorder)
 
 
 # --------------------------------------------------------------------------

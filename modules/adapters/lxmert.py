@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
-from modules.adapters import InputsError, feed_dict, model_device, one_hot_rows, register_adapter
+from modules.adapters import CoupledLRP, InputsError, feed_dict, model_device, one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionLayer
 from modules.trace import AttentionCall, Coupled, Output
@@ -32,10 +32,12 @@ __all__ = ["LxmertAdapter"]
 
 
 @register_adapter
-class LxmertAdapter(HookAdapter):
+class LxmertAdapter(CoupledLRP, HookAdapter):
     family = "Hugging Face LXMERT (unmodified)"
     examples = ("LxmertForQuestionAnswering",)
-    notes = "co-attention: the ICCV 2021 rules (METHODS_ICCV.md section 2); maps .text (B, T), .image (B, boxes)"
+    notes = ("co-attention: the ICCV 2021 rules (METHODS_ICCV.md section 2); maps .text (B, T), .image (B, boxes); "
+             "transformer attribution, partial LRP and generic_attribution(use_lrp=True) through the LRP scope "
+             "(rule set TA, as the published layers)")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -66,6 +68,14 @@ class LxmertAdapter(HookAdapter):
         if feed.get("visual_attention_mask") is None:
             feed["visual_attention_mask"] = torch.ones(B, boxes, dtype=torch.long, device=feed["input_ids"].device)
         return feed
+
+    def attach_input(self, feed, stack) -> None:
+        """The LRP scope's explained inputs: the word embeddings (text) and
+        the box features (image; the box positions stay constants, as the
+        published relprop, which passes the visual relevance through
+        ``visn_fc`` only)."""
+        super().attach_input(feed, stack)
+        feed["_leaf"]["image"] = feed["visual_feats"] = feed["visual_feats"].detach().requires_grad_(True)
 
     def forward(self, feed, method):
         return self.model(**feed, return_dict=True)
