@@ -63,6 +63,12 @@ __all__ = [
     "load_generic_model",
     "LoadedModel",
     "GenericModelError",
+    "UNMODIFIED_MODEL_HELP",
+    "names_unmodified_model",
+    "model_logits",
+    "require_methods",
+    "UnmodifiedImageClassifier",
+    "load_unmodified_image_classifier",
 ]
 
 Index = Union[None, int, Sequence[int], Tensor]
@@ -466,3 +472,184 @@ def _hf_image_preprocessing(loaded: LoadedModel, config: Any, image_proc: Any) -
     loaded.mean, loaded.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     loaded.input_size = (getattr(vision, "num_channels", 3), int(height), int(width))
     loaded.interpolation = interpolation
+
+
+# --------------------------------------------------------------------------
+# Unmodified image classifiers for the benchmark scripts
+# --------------------------------------------------------------------------
+UNMODIFIED_PREFIXES: Tuple[str, ...] = ("timm:",)
+"""``--model timm:<name>`` forces timm's own model of a name our copies share
+(e.g. ``timm:vit_base_patch16_224``: timm's VisionTransformer, explained
+through the LRP scope, instead of the copy)."""
+
+UNMODIFIED_MODEL_HELP = (
+    "or an unmodified model, explained as its library built it with every method it supports "
+    "(modules.explain.supported_methods): a timm model name (built with pretrained=False, weights from --weights; "
+    "timm:<name> for a name a copy also has) or a local Hugging Face image-classifier directory (save_pretrained; "
+    "--weights optional, replaces its weights); nothing is downloaded. An unmodified model is fed with its own "
+    "normalisation (mean/std) and input size from its config (timm's data config, the directory's image "
+    "processor)")
+
+
+def names_unmodified_model(model: Optional[str], weights: Optional[str], copies: Sequence[str]) -> bool:
+    """Whether the flags ``--model model --weights weights`` name an unmodified
+    model rather than one of the LRP ``copies`` (factory names).
+
+    Unmodified: ``model`` is ``timm:<name>`` or an existing directory; or
+    ``weights`` is a Hugging Face directory (its config.json has a
+    ``model_type``); or ``model`` is not a copy name while ``weights`` is not
+    a model directory of a copy (which would define the model itself).
+    """
+    if model is not None and (model.startswith(UNMODIFIED_PREFIXES) or os.path.isdir(model)):
+        return True
+    if weights is not None and os.path.isdir(weights):
+        try:
+            with open(os.path.join(weights, "config.json")) as f:
+                if "model_type" in json.load(f):
+                    return True
+        except (OSError, ValueError, TypeError):
+            pass
+        return False  # a copy's model directory: it defines the model
+    return model is not None and model not in copies
+
+
+def model_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """The logits of ``model(x)``: the tensor itself (copies, timm) or the
+    ``logits`` field of a Hugging Face output."""
+    out = model(x)
+    return getattr(out, "logits", out)
+
+
+def require_methods(model: nn.Module, methods: Sequence[str], flag: str = "--method") -> None:
+    """One-line :class:`modules.cli.CLIError` unless ``model`` supports every
+    method of ``methods`` (canonical names)."""
+    from modules.cli import CLIError
+    from modules.explain import supported_methods
+
+    supported = supported_methods(model)
+    missing = [m for m in methods if m not in supported]
+    if missing:
+        raise CLIError(f"{type(model).__name__} does not support {flag} {', '.join(missing)}; "
+                       f"it supports: {', '.join(supported)}")
+
+
+@dataclass
+class UnmodifiedImageClassifier:
+    """An unmodified timm / Hugging Face image classifier and what the
+    benchmark scripts record and feed.
+
+    Attributes
+    ----------
+    model:
+        The model as its library built it (eval mode): pass it to
+        :func:`modules.explain.explain`; :meth:`logits` runs it.
+    name:
+        Identity of the architecture: ``timm:<name>`` or ``huggingface:<Class>``.
+    source:
+        What ``--model`` named (a timm name, or the directory's absolute path):
+        enough, with ``weights``, to load it again.
+    weights:
+        Absolute path of the weights file given, else None (a directory's own).
+    weights_sha256:
+        SHA-256 of the files the model was built from: the weights file; for a
+        directory its config.json, preprocessor_config.json and weight files
+        (plus the weights file given).
+    input_size, mean, std:
+        (H, W) and the normalisation from the model's own config.
+    num_classes, class_names:
+        Outputs of the head and their names where the model knows them.
+    description:
+        One line: what was built and from where.
+    """
+
+    model: nn.Module
+    name: str
+    source: str
+    weights: Optional[str]
+    weights_sha256: str
+    input_size: Tuple[int, int]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    num_classes: int
+    class_names: Optional[List[str]]
+    description: str
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(B, classes) logits of normalised images."""
+        return model_logits(self.model, x)
+
+    def methods(self) -> Tuple[str, ...]:
+        """The canonical names of the methods the model supports."""
+        from modules.explain import supported_methods
+
+        return supported_methods(self.model)
+
+    def depth(self) -> int:
+        """Attention layers of the shortest stream (the start-layer bound)."""
+        return min(adapter_for(self.model).depths().values())
+
+    def map_shape(self, method: str, start_layer: Optional[int] = None) -> Tuple[int, ...]:
+        """The shape of one map of ``method``, (h, w), found by explaining one
+        blank image on the model's device: patch grids, Swin's finest grid,
+        pixel maps for the methods that reach the input."""
+        p = next(self.model.parameters())
+        blank = torch.zeros(1, 3, *self.input_size, dtype=p.dtype, device=p.device)
+        maps = explain(self.model, blank, method, index=0, start_layer=start_layer)
+        return tuple(int(v) for v in maps.shape[1:])
+
+
+def _directory_sha256(path: str, weights: Optional[str]) -> str:
+    from modules.checkpoints import file_sha256
+
+    names = sorted(n for n in os.listdir(path)
+                   if n in ("config.json", "preprocessor_config.json")
+                   or n.endswith((".safetensors", ".bin", ".pth", ".pt", ".index.json")))
+    return file_sha256(*[os.path.join(path, n) for n in names], *([weights] if weights else []))
+
+
+def load_unmodified_image_classifier(model: str, weights: Optional[str] = None,
+                                     require_weights: bool = True) -> UnmodifiedImageClassifier:
+    """Build a timm model by name (``timm:`` prefix allowed) or load a local
+    Hugging Face / timm directory with :func:`load_generic_model` (the one
+    loader, shared with ``visualize.py``), for a benchmark script.
+
+    ``weights`` a directory stands for ``model`` (as the scripts' "ignored for
+    a model folder" rule has it).  A timm name without ``weights`` is refused when ``require_weights`` (a
+    random model's maps mean nothing), as is a model that is not an image
+    classifier.  Raises :class:`modules.cli.CLIError` (one line).
+    """
+    from modules.checkpoints import file_sha256
+    from modules.cli import CLIError
+
+    if weights is not None and os.path.isdir(weights):  # a model directory defines the model itself
+        model, weights = weights, None
+    name = model[len("timm:"):] if model.startswith("timm:") else model
+    if os.path.isdir(name):
+        name = os.path.abspath(name)
+    elif require_weights and weights is None:
+        raise CLIError(f"--model {model}: a timm model needs --weights (a local .safetensors/.pth checkpoint; "
+                       "nothing is downloaded)")
+    try:
+        loaded = load_generic_model(name, weights)
+    except GenericModelError as exc:
+        raise CLIError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if loaded.modality != "image":
+        raise CLIError(f"--model {model}: a {loaded.modality} model ({loaded.architecture}); this script "
+                       "explains image classifiers")
+    weights = os.path.abspath(weights) if weights is not None else None
+    if os.path.isdir(name):
+        sha = _directory_sha256(name, weights)
+    else:
+        sha = file_sha256(weights) if weights is not None else "random-init"
+    net = loaded.model
+    num_classes = getattr(net, "num_classes", None)
+    if not isinstance(num_classes, int):
+        num_classes = int(getattr(getattr(net, "config", None), "num_labels", 0))
+    labels = loaded.labels
+    names = [labels.get(i, f"class {i}") for i in range(num_classes)] if labels else None
+    prefix = "timm" if loaded.source == "timm" else "huggingface"
+    return UnmodifiedImageClassifier(
+        model=net, name=f"{prefix}:{loaded.architecture}", source=name, weights=weights, weights_sha256=sha,
+        input_size=(int(loaded.input_size[1]), int(loaded.input_size[2])),
+        mean=tuple(float(v) for v in loaded.mean), std=tuple(float(v) for v in loaded.std),
+        num_classes=num_classes, class_names=names, description=loaded.description)

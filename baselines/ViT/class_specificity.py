@@ -28,6 +28,12 @@ stand-in is written by ``data/scenes.py``::
     python baselines/ViT/class_specificity.py --annotations outputs/demo/scenes/annotations/instances_val.json \\
         --image-dir outputs/demo/scenes/val --weights samples/synthetic_scenes_vit --output-dir outputs/demo/class_specificity
 
+``--model`` may also name an unmodified model - a timm name with a local
+checkpoint, or a local Hugging Face image-classifier directory - explained
+through the LRP scope with every method it supports (the default
+``--methods``), fed at its own input size with its own mean/std from its
+config.
+
 Outputs in ``--output-dir``: ``results.json``, ``table.md``, ``plot.png``,
 ``overlays/`` (a map per class per method for the first pictures),
 ``per_image.jsonl`` (one line per picture, appended as it goes; with
@@ -55,6 +61,9 @@ import torch
 from baselines.ViT.class_specificity_metrics import class_sensitive, own_share, pointing_hits, positive_mass
 from baselines.ViT.ViT_explanation_generator import explain, upsample
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
+from modules.cli import CLIError
+from modules.explain import supported_methods
+from modules.generic import UNMODIFIED_MODEL_HELP, model_logits, require_methods
 from modules.methods import EVAL_START_LAYER, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
 
 __all__ = ["TABLE_ORDER", "PairDataError", "Pair", "read_pairs", "load_pair", "explain_pair_batch",
@@ -72,11 +81,14 @@ expected input (--annotations, COCO-style instances JSON; --image-dir holds the 
   Pictures whose annotations cover exactly two categories are used (several boxes of a
   category are united); other pictures are skipped and counted.  A category's model output
   is its "model_index", else the model's class of the same name (model folders with
-  class_names), else an error.  Pictures are resized to the model's input size (no crop),
-  regions with nearest-neighbour.  Real-data example (ImageNet pictures with two annotated
-  classes, a local ViT-B checkpoint):
+  class_names, Hugging Face directories with id2label), else an error.  Pictures are
+  resized to the model's input size (no crop), regions with nearest-neighbour.  Real-data
+  example (ImageNet pictures with two annotated classes, a local ViT-B checkpoint):
     python baselines/ViT/class_specificity.py --annotations pairs.json --image-dir pictures/ \\
         --model vit_base_patch16_224 --weights vit_base_patch16_224.pth --device cuda
+  The same with timm's own model, unmodified (LRP through the scope), or a Hugging Face directory:
+    ... --model timm:vit_base_patch16_224 --weights vit_base_patch16_224.pth
+    ... --model ./my-hf-vit
 """
 
 
@@ -221,7 +233,7 @@ def explain_pair_batch(model, x: torch.Tensor, regions: torch.Tensor, classes: t
     and the two own-object shares) and the maps (method -> (maps for the
     first class, maps for the second), CPU)."""
     with torch.no_grad():
-        logits = model(x).float().cpu()
+        logits = model_logits(model, x).float().cpu()
     top2 = torch.topk(logits, 2, dim=1).indices.sort(dim=1).values
     recognised = (top2 == classes.sort(dim=1).values).all(dim=1)
     ra, rb = regions[:, 0], regions[:, 1]
@@ -341,12 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110), epilog=EPILOG)
     p.add_argument("--annotations", required=True, help="COCO-style instances JSON (layout below)")
     p.add_argument("--image-dir", required=True, help="folder of the pictures named in the JSON")
-    p.add_argument("--weights", required=True, help="model folder (config.json + model.safetensors, e.g. "
-                   "samples/synthetic_scenes_vit) or a local checkpoint file for --model; nothing is downloaded")
-    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES),
-                   help="factory model for a checkpoint file (ignored for a model folder) (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
-                   help="methods to compare (default: all: %(default)s)")
+    p.add_argument("--weights", default=None, help="model folder (config.json + model.safetensors, e.g. "
+                   "samples/synthetic_scenes_vit) or a local checkpoint file for --model (needed for the copies and "
+                   "timm names, optional for a Hugging Face directory); nothing is downloaded")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help="an LRP copy: " + ", ".join(sorted(MODEL_FACTORIES)) + " (the factory model for a checkpoint "
+                        "file; ignored for a model folder; its mean/std); " + UNMODIFIED_MODEL_HELP
+                        + " (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods to compare (default: every method the model supports: "
+                        + " ".join(METHOD_NAMES) + " for the copies)")
     p.add_argument("--output-dir", default=os.path.join("outputs", "class_specificity"),
                    help="where results go (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="pictures per batch (default: %(default)s)")
@@ -390,7 +406,7 @@ def _read_done(path: str) -> Dict[int, Dict]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from tqdm import tqdm
 
-    from baselines.ViT.imagenet_seg_eval import load_model
+    from baselines.ViT.imagenet_seg_eval import load_eval_model
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -401,17 +417,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             parser.exit(2, "error: --threads must be positive\n")
         torch.set_num_threads(args.threads)
     try:
-        methods = list(dict.fromkeys(resolve_method(m).name for m in args.methods))
+        methods = (None if args.methods is None else
+                   list(dict.fromkeys(resolve_method(m).name for m in args.methods)))
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise PairDataError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        model, info = load_model(args.model, args.weights, str(device))
-        cfg = model.default_cfg
-        size, mean, std = tuple(cfg["input_size"][-2:]), cfg["mean"], cfg["std"]
-        pairs, skipped = read_pairs(args.annotations, args.image_dir, cfg.get("class_names") or (),
-                                    model.head.out_features)
+        model, info = load_eval_model(args.model, args.weights, str(device))
+        if methods is None:
+            methods = [m for m in METHOD_NAMES if m in supported_methods(model)]
+        require_methods(model, methods, flag="--methods")
+        size, mean, std = tuple(info["input_size"]), info["mean"], info["std"]
+        pairs, skipped = read_pairs(args.annotations, args.image_dir, info["class_names"] or (),
+                                    info["num_classes"])
         if not pairs:
             raise PairDataError(f"{args.annotations}: no picture with exactly two annotated classes "
                                 f"(skipped: {skipped})")
@@ -461,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                             os.path.join(args.output_dir, "overlays", f"image_{p.image_id}.png"), x[i].cpu(),
                             regions[i], p.names, {m: (maps[m][0][i], maps[m][1][i]) for m in methods}, methods,
                             mean, std, f"{os.path.basename(p.path)}: a map per class"))
-    except (PairDataError, CheckpointError, UnknownMethodError, OSError) as exc:
+    except (PairDataError, CheckpointError, UnknownMethodError, CLIError, OSError) as exc:
         _fail(str(exc).splitlines()[0])
     except ValueError as exc:
         _fail(str(exc).splitlines()[0])

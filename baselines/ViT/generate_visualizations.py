@@ -4,6 +4,14 @@ HDF5, for the perturbation test (../shared/METHODS.md section 5).
     python baselines/ViT/generate_visualizations.py --method transformer_attribution \\
         --imagenet-validation-path /data/imagenet/val --weights vit_base_patch16_224.safetensors
 
+``--model`` may also name an unmodified model - a timm name with a local
+checkpoint, or a local Hugging Face image-classifier directory - explained
+through the LRP scope with any method it supports, fed at its own input size
+(resized, no crop) with its own mean/std from its config::
+
+    python baselines/ViT/generate_visualizations.py --method attnlrp --imagenet-validation-path /data/imagenet/val \\
+        --model timm:vit_base_patch16_224 --weights vit_base_patch16_224.augreg.safetensors
+
 writes ``results.hdf5`` in ``--output-dir``: per readable image its dataset
 index, ground-truth label, predicted label and relevance map as ``explain``
 returns it (patch grid; pixels for ``lrp``), as float16 ``vis`` times a float32
@@ -39,6 +47,8 @@ from baselines.ViT.ViT_explanation_generator import explain
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
 from modules import cli
 from modules.checkpoints import read_model_config
+from modules.generic import (UNMODIFIED_MODEL_HELP, load_unmodified_image_classifier, model_logits,
+                             names_unmodified_model, require_methods)
 from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
 
 __all__ = ["build_parser", "main", "run", "default_output_dir", "check_tree", "content_sha256"]
@@ -55,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="transformer_attribution", choices=METHOD_CHOICES,
-                   help="explanation method")
+                   help="explanation method (one the model supports)")
     p.add_argument("--imagenet-validation-path", required=True,
                    help="validation images: an ImageFolder tree (root/<class>/<image>) or a torchvision "
                         "ImageNet root (meta.bin and val/)")
-    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES),
-                   help="architecture (ignored when --weights is a model directory with config.json)")
-    p.add_argument("--weights", required=True,
-                   help="checkpoint (.safetensors/.pth/.pt) or model directory (config.json + model.safetensors)")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help="an LRP copy: " + ", ".join(sorted(MODEL_FACTORIES)) + " (ignored when --weights is a "
+                        "model directory with config.json; its mean/std); " + UNMODIFIED_MODEL_HELP
+                        + "; images resized (no crop) to that input size")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint (.safetensors/.pth/.pt) or model directory (config.json + model.safetensors); "
+                        "needed for the copies and timm names, optional for a Hugging Face directory")
     p.add_argument("--vis-class", default="top", choices=("top", "target"),
                    help="explain the predicted class (top) or the ground-truth class (target)")
     p.add_argument("--start-layer", type=cli.non_negative_int, default=None,
@@ -209,32 +222,51 @@ def _run(args: argparse.Namespace) -> int:
     if not args.merge:
         cli.resolve_device(args.device)
         cli.check_output_dir(output_dir, flag="--output-dir")
-    try:
-        sha = weights_sha256(args.weights)
-        if os.path.isdir(args.weights):
-            read_model_config(args.weights)  # strings where numbers belong: one line
-        model = load_model(args.model, args.weights)
-    except CheckpointError as exc:
-        raise InputError(str(exc)) from None
-    cfg = model.default_cfg
-    H, W = (int(v) for v in cfg["input_size"][-2:])
-    ph, pw = model.patch_embed.patch_size
-    if H % ph or W % pw:
-        raise InputError(f"input size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
-    depth = len(model.blocks)
+    unmodified = None
+    if names_unmodified_model(args.model, args.weights, MODEL_FACTORIES):
+        unmodified = load_unmodified_image_classifier(args.model, args.weights)
+        if rank == 0:
+            _say(unmodified.description)
+        model, sha = unmodified.model, unmodified.weights_sha256
+        require_methods(model, [method.name])
+        H, W = unmodified.input_size
+        depth, num_classes, architecture = unmodified.depth(), unmodified.num_classes, unmodified.name
+        mean, std = unmodified.mean, unmodified.std
+    else:
+        if args.weights is None:
+            raise InputError(f"--model {args.model} (an LRP copy) needs --weights: a local checkpoint file or "
+                             "model directory; nothing is downloaded")
+        try:
+            sha = weights_sha256(args.weights)
+            if os.path.isdir(args.weights):
+                read_model_config(args.weights)  # strings where numbers belong: one line
+            model = load_model(args.model, args.weights)
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from None
+        cfg = model.default_cfg
+        H, W = (int(v) for v in cfg["input_size"][-2:])
+        ph, pw = model.patch_embed.patch_size
+        if H % ph or W % pw:
+            raise InputError(f"input size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+        depth, num_classes = len(model.blocks), int(model.num_classes)
+        architecture = str(cfg.get("architecture", args.model))
+        mean, std = cfg["mean"], cfg["std"]
     if args.start_layer is None:
         start_layer = min(eval_start_layer(method.name), depth - 1)
     else:
         start_layer = args.start_layer
     if not 0 <= start_layer < depth:
         raise InputError(f"--start-layer {start_layer} outside 0..{depth - 1} for a model of {depth} blocks")
-    if len(images.classes) > model.num_classes:
-        raise InputError(f"{images.root} has {len(images.classes)} classes but the model only {model.num_classes}")
-    map_shape = (H, W) if method.to_input else (H // ph, W // pw)
+    if len(images.classes) > num_classes:
+        raise InputError(f"{images.root} has {len(images.classes)} classes but the model only {num_classes}")
+    if unmodified is not None:  # the model's own grid (Swin: its finest), or pixels
+        map_shape = unmodified.map_shape(method.name, start_layer)
+    else:
+        map_shape = (H, W) if method.to_input else (H // ph, W // pw)
 
     identity = {
         "method": method.name,
-        "model": str(cfg.get("architecture", args.model)),
+        "model": architecture,
         "weights_sha256": sha,
         "vis_class": args.vis_class,
         "start_layer": int(start_layer),
@@ -243,13 +275,15 @@ def _run(args: argparse.Namespace) -> int:
         "dataset_size": len(images.samples),
         "limit": args.limit,
         "input_size": [H, W],
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
         "map_shape": list(map_shape),
         "tf32": bool(args.tf32),
     }
-    info = {"method_label": method.label, "weights": os.path.abspath(args.weights),
-            "dataset_root": images.root, "num_classes": int(model.num_classes)}
+    info = {"method_label": method.label, "weights": os.path.abspath(args.weights or args.model),
+            "dataset_root": images.root, "num_classes": int(num_classes)}
+    if unmodified is not None:  # what perturbation_eval.py loads again
+        info["model_source"] = unmodified.source
     final = os.path.join(output_dir, RESULTS_NAME)
 
     if os.path.exists(final):
@@ -326,7 +360,7 @@ def _explain_batches(part: PartFile, pending: List[int], model, images, identity
             keep = torch.from_numpy(ok)
             x = normalize_input(batch[keep].to(device), identity["mean"], identity["std"])
             with torch.no_grad():
-                predicted = cli.check_finite(model(x), "the model's logits").argmax(dim=-1)
+                predicted = cli.check_finite(model_logits(model, x), "the model's logits").argmax(dim=-1)
             explained = predicted if args.vis_class == "top" else labels[keep].to(device)
             cam = explain(model, x, identity["method"], index=explained, start_layer=start_layer)
             cli.check_finite(cam, f"{identity['method']} maps of images {index[keep].tolist()}")

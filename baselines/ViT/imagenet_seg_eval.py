@@ -14,6 +14,15 @@ The real benchmark::
     python baselines/ViT/imagenet_seg_eval.py --imagenet-seg-path gtsegs_ijcv.mat \\
         --model vit_base_patch16_224 --weights vit_base_patch16_224.pth --all-methods
 
+An unmodified model (a timm name with a local checkpoint, or a local Hugging
+Face image-classifier directory), explained through the LRP scope with every
+method it supports, fed with its own input size and mean/std (from its
+config) instead of the copies' 0.5/0.5::
+
+    python baselines/ViT/imagenet_seg_eval.py --imagenet-seg-path gtsegs_ijcv.mat \\
+        --model timm:vit_base_patch16_224 --weights vit_base_patch16_224.augreg.safetensors --all-methods
+    python baselines/ViT/imagenet_seg_eval.py --imagenet-seg-path gtsegs_ijcv.mat --model ./my-hf-vit --all-methods
+
 The offline stand-in (``data/synthetic.py``; the model folder carries its own
 configuration, so ``--model`` is not needed)::
 
@@ -54,10 +63,13 @@ from baselines.ViT.ViT_LRP import load_model as load_vit
 from data.imagenet_seg import ImagenetSegmentation, SegmentationDataError
 from modules import cli
 from modules.checkpoints import file_sha256, weights_sha256
+from modules.generic import (UNMODIFIED_MODEL_HELP, load_unmodified_image_classifier, model_logits,
+                             names_unmodified_model, require_methods)
+from modules.explain import supported_methods
 from modules.methods import (EVAL_START_LAYER, METHOD_CHOICES, METHOD_NAMES, METHODS, UnknownMethodError,
                              resolve_method)
 
-__all__ = ["EVAL_START_LAYER", "PAPER_RESULTS", "TABLE_ORDER", "load_model", "relevance_maps",
+__all__ = ["EVAL_START_LAYER", "PAPER_RESULTS", "TABLE_ORDER", "load_model", "load_eval_model", "relevance_maps",
            "evaluate", "format_table", "main"]
 
 PAPER_RESULTS: Dict[str, Tuple[float, float, float]] = {
@@ -106,9 +118,38 @@ def load_model(model_name: str, weights: str, device: str):
                                      "weights_sha256": weights_sha256(weights)}
 
 
+def load_eval_model(model_name: str, weights: Optional[str], device: str):
+    """The model to explain and what the evaluation records and feeds: one of
+    the LRP copies (:func:`load_model`) or an unmodified timm / Hugging Face
+    image classifier (:func:`modules.generic.load_unmodified_image_classifier`,
+    chosen by :func:`modules.generic.names_unmodified_model`).
+
+    Returns (model in eval mode on ``device``, dict with ``model`` (the copy's
+    architecture, ``timm:<name>`` or ``huggingface:<Class>``), ``weights``,
+    ``weights_sha256``, ``input_size`` (H, W), ``mean``, ``std``,
+    ``num_classes``, ``class_names`` (or None) and ``unmodified``).
+    """
+    if names_unmodified_model(model_name, weights, MODEL_FACTORIES):
+        got = load_unmodified_image_classifier(model_name, weights)
+        print(got.description, file=sys.stderr)
+        return got.model.to(device).eval(), {
+            "model": got.name, "weights": got.weights or got.source, "weights_sha256": got.weights_sha256,
+            "input_size": got.input_size, "mean": got.mean, "std": got.std, "num_classes": got.num_classes,
+            "class_names": got.class_names, "unmodified": True}
+    if weights is None:
+        raise CheckpointError(f"--model {model_name} (an LRP copy) needs --weights: a local checkpoint file or "
+                              "model folder; nothing is downloaded")
+    model, info = load_model(model_name, weights, device)
+    cfg = model.default_cfg
+    return model, dict(info, input_size=tuple(cfg["input_size"][-2:]), mean=cfg["mean"], std=cfg["std"],
+                       num_classes=int(model.head.out_features), class_names=cfg.get("class_names"),
+                       unmodified=False)
+
+
 def relevance_maps(model, images: torch.Tensor, method: str) -> torch.Tensor:
     """Raw relevance of the predicted class at the input's resolution:
-    (B, H, W) float32 on the CPU (patch maps upsampled bilinearly)."""
+    (B, H, W) float32 on the CPU (maps of any (B, h, w) grid - patches,
+    Swin's finest grid - upsampled bilinearly; pixel maps kept)."""
     maps = explain(model, images, method, index=None, start_layer=EVAL_START_LAYER.get(method, 0))
     if tuple(maps.shape[-2:]) != tuple(images.shape[-2:]):
         maps = upsample(maps, tuple(images.shape[-2:]))
@@ -171,7 +212,8 @@ def _save_overlays(out_dir: str, store: List[Dict], methods: Sequence[str], mean
 def evaluate(model, dataset: ImagenetSegmentation, methods: Sequence[str], device: str, batch_size: int = 8,
              num_workers: int = 0, output_dir: Optional[str] = None, num_overlays: int = 6,
              save_every: int = 20, identity: Optional[Dict] = None, resume: Optional[Dict] = None,
-             progress: bool = True, title: str = "") -> Dict:
+             progress: bool = True, title: str = "", mean: Optional[Sequence[float]] = None,
+             std: Optional[Sequence[float]] = None) -> Dict:
     """Run the test for ``methods`` in one pass over ``dataset``.
 
     Every batch is loaded once and explained by every method.  With
@@ -179,7 +221,8 @@ def evaluate(model, dataset: ImagenetSegmentation, methods: Sequence[str], devic
     ``save_every`` batches and at the end (with ``identity``, to check a
     resume against), and the first ``num_overlays`` images' maps to overlay
     PNGs.  ``resume`` is a progress dict to continue from (the images it
-    counted are skipped).
+    counted are skipped).  ``mean``/``std`` undo the normalisation for the
+    overlays (default: ``model.default_cfg``'s, as the copies carry them).
 
     Returns a dict: ``scores`` (method -> metrics), ``seconds`` (method ->
     explanation and scoring time), ``n_images``, ``accuracy`` (top-1 on the
@@ -200,7 +243,8 @@ def evaluate(model, dataset: ImagenetSegmentation, methods: Sequence[str], devic
     labels = dataset.labels()
     loader = DataLoader(dataset.subset(dataset.indices[done:]), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
-    mean, std = model.default_cfg["mean"], model.default_cfg["std"]
+    if mean is None or std is None:
+        mean, std = model.default_cfg["mean"], model.default_cfg["std"]
     want = max(0, num_overlays - done) if output_dir else 0
     store: List[Dict] = []
     overlays: List[str] = []
@@ -226,7 +270,7 @@ def evaluate(model, dataset: ImagenetSegmentation, methods: Sequence[str], devic
             correct, counted = counts["correct"], counts["counted"]
             if labels is not None:
                 with torch.no_grad():
-                    pred = cli.check_finite(model(x), "the model's logits").argmax(dim=-1).cpu()
+                    pred = cli.check_finite(model_logits(model, x), "the model's logits").argmax(dim=-1).cpu()
                 correct += int((pred == torch.as_tensor(labels[idx.numpy()])).sum())
                 counted += len(idx)
             outs = {}
@@ -271,13 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenet-seg-path", required=True,
                    help="gtsegs_ijcv.mat, or a stand-in written by data/synthetic.py in the same layout")
     p.add_argument("--method", default="transformer_attribution", choices=METHOD_CHOICES,
-                   help="explanation method")
-    p.add_argument("--all-methods", action="store_true", help="evaluate every method in one pass over the data")
-    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES),
-                   help="factory model for a checkpoint file (ignored for a model folder with config.json)")
-    p.add_argument("--weights", required=True,
+                   help="explanation method (one the model supports)")
+    p.add_argument("--all-methods", action="store_true",
+                   help="evaluate every method the model supports in one pass over the data")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help="an LRP copy: " + ", ".join(sorted(MODEL_FACTORIES)) + " (the factory model for a "
+                        "checkpoint file; ignored for a model folder with config.json; METHODS.md section 4's "
+                        "fixed resize and the folder's mean/std, 0.5/0.5 for ViT-B); " + UNMODIFIED_MODEL_HELP
+                        + "; resized (no crop) to that input size")
+    p.add_argument("--weights", default=None,
                    help="local checkpoint file (.pth/.pt/.bin/.safetensors) or a model folder from "
-                        "train_synthetic.py (e.g. samples/synthetic_vit); nothing is downloaded")
+                        "train_synthetic.py (e.g. samples/synthetic_vit); needed for the copies and timm names, "
+                        "optional for a Hugging Face directory; nothing is downloaded")
     p.add_argument("--batch-size", type=cli.int_range(1, 4096), default=8, help="images per batch")
     cli.add_device_arg(p)
     p.add_argument("--num-workers", type=cli.int_range(0, 64), default=0, help="DataLoader worker processes")
@@ -398,11 +447,13 @@ def _main(argv: Optional[Sequence[str]]) -> Dict:
 
 def _evaluate_into(args, device) -> Dict:
     try:
-        methods = ([m for m in TABLE_ORDER if m in METHOD_NAMES] + [m for m in METHOD_NAMES if m not in TABLE_ORDER]
+        model, info = load_eval_model(args.model, args.weights, str(device))
+        supported = supported_methods(model)
+        methods = ([m for m in TABLE_ORDER if m in supported] + [m for m in METHOD_NAMES
+                                                                 if m in supported and m not in TABLE_ORDER]
                    if args.all_methods else [resolve_method(args.method).name])
-        model, info = load_model(args.model, args.weights, str(device))
-        size = tuple(model.default_cfg["input_size"][-2:])
-        mean, std = model.default_cfg["mean"], model.default_cfg["std"]
+        require_methods(model, methods)
+        size, mean, std = tuple(info["input_size"]), info["mean"], info["std"]
         dataset = ImagenetSegmentation(args.imagenet_seg_path, size=size, mean=mean, std=std)
         if args.limit is not None:
             dataset = dataset.subset(dataset.indices[:args.limit])
@@ -416,7 +467,7 @@ def _evaluate_into(args, device) -> Dict:
         out = evaluate(model, dataset, methods, str(device), args.batch_size, args.num_workers, args.output_dir,
                        args.num_overlays, args.save_every, identity=identity, resume=resume,
                        progress=not args.quiet,
-                       title=f"{info['model']} on {os.path.basename(args.imagenet_seg_path)}")
+                       title=f"{info['model']} on {os.path.basename(args.imagenet_seg_path)}", mean=mean, std=std)
     except (ValueError, KeyError, TypeError) as exc:  # e.g. a malformed progress.json given to --resume
         if isinstance(exc, cli.input_error_types()):
             raise
@@ -445,7 +496,8 @@ def _evaluate_into(args, device) -> Dict:
              f"{out['n_images']} images, {size[0]}x{size[1]}, {device} ({elapsed:.0f} s)")
     if out["accuracy"] is not None:
         title += f"; classification accuracy {100 * out['accuracy']:.1f}%"
-    table = format_table(out["scores"], title, paper=info["model"] == "vit_base_patch16_224")
+    table = format_table(out["scores"], title,
+                         paper=info["model"] in ("vit_base_patch16_224", "timm:vit_base_patch16_224"))
     cli.atomic_write_text(os.path.join(args.output_dir, "table.md"), table + "\n")
     print(table)
     print(f"wrote {os.path.join(args.output_dir, 'results.json')}")

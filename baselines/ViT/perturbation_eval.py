@@ -20,6 +20,11 @@ script), ``<direction>/tied_share.npy`` (per image and step) and
 when both were run).  ``--pos`` and ``--neg`` may run at the same time on the
 same output folder: the files are written under unique temporary names and
 renamed, and the read-modify-write of results.json and the plot is locked.
+
+Maps of an unmodified model (``generate_visualizations.py --model`` a timm
+name or a Hugging Face directory) are evaluated with that same model, loaded
+again from what results.hdf5 records (or ``--model``/``--weights``, whose
+hash must match), at its own input size and mean/std as recorded.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from baselines.ViT.perturbation_metrics import (DEFAULT_TIE_BREAK, DEFAULT_TIE_S
                                                 removal_masks, remove_masked, tied_share)
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
 from modules.cli import CLIError, atomic_write_bytes, atomic_write_json, file_lock
+from modules.generic import UNMODIFIED_MODEL_HELP, load_unmodified_image_classifier, model_logits
 from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
 
 __all__ = ["perturbation_hits", "evaluate", "update_results", "plot_results", "write_outputs", "build_parser",
@@ -77,7 +83,8 @@ def perturbation_hits(model, images: Tensor, maps: Tensor, targets: Tensor, mean
     Parameters
     ----------
     model:
-        Classifier taking normalised (B, C, H, W) images.
+        Classifier taking normalised (B, C, H, W) images (logits, or a
+        Hugging Face output holding them).
     images:
         (B, C, H, W) in [0, 1], on the model's device.
     maps:
@@ -108,11 +115,11 @@ def perturbation_hits(model, images: Tensor, maps: Tensor, targets: Tensor, mean
     removed = removal_masks(vis, direction, [pixels_to_remove(H, W, p) for p in steps], tie_break, tie_seed)
     flat = vis.flatten(1)
     with torch.no_grad():
-        hits0 = model(normalize_input(images, mean, std)).argmax(dim=-1) == targets
+        hits0 = model_logits(model, normalize_input(images, mean, std)).argmax(dim=-1) == targets
         hits, tied = [], []
         for mask in removed:
             perturbed = remove_masked(images, mask)
-            hits.append(model(normalize_input(perturbed, mean, std)).argmax(dim=-1) == targets)
+            hits.append(model_logits(model, normalize_input(perturbed, mean, std)).argmax(dim=-1) == targets)
             tied.append(tied_share(flat, mask))
     return hits0, torch.stack(hits), torch.stack(tied)
 
@@ -277,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "flag is given, as in the published script; '--neg false' means --pos")
     p.add_argument("--imagenet-validation-path", default=None,
                    help="the images; None: the tree recorded in results.hdf5 (must be the same images)")
-    p.add_argument("--model", default=None, choices=sorted(MODEL_FACTORIES),
-                   help="architecture; None: the one recorded in results.hdf5")
+    p.add_argument("--model", default=None,
+                   help="architecture; None: the one recorded in results.hdf5 (an LRP copy: "
+                        + ", ".join(sorted(MODEL_FACTORIES)) + "; " + UNMODIFIED_MODEL_HELP + ")")
     p.add_argument("--weights", default=None,
                    help="checkpoint or model directory; None: the one recorded (its hash must match)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
@@ -329,19 +337,24 @@ def run(args: argparse.Namespace) -> Dict:
     weights = args.weights or info.get("weights")
     if weights is None or not os.path.exists(weights):
         raise InputError(f"weights {weights} not found; pass --weights")
-    try:
-        same = weights_sha256(weights) == identity["weights_sha256"]
-    except CheckpointError as exc:
-        raise InputError(str(exc)) from None
-    if not same:
-        raise InputError(f"{weights} is not the model {results} was made with (weights hash differs)")
-    name = args.model or (identity["model"] if identity["model"] in MODEL_FACTORIES else "vit_base_patch16_224")
+    if str(identity["model"]).startswith(("timm:", "huggingface:")):  # an unmodified model
+        model = _load_unmodified(args, identity, info, weights, results)
+    else:
+        try:
+            same = weights_sha256(weights) == identity["weights_sha256"]
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from None
+        if not same:
+            raise InputError(f"{weights} is not the model {results} was made with (weights hash differs)")
+        name = args.model or (identity["model"] if identity["model"] in MODEL_FACTORIES else "vit_base_patch16_224")
+        try:
+            model = load_model(name, weights)
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from None
     set_tf32(args.tf32)
     try:
         device = torch.device(args.device)
-        model = load_model(name, weights).to(device).eval()
-    except CheckpointError as exc:
-        raise InputError(str(exc)) from None
+        model = model.to(device).eval()
     except RuntimeError as exc:
         raise InputError(f"device {args.device!r}: {exc}".splitlines()[0]) from None
 
@@ -360,6 +373,22 @@ def run(args: argparse.Namespace) -> Dict:
           f"AUC {result['auc']:.2f} over {result['num_images']} images (ties: {args.tie_break}, "
           f"at most {100 * tied:.1f}% of the removed pixels tied)")
     return data
+
+
+def _load_unmodified(args: argparse.Namespace, identity: Dict, info: Dict, weights: str, results: str):
+    """The unmodified model the maps were made with: ``--model`` or the
+    recorded source, ``--weights`` or the recorded weights (a directory
+    stands for the model itself); refused unless it is the same model
+    (architecture and weights hash)."""
+    source = args.model or info.get("model_source")
+    if not isinstance(source, str) or not source or source == "-1":
+        raise InputError(f"{results} does not record which {identity['model']} model made it; pass --model")
+    got = load_unmodified_image_classifier(source, weights, require_weights=False)
+    if got.name != identity["model"] or got.weights_sha256 != identity["weights_sha256"]:
+        raise InputError(f"{got.source} is not the model {results} was made with "
+                         + ("(weights hash differs)" if got.name == identity["model"]
+                            else f"({got.name}, the maps: {identity['model']})"))
+    return got.model
 
 
 def main(argv: Optional[List[str]] = None) -> int:
