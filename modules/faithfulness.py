@@ -200,8 +200,16 @@ def road(model: nn.Module, images: Tensor, maps: Tensor, index: Index = None,
     int or one class per image.  The model runs on batches of
     ``batch_size`` perturbed images (default: B).
 
-    Cost: one sparse LU per image and fraction (size ``f * H * W``), on the
-    CPU; about 0.15 s for a 224 x 224 picture at f = 0.9 (SuperLU).
+    pytorch-grad-cam's ROAD removes instead every pixel at or above
+    ``np.percentile(map, 100 (1 - f))``: ``N - ceil((N - 1)(1 - f))``
+    pixels when the values are distinct (the same count as here for
+    N = 100, one more or fewer at some fractions of other sizes), and every
+    pixel tied at the threshold.  Noise: the same N(0, 1) draw per removed
+    pixel and channel; with ``noise=0`` both give the same probabilities.
+
+    Cost: one sparse LU per image and fraction (``f * H * W`` unknowns,
+    SuperLU, float64) on the CPU: measured 0.07 s for 96 x 96 and 0.6 s for
+    224 x 224 at f = 0.9 on the project's shared 2-core CPU (under load).
     """
     morf = _check_order(order)
     _check_ranking_rule(tie_break)
