@@ -41,12 +41,13 @@ from torch import Tensor, nn
 
 from modules.adapters import InputsError, UnsupportedModelError, adapter_for
 from modules.adapters.hf_models import IMAGE_CLASSES, IMAGE_TEXT_CLASSES, TEXT_CLASSES, clip_pooled_index
+from modules.adapters.swin import HF_SWIN_CLASSES
 from modules.aggregation import add_identity, positive_head_mean, rollout, rollout_row
 from modules.explain import StreamMaps, explain, explain_trace
 
-IMAGE_CLASSES_ = tuple(IMAGE_CLASSES)
+IMAGE_CLASSES_ = tuple(IMAGE_CLASSES) + tuple(HF_SWIN_CLASSES)
 TEXT_CLASSES_ = tuple(TEXT_CLASSES)
-_HF_KINDS: Dict[str, str] = {**{c: "hf-image" for c in IMAGE_CLASSES}, **{c: "hf-text" for c in TEXT_CLASSES},
+_HF_KINDS: Dict[str, str] = {**{c: "hf-image" for c in IMAGE_CLASSES_}, **{c: "hf-text" for c in TEXT_CLASSES},
                              **{c: "clip" for c in IMAGE_TEXT_CLASSES}}
 
 __all__ = [

@@ -373,3 +373,31 @@ def test_class_specificity_offers_what_the_model_supports(scenes, tmp_path, caps
     assert "does not support --methods cplrp" in one_line_error(capsys)
     res = _cs(data, tmp_path / "all", "--model", TINY, "--weights", pth, "--limit", "1", "--num-overlays", "0")
     assert res["methods"] == ["generic_attribution", "rollout", "attn_last_layer", "attn_gradcam"]
+
+
+def test_a_swin_grid_through_the_scripts(pert, seg, tmp_path, monkeypatch):
+    """Swin's maps come at its finest grid (8x8 for 32 px and 4-px patches,
+    not a ViT's 4x4): stored at that shape, upsampled from it."""
+    tree = pert[0]
+    mat = seg[0]
+    from data.synthetic import CLASS_NAMES
+
+    cfg = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                        num_labels=len(CLASS_NAMES))
+    swin = _randomize(tf.SwinForImageClassification(cfg), seed=2)
+    swin.save_pretrained(str(tmp_path / "swin"))
+    swin_dir = str(tmp_path / "swin")
+    assert _gen(tree, tmp_path / "maps", "--model", swin_dir, "--method", "transformer_attribution") == 0
+    with h5py.File(tmp_path / "maps" / "results.hdf5", "r") as f:
+        assert json.loads(f.attrs["identity_json"])["map_shape"] == [8, 8]
+        stored = decode_maps(f["vis"][()], f["vis_scale"][()], f["vis_offset"][()])
+    images = open_image_tree(tree)
+    x = normalize_input(torch.stack([load_image(p, (32, 32)) for p, _ in images.samples]), (0.5,) * 3, (0.5,) * 3)
+    direct = explain(swin, x, "transformer_attribution", start_layer=1).numpy()
+    peak = np.abs(direct).reshape(len(x), -1).max(axis=1).reshape(-1, 1, 1)
+    assert stored.shape == (6, 8, 8) and np.all(np.abs(stored - direct) <= 1e-3 * peak + 1e-30)
+    calls = _spy_relevance_maps(monkeypatch, E, "relevance_maps")
+    res = _seg(mat, tmp_path / "seg", "--model", swin_dir, "--method", "rollout", "--limit", "2")
+    assert res["model"] == "huggingface:SwinForImageClassification" and res["n_images"] == 2
+    (_, images, _, maps), = calls
+    torch.testing.assert_close(maps, upsample(explain(swin, images, "rollout", start_layer=1), (32, 32)))
