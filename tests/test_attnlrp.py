@@ -213,12 +213,16 @@ def test_bert_maps_equal_the_independent_re_statement_with_padding(method, rules
         assert not exp.maps[b, n:].any()
 
 
-def test_the_methods_need_a_copy():
+def test_the_methods_on_unmodified_timm_equal_the_copy():
+    """Through the LRP scope (issue 21) an unmodified timm ViT gives the copy's
+    maps, without min-max (float64; measured 1e-16)."""
     import timm
 
-    from modules.adapters import UnsupportedMethodError
+    from baselines.ViT.ViT_LRP import from_timm
 
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
-                              num_classes=3).eval()
-    with pytest.raises(UnsupportedMethodError, match="attnlrp"):
-        explain(model, torch.randn(1, 3, 32, 32), "attnlrp")
+                              num_classes=3).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for method in ("attnlrp", "cplrp"):
+        torch.testing.assert_close(explain(model, x, method), explain(from_timm(model), x, method),
+                                   atol=1e-12, rtol=1e-9)
