@@ -401,3 +401,15 @@ def test_a_swin_grid_through_the_scripts(pert, seg, tmp_path, monkeypatch):
     assert res["model"] == "huggingface:SwinForImageClassification" and res["n_images"] == 2
     (_, images, _, maps), = calls
     torch.testing.assert_close(maps, upsample(explain(swin, images, "rollout", start_layer=1), (32, 32)))
+
+
+def test_perturbation_eval_of_copy_maps_refuses_an_unmodified_model(tmp_path, capsys):
+    from perturbation_helpers import make_model_dir
+
+    tree = make_tree(tmp_path / "tree", classes=2, per_class=1)
+    model_dir = make_model_dir(tmp_path / "copy", num_classes=2, depth=1)
+    out = tmp_path / "maps"
+    assert _gen(tree, out, "--weights", model_dir, "--method", "rollout") == 0  # a copy, as before
+    capsys.readouterr()
+    assert pe.main(["--results", str(out), "--model", TINY, "--num-workers", "0", "--device", "cpu"]) == 2
+    assert "holds maps of the LRP copy" in one_line_error(capsys)

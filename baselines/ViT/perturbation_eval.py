@@ -340,6 +340,9 @@ def run(args: argparse.Namespace) -> Dict:
     if str(identity["model"]).startswith(("timm:", "huggingface:")):  # an unmodified model
         model = _load_unmodified(args, identity, info, weights, results)
     else:
+        if args.model is not None and args.model not in MODEL_FACTORIES:
+            raise InputError(f"{results} holds maps of the LRP copy {identity['model']!r}, not of --model "
+                             f"{args.model}; the copies: {', '.join(sorted(MODEL_FACTORIES))}")
         try:
             same = weights_sha256(weights) == identity["weights_sha256"]
         except CheckpointError as exc:
