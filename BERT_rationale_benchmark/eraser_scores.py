@@ -420,7 +420,8 @@ def check_fields(results: Sequence[Mapping[str, Any]], path: Any, annotations: S
     * a ``classification`` outside the split's labels; a probability
       distribution that lacks a class, differs from the record's
       ``classification_scores`` classes or from the first record's;
-    * ``thresholded_scores`` lacking one of ``aopc_thresholds`` or repeating one.
+    * ``thresholded_scores`` lacking one of ``aopc_thresholds``, repeating one, or with
+      other thresholds than the first record's.
     """
     if not results:
         raise ERASERFormatError(f"{path}: no records")
@@ -450,6 +451,7 @@ def check_fields(results: Sequence[Mapping[str, Any]], path: Any, annotations: S
                                 "'sufficiency_classification_scores' (the published verification)")
     classes: Optional[Set[str]] = None
     wanted = list(aopc_thresholds)
+    first_bins: Optional[Set[float]] = None
     for n, r in enumerate(results, start=1):
         where = f"{path}: record {n} ({r['annotation_id']!r})"
         docids = [rat["docid"] for rat in r["rationales"]]
@@ -500,6 +502,11 @@ def check_fields(results: Sequence[Mapping[str, Any]], path: Any, annotations: S
             if missing:
                 raise ERASERFormatError(f"{where}: 'thresholded_scores' lacks the AOPC threshold(s) "
                                         f"{', '.join(map(str, missing))} (has {', '.join(map(str, sorted(present)))})")
+            if first_bins is None:
+                first_bins = set(present)
+            elif set(present) != first_bins:  # the published verification: one set of thresholds for all
+                raise ERASERFormatError(f"{where}: 'thresholded_scores' thresholds {sorted(present)} differ from "
+                                        f"record 1's {sorted(first_bins)}")
             for b in bins:
                 for field in FAITHFULNESS_FIELDS:
                     if field not in b:

@@ -493,6 +493,10 @@ def _break_bin(results):
     results[2]["thresholded_scores"] = [b for b in results[2]["thresholded_scores"] if b["threshold"] != 0.2]
 
 
+def _break_bin_set(results):
+    results[3]["thresholded_scores"].append(dict(results[3]["thresholded_scores"][0], threshold=0.3))
+
+
 def _break_label(results):
     results[1]["classification"] = "MAYBE"
 
@@ -516,6 +520,7 @@ def _break_missing_document(results):
     (_break_soft_length, r"has \d+ scores for the \d+ tokens of 'doc1'"),
     (_break_class, r"'comprehensiveness_classification_scores' lacks class\(es\) NEG"),
     (_break_bin, r"lacks the AOPC threshold\(s\) 0.2"),
+    (_break_bin_set, r"record 4 \('doc3'\): 'thresholded_scores' thresholds .* differ from record 1's"),
     (_break_label, r"classification 'MAYBE' is not a label of the split"),
     (_break_overlap, r"overlap"),
     (_break_nan, r"finite numbers"),
