@@ -175,7 +175,8 @@ def _pass_rule(x: Tensor) -> Callable:
 
 
 def _zero_rule(acts: Sequence[Tensor]) -> Callable:
-    return lambda R: tuple(torch.zeros_like(a) for a in acts)
+    """No relevance (gradient) reaches the inputs: None, so autograd skips what lies below."""
+    return lambda R: (None,) * len(acts)
 
 
 def _product_rule(state: ScopeState, u: Tensor, v: Tensor, z: Tensor, kind: str) -> Callable:
@@ -291,8 +292,8 @@ class _Scope(TorchFunctionMode):
             # by an activation (a norm computed by hand, CLIP's x / ||x||): the divisor is a
             # constant (ours, as LayerNorm's std): identity; gradient rule sets: g / b
             bv = b.detach()
-            rule = (lambda g: (sum_to(g / bv, a), torch.zeros_like(b))) if s.gradient_rules else \
-                (lambda R: (sum_to(R, a), torch.zeros_like(b)))
+            rule = (lambda g: (sum_to(g / bv, a), None)) if s.gradient_rules else \
+                (lambda R: (sum_to(R, a), None))
             return _switch(s, y, [a, b], rule)
         if name in _CONSTANT_POWERS:  # the pieces of a norm computed by hand: constants (ours)
             x = args[0]
@@ -305,7 +306,7 @@ class _Scope(TorchFunctionMode):
             x = args[0]
             y = func(*args, **kwargs)
             if s.rule_set == "CPLRP":
-                return _switch(s, y, [x], _zero_rule([x]))  # constant attention weights
+                return y.detach()  # constant attention weights: nothing below the softmax is visited
             if s.rule_set == "AttnLRP":
                 return y  # the plain gradient
             return _switch(s, y, [x], _pass_rule(x))
