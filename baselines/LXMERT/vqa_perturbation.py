@@ -76,12 +76,18 @@ VARIANTS: Dict[str, Maps] = {
     "rollout": _engine("rollout"),
     "attn_last_layer": _engine("attn_last_layer"),
     "attn_gradcam": _engine("attn_gradcam"),
+    "transformer_attribution": _engine("transformer_attribution"),
+    "lrp_last_layer": _engine("lrp_last_layer"),
+    "generic_with_lrp": _engine("generic_attribution", use_lrp=True),
     "random": _random,
 }
 LABELS = {"generic_attribution": "Ours (generic attribution, ICCV 2021)",
           "generic_no_normalization": "Ours, no normalisation (ablation)",
           "generic_no_self_in_rule_10": "Ours, no self term in rule 10 (ablation)",
           "rollout": "Rollout", "attn_last_layer": "Raw attention", "attn_gradcam": "GradCAM",
+          "transformer_attribution": "Transformer attribution (CVPR 2021, LRP)",
+          "lrp_last_layer": "Partial LRP",
+          "generic_with_lrp": "Ours with LRP (ablation, use_lrp=True)",
           "random": "Random order (reference)"}
 TESTS = ("text_positive", "text_negative", "image_positive", "image_negative")
 

@@ -78,7 +78,7 @@ class LxmertAdapter(CoupledLRP, HookAdapter):
         feed["_leaf"]["image"] = feed["visual_feats"] = feed["visual_feats"].detach().requires_grad_(True)
 
     def forward(self, feed, method):
-        return self.model(**feed, return_dict=True)
+        return self.model(**{k: v for k, v in feed.items() if not k.startswith("_")}, return_dict=True)
 
     def score(self, feed, output, index):
         return super().score(feed, output.question_answering_score, index)
