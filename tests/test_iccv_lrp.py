@@ -450,3 +450,28 @@ def test_lxmert_each_published_quirk_changes_the_numbers(name, quirk, variant):
         n, k = alt_t.shape[0], alt_i.shape[0]
         differs.append(_differs(got.text[b, :n], alt_t) or _differs(got.image[b, :k], alt_i))
     assert any(differs), f"dropping '{quirk}' does not change {name} on these inputs"
+
+
+# --------------------------------------------------------------------------
+# DETR / Conditional DETR (METHODS_ICCV.md section 4): batch = singles, model unchanged
+# (the independent DETR oracle is not written yet: see the README)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["detr", "conditional"])
+@pytest.mark.parametrize("name", list(LXMERT_METHODS))
+def test_detr_lrp_rows_padded_batch_equals_each_image_alone(kind, name):
+    from tests.test_detr import padded_batch, sample, tiny
+
+    model = tiny(kind).double()
+    inputs = padded_batch()
+    kw, _ = LXMERT_METHODS[name]
+    method = "generic_attribution" if name == "ours_with_lrp" else name
+    before = _snapshot(model)
+    got = explain(model, inputs, method, index=[1, 2], **kw)
+    _assert_unchanged(before, _snapshot(model))
+    assert torch.isfinite(got).all()
+    for b in range(2):
+        # the image alone with its padding and pixel_mask (a cropped image gives other border features)
+        one = explain(model, sample(inputs, b), method, index=[1, 2][b], **kw)
+        torch.testing.assert_close(got[b], one[0], rtol=RTOL, atol=ATOL)
+    if name == "lrp_last_layer":  # min-max over the whole (queries x real cells) matrix: the row need not reach 1
+        assert float(got.amax()) <= 1 + 1e-12 and float(got.amin()) >= -1e-12

@@ -45,9 +45,17 @@ from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_wri
                          existing_dir, existing_file, file_lock, open_image, positive_int, probability,
                          resolve_device, resume_results, run_main)
 
-METHODS = ("generic_attribution", "rollout", "attn_last_layer", "attn_gradcam")
+METHODS = ("generic_attribution", "rollout", "attn_last_layer", "attn_gradcam", "transformer_attribution",
+           "lrp_last_layer", "generic_with_lrp")
 LABELS = {"generic_attribution": "Ours (generic attribution, ICCV 2021)", "rollout": "Rollout",
-          "attn_last_layer": "Raw attention", "attn_gradcam": "GradCAM"}
+          "attn_last_layer": "Raw attention", "attn_gradcam": "GradCAM",
+          "transformer_attribution": "Transformer attribution (CVPR 2021, LRP)", "lrp_last_layer": "Partial LRP",
+          "generic_with_lrp": "Ours with LRP (ablation, use_lrp=True)"}
+VARIANTS = {"generic_with_lrp": ("generic_attribution", {"use_lrp": True})}
+"""Rows that are a method with options: (engine method, options)."""
+LRP_ROWS = ("transformer_attribution", "lrp_last_layer", "generic_with_lrp")
+"""Rows whose relevance pass runs in the LRP scope: one explanation per image
+(``explain_detections(strategy="repeat")``), the K kept queries as a batch."""
 IOU_THRESHOLDS = np.linspace(0.2, 0.95, 16)
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR_1", "AR_10", "AR_100", "AR_S", "AR_M", "AR_L")
 
@@ -171,7 +179,10 @@ def evaluate_method(model, processor, gt, pictures, method: str, args, device, p
         images = [pic if not isinstance(pic, str) else open_image(pic) for _, pic in batch]
         inputs, sizes = preprocess(images, processor, shortest=args.shortest, longest=args.longest)
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        dets = explain_detections(model, inputs, threshold=args.threshold, method=method, image_sizes=sizes)
+        name, options = VARIANTS.get(method, (method, {}))
+        if method in LRP_ROWS:
+            options = dict(options, strategy="repeat")
+        dets = explain_detections(model, inputs, threshold=args.threshold, method=name, image_sizes=sizes, **options)
         with torch.no_grad():
             probs = detection_probabilities(model(**inputs).logits, has_no_object_class(model))
         scores, labels = probs.max(-1)

@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import InputsError, feed_dict, model_device, one_hot_rows, register_adapter
+from modules.adapters import CoupledLRP, InputsError, feed_dict, model_device, one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionCapture, AttentionLayer
 from modules.methods import Method
@@ -127,11 +127,13 @@ def explained_queries(trace: Trace) -> Tensor:
 
 
 @register_adapter
-class DetrAdapter(HookAdapter):
+class DetrAdapter(CoupledLRP, HookAdapter):
     family = "Hugging Face DETR / Conditional DETR (unmodified)"
     examples = _CLASSES
     notes = ("encoder-decoder: the ICCV 2021 rules (METHODS_ICCV.md section 4); map (B, h, w) on the backbone's "
-             "feature grid for one query; index = query or (query, class) per sample")
+             "feature grid for one query; index = query or (query, class) per sample; transformer attribution, "
+             "partial LRP and generic_attribution(use_lrp=True) through the LRP scope from the backbone's "
+             "feature map up (rule set TA; the published DETR layers differ, README)")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -192,8 +194,41 @@ class DetrAdapter(HookAdapter):
         keep = ("pixel_values", "pixel_mask")
         return {k: v for k, v in feed.items() if k in keep}
 
+    def attach_input(self, feed: Dict[str, Any], stack: contextlib.ExitStack) -> None:
+        """The LRP scope's explained inputs: the backbone's last feature map
+        (the relevance pass needs nothing below the transformer; the
+        backbone's batch norms and max pooling run as plain operations) and
+        the decoder's all-zero input queries (so that the first decoder
+        layer's attention is an activation, as the published relprop treats
+        it: its values are v_proj(0) = the bias)."""
+        leaves: Dict[str, Tensor] = {}
+        feed["_leaf"] = leaves
+
+        def feature_leaf(module, args, output):
+            fmap, mask = output[-1]
+            leaves["image"] = fmap.detach().requires_grad_(True)
+            return list(output[:-1]) + [(leaves["image"], mask)]
+
+        def query_leaf(module, args, kwargs):
+            q = kwargs.get("inputs_embeds")
+            if not isinstance(q, Tensor):
+                raise RuntimeError(f"{type(self.model).__name__}: the decoder was called without inputs_embeds")
+            leaves["query"] = q.detach().requires_grad_(True)
+            return args, {**kwargs, "inputs_embeds": leaves["query"]}
+
+        def boxes_constant(module, args, output):
+            # the box head reaches no explained logit; Conditional DETR adds its reference points to it in
+            # place (tmp[..., :2] += ...), an operation the scope refuses on an activation
+            return output.detach()
+
+        stack.callback(self._core().backbone.register_forward_hook(feature_leaf).remove)
+        box_head = getattr(self.model, "bbox_predictor", None)
+        if isinstance(box_head, nn.Module):
+            stack.callback(box_head.register_forward_hook(boxes_constant).remove)
+        stack.callback(self._core().decoder.register_forward_pre_hook(query_leaf, with_kwargs=True).remove)
+
     def forward(self, feed: Dict[str, Any], method: Method) -> Any:
-        return self.model(**feed, return_dict=True)
+        return self.model(**{k: v for k, v in feed.items() if not k.startswith("_")}, return_dict=True)
 
     def score(self, feed, output, index):
         """(logits of the explained query (B, C), class (B,), one-hot (B, C)):
