@@ -41,6 +41,10 @@ import torch
 from modules.cli import atomic_write_json, atomic_write_text, check_output_file, positive_int, run_main
 
 
+LRP_METHODS = ("transformer_attribution", "lrp_last_layer")
+"""The coupled-stream LRP methods (METHODS_ICCV.md sections 2, 4), timed beside the attention methods."""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -101,6 +105,10 @@ def bench_detr(batch_sizes: Sequence[int], device: torch.device, warmup: int, re
 
         fns: List[Tuple[str, Callable[[], object]]] = [("forward", forward), ("forward+backward", forward_backward)]
         fns += [(f"explain {m} (1 query per image)", lambda m=m: explain(model, inputs, m, index=0)) for m in methods]
+        fns += [(f"explain {m} (1 query per image, LRP scope)", lambda m=m: explain(model, inputs, m, index=0))
+                for m in LRP_METHODS]
+        fns.append(("explain generic_attribution use_lrp=True (1 query per image, LRP scope)",
+                    lambda: explain(model, inputs, "generic_attribution", index=0, use_lrp=True)))
         if queries and B == 1:
             qs = [list(range(queries))]
             fns += [(f"{queries} queries, strategy={s}", lambda s=s: explain_queries(model, inputs, qs, strategy=s))
@@ -149,6 +157,10 @@ def bench_lxmert(batch_sizes: Sequence[int], device: torch.device, warmup: int, 
 
         fns: List[Tuple[str, Callable[[], object]]] = [("forward", forward), ("forward+backward", forward_backward)]
         fns += [(f"explain {m}", lambda m=m: explain(model, inputs, m)) for m in methods]
+        # the LRP rows (the relevance pass through the LRP scope, rule set TA)
+        fns += [(f"explain {m} (LRP scope)", lambda m=m: explain(model, inputs, m)) for m in LRP_METHODS]
+        fns.append(("explain generic_attribution use_lrp=True (LRP scope)",
+                    lambda: explain(model, inputs, "generic_attribution", use_lrp=True)))
         for what, t in time_rows(fns, device, warmup, repeats).items():
             rows.append({"model": "LXMERT base (random weights)", "input": f"{tokens} tokens, {boxes} boxes",
                          "batch": B, "what": what, **t})
