@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from modules.cli import (CLIError, add_device_arg, atomic_write_bytes, atomic_write_json, check_finite,  # noqa: E402
                          check_output_file, one_line, open_image, positive_int, probability, resolve_device,
                          run_main)
-from modules.methods import ALIASES, ATTENTION_METHODS  # noqa: E402
+from modules.methods import ALIASES, ATTENTION_METHODS, COUPLED_LRP_METHODS, resolve_method  # noqa: E402
 
 COLORS = [(0, 114, 189), (217, 83, 25), (237, 177, 32), (126, 47, 142), (119, 172, 48), (77, 190, 238)]
 """The published visualisation colours (DETR/mask_generator.py), 0-255."""
@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (several images: OUT_STEM-<i>.png); JSON beside it")
     p.add_argument("--threshold", type=probability, default=0.5,
                    help="keep queries whose probability (max over the object classes) is above this")
-    methods = list(ATTENTION_METHODS) + [a for a, t in ALIASES.items() if t in ATTENTION_METHODS]
-    p.add_argument("--method", default="generic_attribution", choices=methods, help="explanation method")
+    offered = tuple(ATTENTION_METHODS) + COUPLED_LRP_METHODS
+    methods = list(offered) + [a for a, t in ALIASES.items() if t in offered]
+    p.add_argument("--method", default="generic_attribution", choices=methods,
+                   help="explanation method (transformer_attribution, lrp_last_layer: the LRP scope, one "
+                        "explanation per image)")
+    p.add_argument("--use-lrp", action="store_true",
+                   help="generic_attribution: 'ours with LRP' (A replaced by its LRP relevance, METHODS_ICCV.md)")
     p.add_argument("--published-nan-guard", action="store_true",
                    help="generic_attribution: drop a whole Eq. 10 addition that holds a NaN, as the published DETR "
                         "generator does (default: only the NaN rows of R bar are zeroed; modules/iccv.py bimodal_rule)")
@@ -141,6 +146,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.method != "generic_attribution":
             raise CLIError(f"--published-nan-guard applies to generic_attribution, not {args.method}")
         options["nan_guard"] = "published"
+    strategy = args.strategy
+    if args.use_lrp:
+        if args.method != "generic_attribution":
+            raise CLIError(f"--use-lrp applies to generic_attribution, not {args.method}")
+        options["use_lrp"] = True
+    if args.use_lrp or resolve_method(args.method).name in COUPLED_LRP_METHODS:
+        strategy = "repeat"  # the relevance pass runs in the LRP scope, one explanation per image
     images = [open_image(path) for path in args.image]  # one-line errors before any work
     model, processor = load_detr(args.model_dir, device)
     torch.set_grad_enabled(True)
@@ -155,7 +167,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         else:
             inputs, sizes = preprocess(chunk, shortest=args.shortest, longest=args.longest)
         dets = explain_detections(model, inputs, threshold=args.threshold, method=args.method, image_sizes=sizes,
-                                  strategy=args.strategy, **options)
+                                  strategy=strategy, **options)
         for i, det in enumerate(dets):
             n = start + i
             check_finite(det.maps, f"{args.image[n]}: explanation maps")

@@ -49,7 +49,8 @@ __all__ = ["build_parser", "main", "load_regions", "model_type", "load_vqa_model
 
 MODEL_CLASSES = {"lxmert": "LxmertForQuestionAnswering", "visual_bert": "VisualBertForQuestionAnswering",
                  "vilt": "ViltForQuestionAnswering"}
-METHOD_CHOICES = ATTENTION_METHODS + tuple(a for a, t in ALIASES.items() if t in ATTENTION_METHODS)
+_OFFERED = ATTENTION_METHODS + ("transformer_attribution", "lrp_last_layer")  # the LRP ones: LXMERT only
+METHOD_CHOICES = _OFFERED + tuple(a for a, t in ALIASES.items() if t in _OFFERED)
 
 
 def build_parser() -> argparse.ArgumentParser:
