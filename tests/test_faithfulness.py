@@ -476,3 +476,19 @@ def test_sparseness_and_entropy_equal_quantus_and_hand_values():
     assert float(FA.entropy(torch.full((1, n), 3.0))[0]) == pytest.approx(math.log(n), abs=1e-12)
     assert float(FA.entropy(one_hot)[0]) == 0.0
     assert float(FA.sparseness(torch.zeros(1, n))[0]) == 0.0 and math.isnan(float(FA.entropy(torch.zeros(1, n))[0]))
+
+
+def test_randomization_batch_equals_singles():
+    """The randomised weights depend on the stage seeds only, so every sample's Spearman and
+    SSIM are the same in a batch and alone."""
+    net = conv_net(8, 8)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+
+    def fn(m, i, t):
+        return _grad_x_input(m, i, t)
+
+    batch = FA.cascading_randomization(net, x, fn, seed=3)
+    for i in range(3):
+        one = FA.cascading_randomization(net, x[i:i + 1], fn, seed=3)
+        np.testing.assert_allclose(one["spearman"][:, 0].numpy(), batch["spearman"][:, i].numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(one["ssim"][:, 0].numpy(), batch["ssim"][:, i].numpy(), rtol=0, atol=1e-12)
