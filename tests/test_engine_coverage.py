@@ -138,6 +138,11 @@ def _plain(model, inputs):
 # ~1), so batch and singles each within ~1e-6 of exact on any CPU; the
 # tolerance atol 1e-5, rtol 1e-4 sits ten times above that.
 FLOAT32_FAMILIES = {"hf_modernbert"}
+# Float64 models whose Hugging Face eager attention still takes its softmax in
+# float32 (ModernBERT, Llama, Qwen2): their probabilities carry float32
+# rounding, and under ATEN_CPU_CAPABILITY=avx2 batch and singles differ by it
+# (make test-portable found it); they are held to the float32 tolerance.
+FLOAT32_SOFTMAX = {"hf_modernbert_mean", "hf_llama", "hf_qwen2"}
 TOL64, TOL32 = dict(atol=1e-10, rtol=1e-9), dict(atol=1e-5, rtol=1e-4)
 
 
@@ -175,7 +180,7 @@ def test_text_family_with_padding(name):
     def sample(i):
         return {k: v[i:i + 1, :lengths[i]] for k, v in batch.items()}
 
-    _check_family(model, batch, sample, (B, SEQ), TOL32 if name in FLOAT32_FAMILIES else TOL64)
+    _check_family(model, batch, sample, (B, SEQ), TOL32 if name in FLOAT32_FAMILIES | FLOAT32_SOFTMAX else TOL64)
     for method in ATTENTION_METHODS:  # padding gets exactly 0
         got = explain(model, batch, method)
         assert torch.equal(got[2, lengths[2]:], torch.zeros(SEQ - lengths[2])), method
