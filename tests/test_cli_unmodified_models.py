@@ -112,7 +112,8 @@ def test_the_loader_decides_copy_or_unmodified(tmp_path):
     hf, path = hf_dir(tmp_path / "hf", 3)
     assert not names_unmodified_model("vit_base_patch16_224", "w.pth", MODEL_FACTORIES)  # a copy, as before
     assert names_unmodified_model("timm:vit_base_patch16_224", "w.pth", MODEL_FACTORIES)  # timm's own
-    assert names_unmodified_model(TINY, "w.pth", MODEL_FACTORIES) and names_unmodified_model(path, None, MODEL_FACTORIES)
+    assert names_unmodified_model(TINY, "w.pth", MODEL_FACTORIES)
+    assert names_unmodified_model(path, None, MODEL_FACTORIES)
     assert names_unmodified_model("vit_base_patch16_224", path, MODEL_FACTORIES)  # --weights an HF directory
     got = load_unmodified_image_classifier(path)
     assert got.name == "huggingface:ViTForImageClassification" and got.input_size == (32, 32)
