@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from modules.explain import StreamMaps, explain
+import tests.test_lxmert as lxmert_inputs
 from tests.test_generic import _assert_unchanged, _snapshot
 
 tf.logging.set_verbosity_error()
@@ -46,24 +47,8 @@ def tiny_lxmert(seed=0):
     return model
 
 
-def lxmert_batch(seed=1):
-    """Padding in both streams: sample 1 has 5 tokens, sample 2 three tokens and three boxes."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 50, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 5:] = 0
-    mask[2, 3:] = 0
-    vmask = torch.ones(B, I, dtype=torch.long)
-    vmask[2, 3:] = 0
-    return dict(input_ids=ids, attention_mask=mask, visual_feats=torch.randn(B, I, FEAT, generator=g),
-                visual_pos=torch.rand(B, I, 4, generator=g), visual_attention_mask=vmask)
-
-
-def lxmert_sample(inputs, b):
-    n = int(inputs["attention_mask"][b].sum())
-    k = int(inputs["visual_attention_mask"][b].sum())
-    return dict(input_ids=inputs["input_ids"][b:b + 1, :n], attention_mask=inputs["attention_mask"][b:b + 1, :n],
-                visual_feats=inputs["visual_feats"][b:b + 1, :k], visual_pos=inputs["visual_pos"][b:b + 1, :k])
+# padding in both streams (sample 1: 5 tokens; sample 2: 3 tokens, 3 boxes): the builders of test_lxmert
+lxmert_batch, lxmert_sample = lxmert_inputs.batch, lxmert_inputs.sample
 
 
 # --------------------------------------------------------------------------
