@@ -118,7 +118,10 @@ def test_batch_size_does_not_change_the_per_sample_results(vit_dir, tmp_path):
         one = b1[f"generic_attribution@{i}"]
         for o in ("morf", "lerf"):
             assert one["flip"][o]["logit"][0] == pytest.approx(rows4["flip"][o]["logit"][i], abs=1e-5)
-        assert one["sparseness"][0] == pytest.approx(rows4["sparseness"][i], abs=1e-9)
+        # float32 maps: the Gini index of generic_attribution on this model differs between float32 and
+        # float64 by up to 1.25e-7 (measured, one thread); batch 4 vs 1 differed by 1.8e-8 under
+        # OMP_NUM_THREADS=1 (make test-portable), so 1e-9 sat below the rounding noise.
+        assert one["sparseness"][0] == pytest.approx(rows4["sparseness"][i], abs=5e-7)
 
 
 def test_text_run_on_a_tiny_bert(tmp_path):
