@@ -70,16 +70,12 @@ def _load(model_dir: str, device):
 def _load_quietly(model_dir: str, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"cannot read {model_dir}/config.json: {str(exc).splitlines()[0] if str(exc) else exc}")
+    from modules.checkpoints import check_model_dir, load_pretrained, load_pretrained_part
+
+    check_model_dir(model_dir)
+    config = load_pretrained_part(AutoConfig, model_dir, "config (config.json)")
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"{model_dir}: no {'encoder-decoder' if auto is AutoModelForSeq2SeqLM else 'causal'} "
-                       f"language model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    model = load_pretrained(auto, model_dir)  # the one loader: one-line errors, finite weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:

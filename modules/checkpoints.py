@@ -14,7 +14,8 @@ from torch import Tensor
 
 __all__ = ["CheckpointError", "read_state_dict", "read_sharded_state_dict", "mismatch_report", "file_sha256",
            "weights_sha256", "check_state_finite", "validate_vit_config", "read_model_config", "load_state",
-           "load_checkpoint"]
+           "load_checkpoint", "HF_WEIGHT_FILES", "HF_INDEX_FILES", "model_dir_weights", "read_model_dir_state",
+           "check_model_dir", "load_pretrained", "load_pretrained_part"]
 
 
 class CheckpointError(ValueError):
@@ -37,8 +38,19 @@ def read_state_dict(path: str) -> Dict[str, Tensor]:
             return load_file(path, device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    import pickle
+    import warnings
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line only
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        noise = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(exc).replace("WeightsUnpickler error:", "\n").splitlines()
+                 if ln.strip() and not ln.strip().startswith(noise)]
+        detail = lines[0] if lines else type(exc).__name__
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): the pickle holds more than tensors "
+                              f"({detail[:160]})") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(exc)})") from None
     for key in ("model", "state_dict", "model_state"):
@@ -253,6 +265,7 @@ def load_state(model: "torch.nn.Module", state: Mapping[str, Tensor], path: str,
     state = dict(state)
     if filter_fn is not None:
         state = filter_fn(state, model)
+    check_state_finite(state, path)
     own = model.state_dict()
     problems = mismatch_report(own, state)
     if strict and problems:
@@ -267,3 +280,138 @@ def load_checkpoint(model: "torch.nn.Module", path: str, strict: bool = True,
     """Read a checkpoint file safely (:func:`read_state_dict`) and load it
     into ``model`` (:func:`load_state`): the one loader of every script."""
     return load_state(model, read_state_dict(path), path, strict, filter_fn)
+
+
+# --------------------------------------------------------------------------
+# Hugging Face model folders: the one loader of every script that takes one
+# --------------------------------------------------------------------------
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def model_dir_weights(directory: str) -> str:
+    """The weights file of a Hugging Face folder: ``model.safetensors``,
+    ``pytorch_model.bin`` or a shard index (in Hugging Face's order of
+    preference); :class:`CheckpointError` when it holds none."""
+    for name in HF_WEIGHT_FILES + HF_INDEX_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{directory} holds no weights ({', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)})")
+
+
+def read_model_dir_state(directory: str) -> Dict[str, Tensor]:
+    """Tensors of a Hugging Face folder's weights (:func:`model_dir_weights`,
+    read by :func:`read_state_dict`: safetensors, ``weights_only=True``,
+    validated shard indices)."""
+    return read_state_dict(model_dir_weights(directory))
+
+
+def _check_safetensors_header(path: str) -> None:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises its own error types (truncation, bad header)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def check_model_dir(directory: str, flag: str = "--model-dir") -> str:
+    """Check a Hugging Face folder before ``from_pretrained`` reads it: it
+    exists, holds ``config.json`` and a weights file, safetensors headers
+    cover their files (truncation), a shard index is a valid ``weight_map``
+    of files present, and pickled ``.bin`` weights load with
+    ``weights_only=True`` (a hostile pickle is refused here, never run).
+    Returns the weights file; raises :class:`CheckpointError` in one line."""
+    label = f"{flag} {directory}" if flag else directory
+    if not os.path.exists(directory):
+        raise CheckpointError(f"{label}: no such directory")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{label}: not a directory (a folder save_pretrained wrote)")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise CheckpointError(f"{label}: no config.json (not a Hugging Face model directory)")
+    weights = model_dir_weights(directory)
+    if weights.endswith(".index.json"):
+        import json
+        try:
+            with open(weights, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{weights}: not a readable JSON shard index ({_first_line(exc)})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{weights}: a shard index needs a non-empty 'weight_map' object "
+                                  "(tensor name -> shard file)")
+        shards = _shard_paths(weights)
+        folder = os.path.dirname(os.path.abspath(weights))
+        for shard in shards:
+            if os.path.dirname(shard) != folder:
+                raise CheckpointError(f"{weights}: shard {shard!r} is not a file in the index's folder")
+    else:
+        shards = [weights]
+    for shard in shards:
+        if shard.endswith(".safetensors"):
+            _check_safetensors_header(shard)
+        else:
+            read_state_dict(shard)  # torch.load(weights_only=True): refuses pickled code
+    return weights
+
+
+def _quiet_transformers():
+    """Context manager: transformers' warnings and progress bars off (one-line errors only)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def quiet():
+        try:
+            import transformers
+            tl = transformers.utils.logging
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            yield
+            return
+        verbosity, bars = tl.get_verbosity(), tl.is_progress_bar_enabled()
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+        try:
+            yield
+        finally:
+            tl.set_verbosity(verbosity)
+            if bars:
+                tl.enable_progress_bar()
+    return quiet()
+
+
+def load_pretrained(cls, directory: str, flag: str = "--model-dir", **kwargs):
+    """``cls.from_pretrained(directory, local_files_only=True, **kwargs)`` of
+    a local Hugging Face folder, the one way scripts load one.
+
+    Before: :func:`check_model_dir` (missing folder or config, truncated
+    safetensors, bad shard index, hostile pickle).  During: any error of
+    ``from_pretrained`` (wrong architecture, shapes that do not fit) becomes
+    one line.  After: every tensor of the model's state is finite
+    (:func:`check_state_finite`).  Raises :class:`CheckpointError` naming the
+    folder (scripts: one line, exit 2).  Returns the model.
+    """
+    weights = check_model_dir(directory, flag)
+    name = getattr(cls, "__name__", str(cls))
+    with _quiet_transformers():
+        try:
+            model = cls.from_pretrained(directory, local_files_only=True, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # transformers raises many types (OSError, ValueError, RuntimeError, ...)
+            raise CheckpointError(f"{directory}: cannot load {name} ({_first_line(exc)})") from None
+    check_state_finite(model.state_dict(), weights)
+    return model
+
+
+def load_pretrained_part(cls, directory: str, what: str = "tokenizer", **kwargs):
+    """A tokenizer, processor or config of a local folder
+    (``cls.from_pretrained(directory, local_files_only=True)``), any
+    failure one line (:class:`CheckpointError` naming ``what``)."""
+    with _quiet_transformers():
+        try:
+            return cls.from_pretrained(directory, local_files_only=True, **kwargs)
+        except Exception as exc:  # transformers raises many types for unreadable files
+            raise CheckpointError(f"{directory}: cannot load the {what} ({_first_line(exc)})") from None

@@ -409,10 +409,12 @@ def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
     if arch is None:
         held = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise GenericModelError(f"{path} holds {held}; supported: {', '.join(SUPPORTED_HF_CLASSES)}")
-    try:
-        model = getattr(transformers, arch).from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise GenericModelError(f"{path}: cannot load {arch} ({exc})") from None
+    from modules.checkpoints import CheckpointError, load_pretrained
+
+    try:  # the one loader: safe file kinds, one-line errors, finite weights
+        model = load_pretrained(getattr(transformers, arch), path, flag="")
+    except CheckpointError as exc:
+        raise GenericModelError(str(exc)) from None
     description = f"Hugging Face {arch} from local directory {path}"
     if weights is not None:
         _load_weights(model, weights)

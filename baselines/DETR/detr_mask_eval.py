@@ -243,18 +243,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         raise CLIError("give either --scenes N (the stand-in) or both --images and --annotations")
     device = resolve_device(args.device)
     check_output_dir(args.output_dir, flag="--output-dir")
-    import transformers as tf
 
-    try:
-        config = tf.AutoConfig.from_pretrained(args.model_dir, local_files_only=True)
-        cls = {"detr": tf.DetrForObjectDetection,
-               "conditional_detr": tf.ConditionalDetrForObjectDetection}[config.model_type]
-        model = cls.from_pretrained(args.model_dir, local_files_only=True).to(device).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"{args.model_dir}: not a DETR / Conditional DETR directory ({str(exc).splitlines()[0]})")
-    processor = None
-    if os.path.isfile(os.path.join(args.model_dir, "preprocessor_config.json")):
-        processor = tf.AutoImageProcessor.from_pretrained(args.model_dir, local_files_only=True)
+    from baselines.DETR.detr_masks import load_detr
+
+    model, processor = load_detr(args.model_dir, device)  # the one loader: one-line errors, finite weights
     gt, pictures = load_data(args)
     if args.shortest is None:
         args.shortest = min(pictures[0][1].size) if args.scenes else 800

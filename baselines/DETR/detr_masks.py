@@ -99,10 +99,9 @@ def load_detr(model_dir: str, device: torch.device):
     if sub is not None and hasattr(sub, "use_pretrained_backbone"):
         sub.use_pretrained_backbone = False
     cls = getattr(tf, DETR_TYPES[model_type])
-    try:
-        model = cls.from_pretrained(model_dir, config=config, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CLIError(f"--model-dir {model_dir}: cannot load the weights ({one_line(exc)})") from None
+    from modules.checkpoints import load_pretrained
+
+    model = load_pretrained(cls, model_dir, config=config)  # the one loader: one-line errors, finite weights
     processor = None
     if os.path.isfile(os.path.join(model_dir, "preprocessor_config.json")):
         try:

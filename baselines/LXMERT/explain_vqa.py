@@ -42,6 +42,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from modules.checkpoints import load_pretrained, load_pretrained_part  # noqa: E402
 from modules.cli import CLIError, add_device_arg, check_output_file, open_image, resolve_device, run_main
 from modules.methods import ALIASES, ATTENTION_METHODS, resolve_method
 
@@ -141,12 +142,9 @@ def load_vqa_model(model_dir: str, device: torch.device):
     kind = model_type(model_dir)
     bars_were_on = tf.utils.logging.is_progress_bar_enabled()
     tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar on stderr
-    try:
-        model = getattr(tf, MODEL_CLASSES[kind]).from_pretrained(model_dir, local_files_only=True)
-        tokenizer = tf.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CLIError(f"--model-dir {model_dir}: cannot load the model or tokenizer "
-                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    try:  # the one loader (modules.checkpoints): safe file kinds, one-line errors, finite weights
+        model = load_pretrained(getattr(tf, MODEL_CLASSES[kind]), model_dir)
+        tokenizer = load_pretrained_part(tf.AutoTokenizer, model_dir, "tokenizer")
     finally:
         if bars_were_on:
             tf.utils.logging.enable_progress_bar()

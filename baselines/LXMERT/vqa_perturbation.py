@@ -323,11 +323,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     check_output_dir(args.output_dir, flag="--output-dir")
     from transformers import AutoTokenizer, LxmertForQuestionAnswering
 
-    try:
-        model = LxmertForQuestionAnswering.from_pretrained(args.model_dir, local_files_only=True).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"{args.model_dir}: not a LXMERT VQA directory with a tokenizer ({str(exc).splitlines()[0]})")
+    from modules.checkpoints import load_pretrained, load_pretrained_part
+
+    # the one loader: safe file kinds, one-line errors, finite weights
+    model = load_pretrained(LxmertForQuestionAnswering, args.model_dir).to(device).eval()
+    tokenizer = load_pretrained_part(AutoTokenizer, args.model_dir, "tokenizer")
     items = scene_items(args.scenes, args.scene_seed) if args.scenes else real_items(*real, args.limit)
     if args.limit:
         items = items[:args.limit]

@@ -441,6 +441,8 @@ def _pos_embed_filter(state: Dict[str, Tensor], model: nn.Module) -> Dict[str, T
 
 def _resample_checkpoint_pos_embed(pos: Tensor, model: VisionTransformer) -> Tensor:
     n = model.num_prefix_tokens
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[1] <= n:  # another architecture's tensor
+        return pos  # left for load_checkpoint to report as a shape mismatch
     side = math.isqrt(pos.shape[1] - n)
     if side * side != pos.shape[1] - n or pos.shape[-1] != model.embed_dim:
         return pos  # left for load_checkpoint to report as a shape mismatch

@@ -7,7 +7,6 @@ Hugging Face model directory without touching the network.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -19,14 +18,15 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from modules.checkpoints import CheckpointError, mismatch_report, read_state_dict
+from modules.checkpoints import (HF_INDEX_FILES, HF_WEIGHT_FILES, CheckpointError, check_state_finite, mismatch_report,
+                                 read_model_dir_state)
 from BERT_explainability.modules.BERT.BERT import BertModel
 from modules import layers as L
 
 __all__ = ["BertForSequenceClassification", "CheckpointError", "read_hf_weights", "convert_hf_state_dict"]
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = HF_WEIGHT_FILES
+INDEX_FILES = HF_INDEX_FILES
 
 
 class BertForSequenceClassification(nn.Module):
@@ -116,6 +116,7 @@ class BertForSequenceClassification(nn.Module):
             raise CheckpointError(
                 f"{local_dir}: its classifier has {state['classifier.weight'].shape[0]} labels, "
                 f"num_labels={config.num_labels} was asked for")
+        check_state_finite(state, local_dir)
         problems = mismatch_report(own, state)
         if problems:
             raise CheckpointError(f"{local_dir} does not fit BertForSequenceClassification: {problems}")
@@ -174,21 +175,9 @@ class BertForSequenceClassification(nn.Module):
 def read_hf_weights(local_dir: str) -> Dict[str, Tensor]:
     """Tensors of a Hugging Face model directory: ``model.safetensors`` or
     ``pytorch_model.bin`` (``torch.load(weights_only=True)``), or the shards
-    named by an ``*.index.json``."""
-    for name in WEIGHT_FILES:
-        path = os.path.join(local_dir, name)
-        if os.path.isfile(path):
-            return read_state_dict(path)
-    for name in INDEX_FILES:
-        path = os.path.join(local_dir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state: Dict[str, Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(os.path.join(local_dir, shard)))
-            return state
-    raise FileNotFoundError(f"{local_dir} holds none of {', '.join(WEIGHT_FILES + INDEX_FILES)}")
+    named by an ``*.index.json`` (validated): the one reader,
+    :func:`modules.checkpoints.read_model_dir_state`."""
+    return read_model_dir_state(local_dir)
 
 
 _DROP = re.compile(r"^(cls\.|bert\.embeddings\.(position_ids|token_type_ids)$)")
