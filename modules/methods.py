@@ -111,6 +111,8 @@ class Method:
     def default_start_layer(self, stream: Stream) -> int:
         if stream.default_start == "last":  # the stream's own convention (CLIP published)
             return len(stream.calls) - 1
+        if stream.default_start == "first":  # VisualBERT published: every layer
+            return 0
         return len(stream.calls) - 1 if stream.text_conventions and self.text_start == "last" else 0
 
 
@@ -130,11 +132,26 @@ def _only_last(stream: Stream, matrix: Callable[[AttentionCall], Tensor]) -> Cal
 
 def _transformer_attribution(stream: Stream, start: int, trace: Trace) -> Tensor:
     """M_l = I + mean_h max(grad_l * Rattn_l, 0), row-normalised on text
-    streams (METHODS.md sections 2, 3); the explained row of the rollout."""
+    streams (METHODS.md sections 2, 3) except where the stream's rollout is
+    not (VisualBERT published, METHODS_ICCV.md section 3); the explained row
+    of the rollout."""
+    normalize = stream.text_conventions and stream.rollout_row_normalize
+
     def matrix(call: AttentionCall) -> Tensor:
         m = add_identity(positive_head_mean(call.grad * call.relevance))
-        return row_normalize(m) if stream.text_conventions else m
+        return row_normalize(m) if normalize else m
     return propagate_row(stream, matrix, start)
+
+
+def _attention(stream: Stream, start: int) -> Callable[[AttentionCall], Tensor]:
+    """What an attention-only method reads of a call: the probabilities, or
+    their LRP relevance when the adapter ran the relevance pass for every
+    call it uses ("ours with LRP", ``use_lrp=True``: the published
+    ``generate_ours(use_lrp=True)``)."""
+    used = stream.calls[start:] + [op for op in stream.ops if isinstance(op, AttentionCall) and not op.is_self]
+    if all(c.relevance is not None for c in used):
+        return lambda call: call.relevance
+    return lambda call: call.probs
 
 
 def _generic_attribution(stream: Stream, start: int, trace: Trace) -> Tensor:
@@ -147,13 +164,15 @@ def _generic_attribution(stream: Stream, start: int, trace: Trace) -> Tensor:
     to 0) set to 0.  With u = Abar_pool / rowsum(R - I), r = u R - u + Abar_pool,
     so only the row sums R 1 are needed besides the usual row.
     """
+    attn = _attention(stream, start)
+
     def self_matrix(call: AttentionCall) -> Tensor:
-        return add_identity(positive_head_mean(call.grad * call.probs))
+        return add_identity(positive_head_mean(call.grad * attn(call)))
 
     pool = pooling_call(stream)
     if pool is None:
         return propagate_row(stream, self_matrix, start)
-    abar = positive_head_mean(pool.grad * pool.probs)  # (B, 1, Nk)
+    abar = positive_head_mean(pool.grad * attn(pool))  # (B, 1, Nk)
     a = propagate_row(stream, lambda call: abar if call is pool else None, start)  # Abar_pool over the tokens
     d = propagate_column(stream, lambda call: None if call is pool else self_matrix(call), start) - 1
     u = torch.nan_to_num(a / d, nan=0.0, posinf=0.0, neginf=0.0)
@@ -175,7 +194,17 @@ def _attn_last_layer(stream: Stream, start: int, trace: Trace) -> Tensor:
 
 
 def _lrp_last_layer(stream: Stream, start: int, trace: Trace) -> Tensor:
-    """Partial LRP: mean over heads of max(Rattn_{L-1}, 0), the explained row."""
+    """Partial LRP: mean over heads of max(Rattn_{L-1}, 0), the explained row.
+    VisualBERT's published generator (``stream.partial_lrp_minmax``): the
+    head mean of the signed Rattn_{L-1}, min-max normalised over the whole
+    map of real tokens (MMF drops the padding), then the explained row."""
+    if stream.partial_lrp_minmax:
+        call = _last(stream)
+        R = call.relevance
+        real = stream.readout.token_mask if stream.readout.token_mask is not None else \
+            torch.ones(R.shape[0], R.shape[-1], dtype=torch.bool, device=R.device)
+        full = masked_minmax(R.mean(dim=1), real[:, :, None] & real[:, None, :])
+        return propagate_row(stream, _only_last(stream, lambda c: full))
     return propagate_row(stream, _only_last(stream, lambda call: call.relevance.clamp(min=0).mean(dim=1)))
 
 

@@ -232,11 +232,17 @@ class Stream:
     attribution) over the ViT ones of section 2.
 
     ``rollout_row_normalize=False`` makes ``rollout`` the product of
-    (A + I) without row normalisation (VisualBERT's published baseline,
-    METHODS_ICCV.md section 3).  ``default_start="last"`` makes the last
-    layer the default start layer of every method on the stream (CLIP's
-    published notebook, METHODS_ICCV.md section 5); None: the method's own
-    default.
+    (A + I), and ``transformer_attribution`` on a text-convention stream
+    the product of (Abar + I), without row normalisation (VisualBERT's
+    published generator rolls both out with one ``compute_rollout_attention``
+    that does not normalise, METHODS_ICCV.md section 3).
+    ``default_start="last"`` makes the last layer the default start layer of
+    every method on the stream (CLIP's published notebook, METHODS_ICCV.md
+    section 5), ``"first"`` layer 0 (VisualBERT's transformer attribution);
+    None: the method's own default.  ``partial_lrp_minmax`` makes
+    ``lrp_last_layer`` VisualBERT's published ``generate_partial_lrp``: the
+    head mean of the signed relevance (no clamp), min-max normalised over
+    the whole map of real tokens, then the explained row.
     """
 
     name: str
@@ -245,6 +251,7 @@ class Stream:
     text_conventions: bool = False
     rollout_row_normalize: bool = True
     default_start: Optional[str] = None
+    partial_lrp_minmax: bool = False
 
     @property
     def calls(self) -> List[AttentionCall]:

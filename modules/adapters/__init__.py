@@ -220,14 +220,16 @@ class Adapter:
                 needed += chosen
                 stops.append(len(calls) - 1 if method.last_layer_only else start)
             score = (logits * one_hot).sum(dim=-1)
+            # an LRP scope around the forward without a rule set of the method's own:
+            # generic_attribution(use_lrp=True) on the single-stream VLMs (CoupledLRP)
+            lrp = method.rule_set is not None or getattr(recorder, "scope", None) is not None
             if method.needs_grad:
                 # per-sample seed: one-hot(c_b) in row b, so sample b gets d y_{b,c_b} / d A
                 probs = [c.probs for c in needed]
                 if not score.requires_grad or not all(p.requires_grad for p in probs):
                     raise RuntimeError("the attention probabilities carry no autograd graph: run outside "
                                        "torch.no_grad() / torch.inference_mode()")
-                grads = torch.autograd.grad(score.sum(), probs, allow_unused=True,
-                                            retain_graph=method.rule_set is not None)
+                grads = torch.autograd.grad(score.sum(), probs, allow_unused=True, retain_graph=lrp)
                 for call, g in zip(needed, grads):
                     call.grad = torch.zeros_like(call.probs) if g is None else g.detach()
             input_relevance = None
@@ -242,7 +244,7 @@ class Adapter:
                     input_relevance = self.gradient_relevance(feed, {k: v.detach() for k, v in leaf.items()}, grads)
                 else:
                     input_relevance = self.gradient_relevance(feed, leaf.detach(), grads[0])
-            elif method.rule_set is not None:
+            elif lrp:
                 stop = None if method.to_input else min(stops)
                 with torch.no_grad():
                     input_relevance = self.relprop(one_hot.detach(), stop, feed, recorder, streams, logits=logits)
@@ -286,12 +288,14 @@ class Adapter:
 
 
 class CoupledLRP:
-    """Mixin of the coupled-stream adapters (LXMERT, DETR) whose LRP pass is
+    """Mixin of the adapters of the ICCV 2021 models (coupled streams: LXMERT,
+    DETR; single stream: VisualBERT, and ViLT as ours) whose LRP pass is
     the scope of :mod:`modules.lrp_scope` on the unmodified model: the
-    methods with a coupled definition that need relevance
+    methods with an ICCV definition that need relevance
     (:data:`modules.methods.COUPLED_LRP_METHODS`), the option ``use_lrp`` of
     ``generic_attribution`` ("ours with LRP"), and the rule set the
-    published code uses (:attr:`Method.coupled_rule_set`, TA)."""
+    published code uses (:attr:`Method.coupled_rule_set`, TA: one
+    ``layers_ours`` per model, VisualBERT's ``BERT_ours`` included)."""
 
     options: ClassVar[Tuple[str, ...]] = ("use_lrp",)
 

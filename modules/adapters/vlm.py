@@ -45,6 +45,20 @@ over the (real) N x N map, clamp after the head mean, min-max over the whole
 map, then the pooled row (no further normalisation).  They are stream flags
 (``text_conventions=True``, ``rollout_row_normalize=False``), read by the
 methods of :mod:`modules.methods`.
+
+The LRP rows run through the LRP scope (:mod:`modules.lrp_scope`) on the
+unmodified model with rule set TA (the published ``BERT_ours`` is built
+from ``layers_ours``): ``transformer_attribution`` the rollout over every
+layer (start 0) of (mean_h max(G * R_A, 0) + I) **without** row
+normalisation (the published generator's one ``compute_rollout_attention``),
+the pooled row; ``lrp_last_layer`` the head mean of the last layer's
+**signed** R_A, min-max over the whole map of real tokens, the pooled row
+(``generate_partial_lrp``); ``generic_attribution`` with ``use_lrp=True``
+("ours with LRP") A replaced by R_A, the gradient still multiplied.  The
+relevance pass starts at the explained logit (value 1) and reaches the
+attention of every layer it needs; the scope starts at the joint
+sequence the embeddings return (their in-place ``+=`` has no rule).  For ViLT
+all of this is the project's extension, not published code.
 """
 from __future__ import annotations
 
@@ -55,8 +69,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import InputsError, UnsupportedModelError, feed_dict, model_device, one_hot_rows, \
-    register_adapter
+from modules.adapters import CoupledLRP, InputsError, UnsupportedModelError, feed_dict, model_device, \
+    one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionCapture, AttentionLayer
 from modules.methods import Method
@@ -125,11 +139,12 @@ def visualbert_pooled_index(attention_mask: Tensor) -> Tensor:
 
 
 @register_adapter
-class VisualBertAdapter(HookAdapter):
+class VisualBertAdapter(CoupledLRP, HookAdapter):
     family = "Hugging Face VisualBERT VQA (unmodified)"
     examples = ("VisualBertForQuestionAnswering",)
     notes = ("single stream: the row the QA head pools (attention_mask.sum - 2), METHODS_ICCV.md section 3 "
-             "conventions; maps .text (B, T), .image (B, boxes)")
+             "conventions; maps .text (B, T), .image (B, boxes); transformer attribution, partial LRP and "
+             "generic_attribution(use_lrp=True) through the LRP scope (rule set TA, as the published layers)")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -169,6 +184,19 @@ class VisualBertAdapter(HookAdapter):
         feed["_real"] = real
         return feed
 
+    def attach_input(self, feed, stack) -> None:
+        """The LRP scope starts at the joint sequence the embeddings return
+        (text and visual tokens, the encoder's input): the LRP rows need
+        relevance down to the first attention layer only, and the
+        embeddings' in-place ``+=`` has no rule (``add_``)."""
+        leaves = feed["_leaf"] = {}
+
+        def make_leaf(module, args, output):
+            leaves["joint"] = output.detach().requires_grad_(True)
+            return leaves["joint"]
+
+        stack.callback(self.model.visual_bert.embeddings.register_forward_hook(make_leaf).remove)
+
     def forward(self, feed: Dict[str, Any], method: Method) -> Any:
         return self.model(**{k: v for k, v in feed.items() if not k.startswith("_")}, return_dict=True)
 
@@ -191,15 +219,17 @@ class VisualBertAdapter(HookAdapter):
                           token_mask=torch.cat([real, vreal], dim=1),
                           parts={"text": Part(text, (T,)),
                                  "image": Part(image, (I,))})
-        return {"joint": Stream("joint", calls, readout, text_conventions=True, rollout_row_normalize=False)}
+        return {"joint": Stream("joint", calls, readout, text_conventions=True, rollout_row_normalize=False,
+                                default_start="first", partial_lrp_minmax=True)}
 
 
 @register_adapter
-class ViltAdapter(HookAdapter):
+class ViltAdapter(CoupledLRP, HookAdapter):
     family = "Hugging Face ViLT VQA (unmodified)"
     examples = ("ViltForQuestionAnswering",)
     notes = ("single stream: the text [CLS] row (joint token 0), METHODS_ICCV.md section 3 conventions (ours for "
-             "ViLT); maps .text (B, T), .image (B, gh, gw); pixel_mask handled")
+             "ViLT); maps .text (B, T), .image (B, gh, gw); pixel_mask handled; transformer attribution, partial "
+             "LRP and generic_attribution(use_lrp=True) through the LRP scope (rule set TA; ours)")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -264,6 +294,17 @@ class ViltAdapter(HookAdapter):
             else:
                 del emb.visual_embed
 
+    def attach_input(self, feed, stack) -> None:
+        """The LRP scope starts at the joint sequence the embeddings return
+        (as VisualBERT's): the text embeddings' in-place ``+=`` has no rule."""
+        leaves = feed["_leaf"] = {}
+
+        def make_leaf(module, args, output):
+            leaves["joint"] = output[0].detach().requires_grad_(True)
+            return (leaves["joint"],) + tuple(output[1:])
+
+        stack.callback(self.model.vilt.embeddings.register_forward_hook(make_leaf).remove)
+
     def forward(self, feed: Dict[str, Any], method: Method) -> Any:
         return self.model(**{k: v for k, v in feed.items() if not k.startswith("_")}, return_dict=True)
 
@@ -287,4 +328,5 @@ class ViltAdapter(HookAdapter):
         token_mask = torch.cat([real, x_mask.bool().to(device)], dim=1)
         readout = Readout(one_hot_rows(B, N, 0, device, dtype), (text >= 0) | (image >= 0), token_mask=token_mask,
                           parts={"text": Part(text, (T,)), "image": Part(image, (int(gh), int(gw)))})
-        return {"joint": Stream("joint", calls, readout, text_conventions=True, rollout_row_normalize=False)}
+        return {"joint": Stream("joint", calls, readout, text_conventions=True, rollout_row_normalize=False,
+                                default_start="first", partial_lrp_minmax=True)}

@@ -1,0 +1,299 @@
+"""The ICCV 2021 LRP rows on the single-stream vision-language models:
+transformer attribution, partial LRP and "ours with LRP" on an unmodified
+``VisualBertForQuestionAnswering`` (METHODS_ICCV.md section 3, the published
+``VisualBERT/.../ExplanationGenerator.py``), and ViLT as the project's
+extension of that section.
+
+The VisualBERT oracle is independent of the engine and of the LRP scope: an
+own forward of the model's layers (batch 1, one unpadded sample) from their
+weights, starting at the joint sequence the model's embeddings return, and
+an own relevance pass by the rules of METHODS.md sections 1 and 10 (rule
+set TA: the published ``BERT_ours`` is built from ``layers_ours``).  The
+rules and the per-layer forward/relevance steps are those of the LXMERT
+oracle (tests/test_iccv_lrp.py), whose BERT-style module names VisualBERT
+shares; the generators are plain loops over METHODS_ICCV.md section 3.
+Every sample of a batch padded in both the text and the boxes must equal
+it; each published quirk that changes the numbers has a test that fails
+when the quirk is dropped.
+
+Everything is float64 (the ``float64`` fixture), compared at 1e-9.
+"""
+import pytest
+import torch
+import transformers as tf
+
+from modules.explain import StreamMaps, explain
+from tests.test_generic import _assert_unchanged, _snapshot
+from tests.test_iccv_lrp import Oracle, avg_heads
+from tests.test_vlm import B, I, PATCH, SIZES, T, tiny_vilt, tiny_visualbert, vb_batch, vb_sample, vilt_batch, \
+    vilt_sample
+
+tf.logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("float64")
+RTOL, ATOL = 1e-9, 1e-12
+
+
+# --------------------------------------------------------------------------
+# The VisualBERT oracle: own forward from the joint embeddings up, own relevance pass
+# --------------------------------------------------------------------------
+class VisualBertOracle(Oracle):
+    """``VisualBertForQuestionAnswering`` on one unpadded sample: the
+    embeddings' output (the model's own module, captured by a hook), then
+    every ``VisualBertLayer`` written out (post-LN BERT layers, the additive
+    mask all zeros as the model adds it), the token at
+    ``cls_index = len(text) - 2`` (MMF's and transformers' ``vqa`` pooling),
+    the ``cls`` linear head.  Relevance: one-hot at the explained logit,
+    through ``cls``, placed at the pooled token, back through every layer."""
+
+    def __init__(self, model, inputs, shared=True):
+        self.m, self.shared, self.inputs = model, shared, inputs
+        self.records, self.tape = [], []
+        self.n_text = inputs["input_ids"].shape[1]
+        self.cls_index = self.n_text - 2
+        got = []
+        hook = model.visual_bert.embeddings.register_forward_hook(lambda m, a, out: got.append(out.detach()))
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            hook.remove()
+        emb = got[0]
+        with torch.enable_grad():
+            zero = torch.zeros(1, 1, 1, emb.shape[1])
+            h = emb
+            for k, layer in enumerate(model.visual_bert.encoder.layer):
+                h = self.layer(layer, h, zero, f"layer{k}", "joint")
+            self.last, self.pooled_in = h, h[:, self.cls_index]
+            self.logits = self.lin(model.cls, self.pooled_in)
+            self.c = int(self.logits.argmax(-1))
+            grads = torch.autograd.grad(self.logits[0, self.c], [r[3] for r in self.records], allow_unused=True)
+        self.grads = [torch.zeros_like(r[3]) if g is None else g.detach() for r, g in zip(self.records, grads)]
+        self.relevance_pass()
+
+    def relevance_pass(self):
+        seed = torch.zeros_like(self.logits)
+        seed[0, self.c] = 1
+        R = torch.zeros_like(self.last)
+        R[:, self.cls_index] = self.lin_rel(self.m.cls, self.pooled_in, seed)  # dropout: identity; gather: routing
+        for _, _, ra, rf in reversed(self.tape):
+            R = sum(self.att_layer_rel(ra, self.ffn_rel(rf, R)))
+
+    def split(self, row):
+        """The published read-out: entry cls_index set to 0; text = columns
+        1 .. cls_index-1, image = columns len(text) .. N-1."""
+        row = row.clone()
+        row[self.cls_index] = 0
+        return row[1:self.cls_index], row[self.n_text:]
+
+
+def vb_transformer_att(o, normalize=False, start=0, row=None):
+    """``generate_transformer_att``: cams = mean_h max(G * R_A, 0) of every
+    layer; ``compute_rollout_attention`` (cam + I, **no** row normalisation,
+    from start_layer 0); row cls_index."""
+    mats = []
+    for _, _, _, A, G, RA in o.calls():
+        m = avg_heads(RA, G) + torch.eye(A.shape[-1])
+        mats.append(m / m.sum(dim=-1, keepdim=True) if normalize else m)
+    joint = mats[start]
+    for m in mats[start + 1:]:
+        joint = m @ joint
+    return o.split(joint[o.cls_index if row is None else row])
+
+
+def vb_ours(o, use_lrp=True, with_grad=True):
+    """``generate_ours``: R = I; R += Abar @ R over every layer, Abar from
+    R_A when use_lrp (the gradient still multiplied); row cls_index."""
+    calls = o.calls()
+    R = torch.eye(calls[0][3].shape[-1])
+    for _, _, _, A, G, RA in calls:
+        cam = RA if use_lrp else A
+        R = R + (avg_heads(cam, G) if with_grad else cam.clamp(min=0).mean(dim=0)) @ R
+    return o.split(R[o.cls_index])
+
+
+def vb_partial_lrp(o, whole_map=True, clamp=False):
+    """``generate_partial_lrp``: head mean of the last layer's R_A (signed),
+    min-max over the whole N x N map, row cls_index, its own entry 0."""
+    RA = o.calls()[-1][5]
+    cam = (RA.clamp(min=0) if clamp else RA).mean(dim=0)
+    if whole_map:
+        return o.split(((cam - cam.min()) / (cam.max() - cam.min()))[o.cls_index])
+    # quirk dropped: min-max over the read columns only (text 1 .. cls_index-1 and the boxes)
+    t, i = o.split(cam[o.cls_index])
+    both = torch.cat([t, i])
+    lo, hi = both.min(), both.max()
+    return (t - lo) / (hi - lo), (i - lo) / (hi - lo)
+
+
+VB_METHODS = {
+    "transformer_attribution": (dict(), vb_transformer_att),
+    "lrp_last_layer": (dict(), vb_partial_lrp),
+    "ours_with_lrp": (dict(use_lrp=True), vb_ours),
+}
+
+
+def _engine(model, inputs, name):
+    kw, _ = VB_METHODS[name]
+    return explain(model, inputs, "generic_attribution" if name == "ours_with_lrp" else name, **kw)
+
+
+def test_visualbert_oracle_forward_is_the_model():
+    model = tiny_visualbert()
+    one = vb_sample(vb_batch(), 0)
+    o = VisualBertOracle(model, one)
+    with torch.no_grad():
+        want = model(**one).logits
+    torch.testing.assert_close(o.logits.detach(), want, rtol=1e-12, atol=1e-12)
+    # its A and G give tests/test_vlm.py's generate_ours (attention methods) on the same sample
+    from tests.test_vlm import section3
+
+    rows, _ = section3(model, "VisualBertSelfAttention", one, o.cls_index)
+    t, i = vb_ours(o, use_lrp=False)
+    torch.testing.assert_close(t, rows["generic_attribution"][1:o.cls_index], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(i, rows["generic_attribution"][o.n_text:], rtol=1e-10, atol=1e-12)
+
+
+def test_visualbert_oracle_relevance_conserves_without_biases():
+    """Rule set TA with alpha = 1 conserves on a bias-free model (METHODS.md
+    section 1): the relevance reaching the joint embeddings sums to 1, up
+    to the 1e-9 stabilisers (and the zero mask's dropped share: none)."""
+    model = tiny_visualbert()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "LayerNorm" not in name:
+                p.zero_()
+    one = vb_sample(vb_batch(), 1)
+    o = VisualBertOracle(model, one)
+    seed = torch.zeros_like(o.logits)
+    seed[0, o.c] = 1
+    R = torch.zeros_like(o.last)
+    R[:, o.cls_index] = o.lin_rel(model.cls, o.pooled_in, seed)
+    for _, _, ra, rf in reversed(o.tape):
+        R = sum(o.att_layer_rel(ra, o.ffn_rel(rf, R)))
+        assert abs(float(R.sum()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(VB_METHODS))
+def test_visualbert_every_sample_of_a_padded_batch_equals_the_oracle(name):
+    model = tiny_visualbert()
+    inputs = vb_batch()  # text padded (samples 1, 2), boxes padded (sample 2)
+    before = _snapshot(model)
+    got = _engine(model, inputs, name)
+    _assert_unchanged(before, _snapshot(model))
+    assert isinstance(got, StreamMaps) and got.text.shape == (B, T) and got.image.shape == (B, I)
+    _, fn = VB_METHODS[name]
+    for b in range(B):
+        one = vb_sample(inputs, b)
+        o = VisualBertOracle(model, one)
+        want_t, want_i = fn(o)
+        n, k, cls = o.n_text, one["visual_embeds"].shape[1], o.cls_index
+        torch.testing.assert_close(got.text[b, 1:cls], want_t, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got.image[b, :k], want_i, rtol=RTOL, atol=ATOL)
+        assert got.text[b, 0] == 0 and not got.text[b, cls:].any() and not got.image[b, k:].any()
+        assert want_t.abs().sum() > 0 and want_i.abs().sum() > 0
+        single = _engine(model, one, name)
+        torch.testing.assert_close(single.text[0, 1:cls], want_t, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(single.image[0], want_i, rtol=RTOL, atol=ATOL)
+
+
+def test_visualbert_transformer_attribution_is_ours_with_lrp():
+    """A consequence of the published code: the rollout of (Abar + I) with
+    no row normalisation from layer 0 is R = I, R += Abar R (the engine
+    gives the same numbers for both rows)."""
+    model = tiny_visualbert()
+    inputs = vb_batch()
+    ta = _engine(model, inputs, "transformer_attribution")
+    ours = _engine(model, inputs, "ours_with_lrp")
+    torch.testing.assert_close(ta.text, ours.text, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ta.image, ours.image, rtol=1e-12, atol=1e-15)
+
+
+def _differs(got, want, margin=1e-3):
+    return float((got - want).abs().max()) > margin * max(float(want.abs().max()), 1e-12)
+
+
+VB_QUIRKS = [
+    ("transformer_attribution", "rollout without row normalisation (one compute_rollout_attention)",
+     lambda o: vb_transformer_att(o, normalize=True)),
+    ("transformer_attribution", "every layer (start_layer 0), not BERT's last-layer default",
+     lambda o: vb_transformer_att(o, start=len(o.calls()) - 1)),
+    ("transformer_attribution", "the pooled token's row (cls_index), not [CLS]",
+     lambda o: vb_transformer_att(o, row=0)),
+    ("transformer_attribution", "rule set TA (shared denominator, rescaled adds), not LRP",
+     lambda o: vb_transformer_att(VisualBertOracle(o.m, o.inputs, shared=False))),
+    # (Only the pooled row of the last layer receives relevance, so the whole map's
+    # min-max is that row's with 0 included: what the whole map adds is the 0 and
+    # the entries outside the read columns.)
+    ("lrp_last_layer", "min-max over the whole map (0, [CLS], [SEP], the pooled entry included), "
+                       "not over the read columns",
+     lambda o: vb_partial_lrp(o, whole_map=False)),
+    ("lrp_last_layer", "head mean of the signed relevance (no clamp)",
+     lambda o: vb_partial_lrp(o, clamp=True)),
+    ("lrp_last_layer", "rule set TA, not LRP",
+     lambda o: vb_partial_lrp(VisualBertOracle(o.m, o.inputs, shared=False))),
+    ("ours_with_lrp", "gradient still multiplied",
+     lambda o: vb_ours(o, use_lrp=True, with_grad=False)),
+    ("ours_with_lrp", "A replaced by its relevance",
+     lambda o: vb_ours(o, use_lrp=False)),
+]
+
+
+@pytest.mark.parametrize("name,quirk,variant", VB_QUIRKS, ids=[f"{m}: {q}" for m, q, _ in VB_QUIRKS])
+def test_visualbert_each_published_quirk_changes_the_numbers(name, quirk, variant):
+    """The engine equals the oracle (test above) and differs from the
+    oracle with the quirk dropped on at least one sample."""
+    model = tiny_visualbert()
+    inputs = vb_batch()
+    got = _engine(model, inputs, name)
+    differs = []
+    for b in range(B):
+        one = vb_sample(inputs, b)
+        o = VisualBertOracle(model, one)
+        alt_t, alt_i = variant(o)
+        k = one["visual_embeds"].shape[1]
+        differs.append(_differs(got.text[b, 1:o.cls_index], alt_t) or _differs(got.image[b, :k], alt_i))
+    assert any(differs), f"dropping '{quirk}' does not change {name} on these inputs"
+
+
+def test_visualbert_lrp_options_refused_where_they_do_not_apply():
+    model = tiny_visualbert()
+    inputs = vb_batch()
+    with pytest.raises(ValueError, match="takes no option use_lrp"):
+        explain(model, inputs, "rollout", use_lrp=True)
+    with pytest.raises(ValueError, match="not True or False"):
+        explain(model, inputs, "generic_attribution", use_lrp="yes")
+    with pytest.raises(ValueError, match="needs an LRP pass"):
+        explain(model, inputs, "lrp")  # full LRP has no ICCV definition here
+
+
+# --------------------------------------------------------------------------
+# ViLT (ours): batch with pixel_mask = each sample alone, model unchanged
+# --------------------------------------------------------------------------
+# Batch vs single gap measured on these inputs: transformer attribution and
+# ours-with-LRP 3e-8 of the map's maximum (layers 0-1's R_A differ by 3e-8
+# relative, the last layer's by 1e-14: the relevance pass amplifies the
+# 1e-16 rounding differences of the batched matmuls through near-zero
+# denominators of the matmul rule), partial LRP 3e-14.  Held at 1e-6.
+VILT_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("name", list(VB_METHODS))
+def test_vilt_lrp_rows_batch_with_pixel_mask_equals_each_sample_alone(name):
+    model = tiny_vilt()
+    inputs = vilt_batch()
+    before = _snapshot(model)
+    got = _engine(model, inputs, name)
+    _assert_unchanged(before, _snapshot(model))
+    assert "visual_embed" not in vars(model.vilt.embeddings)
+    gh, gw = 32 // PATCH, 48 // PATCH
+    assert got.text.shape == (B, T) and got.image.shape == (B, gh, gw)
+    for b, (h, w) in enumerate(SIZES):
+        one = vilt_sample(inputs, b)
+        n = one["input_ids"].shape[1]
+        single = _engine(model, one, name)
+        scale = float(single.image.abs().max())
+        torch.testing.assert_close(got.text[b, :n], single.text[0], rtol=0, atol=VILT_RTOL * scale)
+        torch.testing.assert_close(got.image[b, :h // PATCH, :w // PATCH], single.image[0], rtol=0,
+                                   atol=VILT_RTOL * scale)
+        assert not got.image[b, h // PATCH:].any() and not got.image[b, :, w // PATCH:].any()
+        assert got.text[b, 0] == 0 and not got.text[b, n - 1:].any() and single.image.abs().sum() > 0
