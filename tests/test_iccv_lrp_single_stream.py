@@ -297,3 +297,37 @@ def test_vilt_lrp_rows_batch_with_pixel_mask_equals_each_sample_alone(name):
                                    atol=VILT_RTOL * scale)
         assert not got.image[b, h // PATCH:].any() and not got.image[b, :, w // PATCH:].any()
         assert got.text[b, 0] == 0 and not got.text[b, n - 1:].any() and single.image.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------
+# baselines/LXMERT/explain_vqa.py --use-lrp (the three VQA models)
+# --------------------------------------------------------------------------
+from tests.test_vlm import _run, model_dirs  # noqa: E402,F401  (the CLI's saved tiny models)
+
+
+@pytest.mark.parametrize("kind", ["lxmert", "visual_bert", "vilt"])
+def test_explain_vqa_use_lrp_is_ours_with_lrp(model_dirs, tmp_path, capsys, kind):
+    import numpy as np
+    from PIL import Image
+
+    from baselines.LXMERT.explain_vqa import explain_vqa, load_regions, load_vqa_model
+
+    root, dirs = model_dirs
+    base = ["--model-dir", dirs[kind], "--image", root / "img.png", "--question", "what is on the table?",
+            "--out", tmp_path / "out.png"] + ([] if kind == "vilt" else ["--features", root / "feats.npz"])
+    code, out = _run(base + ["--use-lrp"], capsys)
+    assert code == 0, out.err
+    assert (tmp_path / "out.png").stat().st_size > 0 and "table" in (tmp_path / "out.html").read_text()
+    # the maps it draws are generic_attribution(use_lrp=True), and differ from the plain method
+    model, tok, _ = load_vqa_model(dirs[kind], torch.device("cpu"))
+    image = Image.open(root / "img.png").convert("RGB")
+    regions = None if kind == "vilt" else load_regions(str(root / "feats.npz"), "npz", *image.size)
+    args = (model, tok, kind, "what is on the table?", image, regions, "generic_attribution", None, dirs[kind])
+    torch.manual_seed(0)
+    lrp = explain_vqa(*args, use_lrp=True)
+    torch.manual_seed(0)
+    plain = explain_vqa(*args)
+    assert np.isfinite(lrp["text"].numpy()).all() and lrp["text"].abs().sum() > 0
+    assert not torch.allclose(lrp["text"], plain["text"])
+    code, out = _run(base + ["--method", "rollout", "--use-lrp"], capsys)
+    assert code == 2 and out.err.count("\n") == 1 and "--use-lrp applies to generic_attribution" in out.err

@@ -4,13 +4,15 @@ coloured, as a PNG, plus an HTML text heatmap.
 
     python baselines/LXMERT/explain_vqa.py --model-dir DIR --image IMG.jpg \\
         --question "what is on the table?" --features feats.npz --out OUT.png \\
-        [--method generic_attribution] [--index ANSWER] [--html OUT.html] [--device cpu]
+        [--method generic_attribution] [--use-lrp] [--index ANSWER] [--html OUT.html] [--device cpu]
 
 ``--model-dir`` is a folder ``save_pretrained`` wrote (config.json, the
 weights, and the tokenizer files) of ``LxmertForQuestionAnswering``,
 ``VisualBertForQuestionAnswering`` or ``ViltForQuestionAnswering``; nothing is
 downloaded.  The explanation is :func:`modules.explain.explain` (ICCV 2021:
-METHODS_ICCV.md sections 2 and 3).
+METHODS_ICCV.md sections 2 and 3).  The LRP rows (``transformer_attribution``,
+``lrp_last_layer``, and ``--use-lrp`` with ``generic_attribution``: "ours with
+LRP") run through the LRP scope on all three models (ViLT: ours).
 
 Region inputs (LXMERT, VisualBERT; these models read detector features, not
 pixels, and no detector is bundled), one of:
@@ -50,7 +52,7 @@ __all__ = ["build_parser", "main", "load_regions", "model_type", "load_vqa_model
 
 MODEL_CLASSES = {"lxmert": "LxmertForQuestionAnswering", "visual_bert": "VisualBertForQuestionAnswering",
                  "vilt": "ViltForQuestionAnswering"}
-_OFFERED = ATTENTION_METHODS + ("transformer_attribution", "lrp_last_layer")  # the LRP ones: LXMERT only
+_OFFERED = ATTENTION_METHODS + ("transformer_attribution", "lrp_last_layer")  # the LRP ones: the LRP scope
 METHOD_CHOICES = _OFFERED + tuple(a for a, t in ALIASES.items() if t in _OFFERED)
 
 
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--html", default=None, help="output HTML text heatmap (default: --out with .html)")
     p.add_argument("--method", default="generic_attribution", choices=METHOD_CHOICES, help="explanation method")
+    p.add_argument("--use-lrp", action="store_true",
+                   help="generic_attribution: 'ours with LRP' (A replaced by its LRP relevance, METHODS_ICCV.md)")
     p.add_argument("--index", type=int, default=None, help="answer index to explain (default: the predicted one)")
     add_device_arg(p, default="cpu")
     return p
@@ -173,7 +177,7 @@ def vilt_pixels(model_dir: str, model, image) -> Dict[str, torch.Tensor]:
 # The explanation
 # --------------------------------------------------------------------------
 def explain_vqa(model, tokenizer, kind: str, question: str, image, regions: Optional[Tuple[np.ndarray, np.ndarray]],
-                method: str, index: Optional[int], model_dir: str = "") -> Dict[str, Any]:
+                method: str, index: Optional[int], model_dir: str = "", use_lrp: bool = False) -> Dict[str, Any]:
     """Inputs for ``kind``, :func:`modules.explain.explain_trace`; the maps
     of the one sample (text (T,), image (boxes,) or (gh, gw)), the answer."""
     from modules.explain import explain_trace
@@ -199,7 +203,7 @@ def explain_vqa(model, tokenizer, kind: str, question: str, image, regions: Opti
     n_labels = int(getattr(model.config, "num_qa_labels", 0) or model.config.num_labels)
     if index is not None and not 0 <= index < n_labels:
         raise CLIError(f"--index {index} outside 0..{n_labels - 1} (the model has {n_labels} answers)")
-    exp = explain_trace(model, inputs, method, index=index)
+    exp = explain_trace(model, inputs, method, index=index, **({"use_lrp": True} if use_lrp else {}))
     answer = int(exp.target[0])
     labels = getattr(model.config, "id2label", None) or {}
     return {"text": exp.maps.text[0], "image": exp.maps.image[0], "answer": answer,
@@ -213,6 +217,8 @@ def main_body(argv: Optional[Sequence[str]] = None) -> int:
     if not args.question.strip():
         raise CLIError("--question is empty")
     method = resolve_method(args.method).name
+    if args.use_lrp and method != "generic_attribution":
+        raise CLIError(f"--use-lrp applies to generic_attribution, not {args.method}")
     device = resolve_device(args.device)
     out = check_output_file(args.out, "--out")
     html_path = args.html or os.path.splitext(out)[0] + ".html"
@@ -230,7 +236,8 @@ def main_body(argv: Optional[Sequence[str]] = None) -> int:
                            "--boxes boxes.json")
         regions = load_regions(args.features or args.boxes, "npz" if args.features else "json", W, H)
     model, tokenizer, kind = load_vqa_model(args.model_dir, device)
-    got = explain_vqa(model, tokenizer, kind, args.question, image, regions, method, args.index, args.model_dir)
+    got = explain_vqa(model, tokenizer, kind, args.question, image, regions, method, args.index, args.model_dir,
+                      use_lrp=args.use_lrp)
     if not (torch.isfinite(got["text"]).all() and torch.isfinite(got["image"]).all()):
         raise CLIError("the explanation is not finite (NaN/Inf): check the model weights and inputs")
     if getattr(tokenizer, "is_fast", False):
@@ -244,7 +251,7 @@ def main_body(argv: Optional[Sequence[str]] = None) -> int:
         panel = ("box relevance", pictures.box_map(rgb, regions[1], got["image"], normalized=True))
     else:
         panel = ("patch relevance", pictures.stream_overlays(rgb, {"image": got["image"]})[0][1])
-    title = f"Q: {args.question}  A: {got['label']} ({method})"
+    title = f"Q: {args.question}  A: {got['label']} ({method}{' with LRP' if args.use_lrp else ''})"
     pictures.save_figure(out, [("image", rgb), panel], words, scores, title=title)
     pictures.save_text_html(html_path, words, scores, title=title)
     print(f"answer {got['label']} (logit {got['score']:.4g}); wrote {out} and {html_path}")
