@@ -439,7 +439,7 @@ def test_lxmert_each_published_quirk_changes_the_numbers(name, quirk, variant):
 
 # --------------------------------------------------------------------------
 # DETR / Conditional DETR (METHODS_ICCV.md section 4): batch = singles, model unchanged
-# (the independent DETR oracle is not written yet: see the README)
+# (the independent DETR oracle: tests/test_iccv_lrp_detr.py)
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["detr", "conditional"])
 @pytest.mark.parametrize("name", list(LXMERT_METHODS))
