@@ -22,6 +22,16 @@ Fixtures
               and much faster on a loaded machine.
   tiny_vit, tiny_bert, bert_batch
               the builders below, as fixtures, for tests that prefer them.
+  float64_softmax
+              autouse: ``F.softmax(x, dtype=torch.float32)`` on a float64 ``x``
+              stays float64.  Hugging Face's eager attention (ViT, CLIP, Swin,
+              Llama, Qwen2, ModernBERT, ...) asks for a float32 softmax
+              whatever the model's dtype, so a float64 model's probabilities
+              carried float32 rounding: batch and singles differed by up to
+              3.5e-4 (ModernBERT partial LRP) and rows fully masked with
+              float64's minimum went NaN.  With the softmax in float64 the same
+              comparisons agree to 1e-14 (measured on every text family, every
+              LRP method).  Float32 inputs are untouched.
 
 Builders (import them: ``from tests.conftest import tiny_vit``)
   tiny_vit(...)    the ViT/DeiT LRP copy, 32x32 images, 8-pixel patches,
@@ -113,6 +123,22 @@ def seed():
     np.random.seed(0)
     random.seed(0)
     return 0
+
+
+@pytest.fixture(autouse=True)
+def float64_softmax(monkeypatch):
+    """A float64 softmax stays float64 when float32 is asked for (see the module docstring)."""
+    real = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):  # noqa: A002  F.softmax's own signature
+        if dtype == torch.float32 and input.dtype == torch.float64:
+            dtype = None
+        return real(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+    # functional.softmax hands itself, looked up in its module, to torch-function modes
+    # (the LRP scope): the wrapper replaces it there, under the same name
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
+    return softmax
 
 
 @pytest.fixture

@@ -85,25 +85,15 @@ BUILDERS = {
     "qwen2": lambda: tf.Qwen2ForCausalLM(_llama_like(tf.Qwen2Config)),
 }
 _CACHE = {}
-# Float32 only: Llama's and Qwen2's eager attention (the one an explanation
-# records) takes its softmax in float32 whatever the model's dtype, so a
-# float64 model's -1.8e308 padding mask becomes -inf and a left-padded
-# query's row NaN (Hugging Face's own logits too).  Their comparisons stay
-# in float32, with the tolerance TOL32 above the measured gap (see there).
-FLOAT32_MODELS = {"llama", "qwen2"}
-# Measured on these tiny models, float32 against float64 (singles, no padding):
-# maps differ by <= 2.3e-7 (explain) and 7.3e-7 (explain_generation), values ~1-2;
-# batch and singles can each sit that far from exact, so TOL32 is ten times 2 x gap.
-# Scores (logits ~3) keep their float32 tolerance of before, 1e-5 + 1e-5 x |score| (gap measured <= 1.5e-6).
-TOL64, TOL32, SCORE32 = dict(atol=1e-10, rtol=1e-9), dict(atol=1e-5, rtol=1e-4), dict(atol=1e-5, rtol=1e-5)
-
-
-def _tol(name, score=False):
-    return TOL64 if name not in FLOAT32_MODELS else SCORE32 if score else TOL32
+# Every model in float64, Llama and Qwen2 included: their eager attention asks
+# for a float32 softmax whatever the model's dtype, which made a float64 model's
+# -1.8e308 padding mask -inf and a left-padded query's row NaN; conftest's
+# autouse float64_softmax keeps it float64, and batch equals singles to 1e-10.
+TOL64 = dict(atol=1e-10, rtol=1e-9)
 
 
 def build(name, **kw):
-    dtype = torch.float32 if name in FLOAT32_MODELS else torch.get_default_dtype()
+    dtype = torch.get_default_dtype()
     if kw:
         torch.manual_seed(0)
         return _randomize(BUILDERS[name](**kw)).to(dtype)
@@ -237,8 +227,8 @@ def test_causal_lm_family(name):
         lo, hi = starts[i], ends[i]
         single = {"input_ids": inputs["input_ids"][i:i + 1, lo:hi], "prompt_length": int(inputs["prompt_length"][i])}
         one = explain(model, single)
-        torch.testing.assert_close(got.source[i, lo:hi], one.source[0], **_tol(name))
-        torch.testing.assert_close(got.target[i, lo:hi], one.target[0], **_tol(name))
+        torch.testing.assert_close(got.source[i, lo:hi], one.source[0], **TOL64)
+        torch.testing.assert_close(got.target[i, lo:hi], one.target[0], **TOL64)
     # an earlier position: nothing after it is relevant (causality, not masking)
     early = explain(model, dict(inputs, position=torch.tensor([5, 4, 2])))
     full = early.source + early.target
@@ -445,24 +435,24 @@ def test_explain_generation(name):
         else:
             step = dict(inputs, decoder_input_ids=seq[:, :j + 1])
         e = explain_trace(model, step, index=out.tokens[:, j])
-        torch.testing.assert_close(out.scores[:, j], e.score, **_tol(name, score=True))
+        torch.testing.assert_close(out.scores[:, j], e.score, **TOL64)
         if causal:
-            torch.testing.assert_close(out.source[:, j], e.maps.source[:, :P], **_tol(name))
-            torch.testing.assert_close(out.target[:, j, :j], e.maps.target[:, P:P + j], **_tol(name))
+            torch.testing.assert_close(out.source[:, j], e.maps.source[:, :P], **TOL64)
+            torch.testing.assert_close(out.target[:, j, :j], e.maps.target[:, P:P + j], **TOL64)
         else:
-            torch.testing.assert_close(out.source[:, j], e.maps.source, **_tol(name))
-            torch.testing.assert_close(out.target[:, j, :j + 1], e.maps.target, **_tol(name))
+            torch.testing.assert_close(out.source[:, j], e.maps.source, **TOL64)
+            torch.testing.assert_close(out.target[:, j, :j + 1], e.maps.target, **TOL64)
     # a padded batch of 2 == 2 singles
     for i in range(2):
         one = explain_generation(model, _single(inputs, i), max_new_tokens=K)
         kk = one.tokens.shape[1]
         assert torch.equal(one.tokens[0], out.tokens[i, :kk])
         if name.startswith("ved"):
-            torch.testing.assert_close(one.source[0], out.source[i, :kk], **_tol(name))
+            torch.testing.assert_close(one.source[0], out.source[i, :kk], **TOL64)
         else:
             real = out.source_mask[i]
-            torch.testing.assert_close(one.source[0], out.source[i, :kk][:, real], **_tol(name))
-        torch.testing.assert_close(one.target[0], out.target[i, :kk, :one.target.shape[2]], **_tol(name))
+            torch.testing.assert_close(one.source[0], out.source[i, :kk][:, real], **TOL64)
+        torch.testing.assert_close(one.target[0], out.target[i, :kk, :one.target.shape[2]], **TOL64)
 
 
 def test_explain_generation_marks_tokens_after_the_end_of_sequence():
