@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from modules.layers import GRADIENT_RULE_SETS, RULE_SETS, add_relevance, alpha_beta, matmul_relevance, safe_div, z_beta
+from modules.mha import multi_head_attention
 
 __all__ = ["ScopeState", "UnsupportedOperationError", "relevance_scope", "ROUTING", "module_rule",
            "conv2d_alpha_beta_params", "sum_to"]
@@ -333,6 +334,9 @@ class _Scope(TorchFunctionMode):
             return self.refuse(name, "an adaptive pool to more than one cell")
         if name == "scaled_dot_product_attention":
             return self.sdpa(*args, **kwargs)
+        if name == "multi_head_attention_forward":  # nn.MultiheadAttention's fused call
+            return multi_head_attention(*args, **kwargs, op=self.op, refuse=self.refuse,
+                                        record=lambda p: self.state.attentions.append((self.state.where(), p)))
         y = func(*args, **kwargs)
         if not isinstance(y, Tensor) or not y.is_floating_point() or not y.requires_grad:
             return y  # shapes, comparisons, indices: nothing to propagate
@@ -601,7 +605,7 @@ def module_rule(module: nn.Module) -> Optional[str]:
     if cls.__module__.startswith(_ACTIVATION_MODULES) and not isinstance(module, (nn.Softmax, nn.MultiheadAttention,
                                                                                    nn.Softmax2d, nn.LogSoftmax)):
         return "elementwise"
-    if name.endswith("RMSNorm") or name == "T5LayerNorm":
+    if name.endswith("RMSNorm") or name in ("T5LayerNorm", "QuickGELU"):  # QuickGELU: open_clip's
         return "elementwise"
     return None
 
