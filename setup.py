@@ -31,6 +31,8 @@ setup(
                  "jupyter-client==8.10.0", "ipykernel==7.4.0", "matplotlib-inline==0.2.2",
                  "grad-cam>=1.5.7,<2", "pandas>=1.5.3", "scikit-image>=0.19.3", "cachetools",
                  # the oracle of the LRP scope's linear rules (tests/test_lrp_scope.py)
-                 "zennit>=0.5,<2"],
+                 "zennit>=0.5,<2",
+                 # tiny random open_clip models explained unmodified (tests/test_open_clip.py, issue 26)
+                 "open-clip-torch>=3.0,<4"],
     },
 )

@@ -57,6 +57,8 @@ def _load_library_adapters() -> None:
         import modules.adapters.generation  # noqa: F401
         import modules.adapters.detr  # noqa: F401
         import modules.adapters.vlm  # noqa: F401
+    if "open_clip" in sys.modules:
+        import modules.adapters.open_clip_models  # noqa: F401
     if "timm" in sys.modules or "transformers" in sys.modules:
         try:
             import modules.adapters.swin  # noqa: F401
@@ -85,6 +87,7 @@ def supported_models() -> List[Tuple[str, Sequence[str], Tuple[str, ...], str]]:
     import timm  # noqa: F401
     import transformers  # noqa: F401
     _load_library_adapters()
+    import modules.adapters.open_clip_models  # noqa: F401  (listed whether or not open_clip is installed)
     try:
         import baselines.ViT.ViT_LRP  # noqa: F401  (the copies register their own adapters)
         import BERT_explainability.modules.BERT.BertForSequenceClassification  # noqa: F401

@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.adapters import (InputsError, UnsupportedModelError, check_images, check_text, column_mask, feed_dict,
@@ -43,10 +42,12 @@ from modules.adapters import (InputsError, UnsupportedModelError, check_images, 
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionLayer, _hf_layers
 from modules.methods import resolve_index
+from modules.mha import mha_module_forward
 from modules.trace import AttentionCall, Readout, Stream
 
 __all__ = ["HFImageClassifierAdapter", "HFTextClassifierAdapter", "HFImageTextAdapter", "IMAGE_CLASSES",
-           "TEXT_CLASSES", "IMAGE_TEXT_CLASSES", "clip_pooled_index"]
+           "TEXT_CLASSES", "IMAGE_TEXT_CLASSES", "clip_pooled_index", "image_text_streams", "check_clip_convention",
+           "pairs"]
 
 # class name -> (prefix tokens: int, or the config attribute holding the register count; pooling)
 IMAGE_CLASSES: Dict[str, Tuple[Any, str]] = {
@@ -240,31 +241,6 @@ def clip_pooled_index(text_model: nn.Module, input_ids: Tensor) -> Tensor:
     return (ids == text_model.eos_token_id).int().argmax(dim=-1).long()
 
 
-def _mha_forward(mha: nn.MultiheadAttention, record, query: Tensor, key: Tensor, value: Tensor,
-                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
-                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """``nn.MultiheadAttention.forward`` (batch_first, one projection matrix,
-    no masks) with the softmax explicit and recorded."""
-    if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn \
-            or key_padding_mask is not None or attn_mask is not None or is_causal:
-        raise UnsupportedModelError("attention pooling with an nn.MultiheadAttention other than batch_first, "
-                                    "unmasked, one in-projection")
-    B, Lq, E = query.shape
-    H = mha.num_heads
-    d = E // H
-    w, b = mha.in_proj_weight, mha.in_proj_bias
-    bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-    wq, wk, wv = w.chunk(3)
-    q = F.linear(query, wq, bq).reshape(B, Lq, H, d).transpose(1, 2)
-    k = F.linear(key, wk, bk).reshape(B, key.shape[1], H, d).transpose(1, 2)
-    v = F.linear(value, wv, bv).reshape(B, value.shape[1], H, d).transpose(1, 2)
-    attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-    record(attn)
-    out = mha.out_proj((attn @ v).transpose(1, 2).reshape(B, Lq, E))
-    return out, (attn.mean(dim=1) if average_attn_weights else attn) if need_weights else None
-
-
 @register_adapter
 class HFImageTextAdapter(_HFAdapter):
     lrp = True  # every LRP method through the scope (modules.lrp_scope)
@@ -273,17 +249,12 @@ class HFImageTextAdapter(_HFAdapter):
     notes = ("explains logits_per_image of each (image, text) pair; two maps (image, text); CLIP: "
              "clip_convention='published' (METHODS_ICCV.md section 5)")
     options = ("clip_convention",)
-    CLIP_CONVENTIONS = ("hf", "published")
 
     def configure(self, **options) -> None:
         """``clip_convention``: ``"hf"`` (default: the pooled EOS row over every
         token, start layer 0) or ``"published"`` (the published notebook,
         METHODS_ICCV.md section 5); CLIPModel only."""
-        conv = options.get("clip_convention", "hf")
-        if conv not in self.CLIP_CONVENTIONS:
-            raise ValueError(f"clip_convention={conv!r}: use one of {', '.join(self.CLIP_CONVENTIONS)}")
-        if conv != "hf" and self.kind != "CLIPModel":
-            raise ValueError(f"clip_convention={conv!r} applies to CLIPModel only, not {self.kind}")
+        check_clip_convention(options.get("clip_convention", "hf"), self.kind, self.kind == "CLIPModel")
         super().configure(**options)
 
     @classmethod
@@ -301,7 +272,7 @@ class HFImageTextAdapter(_HFAdapter):
         if self.pool_head is not None:
             mha = self.pool_head.attention
             layers.append(AttentionLayer("vision_model.head.attention", mha, mha, None, cross=True,
-                                         forward=_mha_forward))
+                                         forward=mha_module_forward))
         return layers
 
     def stream_of(self, name: str) -> str:
@@ -313,7 +284,7 @@ class HFImageTextAdapter(_HFAdapter):
         feed = feed_dict(inputs, "pixel_values", model_device(self.model))
         if not isinstance(feed.get("input_ids"), Tensor):
             raise InputsError(f"inputs hold no 'input_ids': {self.kind} explains image-text pairs")
-        img, txt = _pairs(feed["pixel_values"].shape[0], feed["input_ids"].shape[0], index,
+        img, txt = pairs(feed["pixel_values"].shape[0], feed["input_ids"].shape[0], index,
                           feed["pixel_values"].device)
         feed["pixel_values"] = feed["pixel_values"][img]
         for key in ("input_ids", "attention_mask", "position_ids"):
@@ -347,34 +318,59 @@ class HFImageTextAdapter(_HFAdapter):
         B, T = ids.shape
         dtype, device = image_calls[0].probs.dtype, ids.device
         n_img = image_calls[0].probs.shape[-1]
-        gh, gw = feed["_grid"]
-        prefix = n_img - gh * gw
         if self.pool_head is not None:
             image_weights = torch.ones(B, 1, dtype=dtype, device=device)
         else:
             image_weights = one_hot_rows(B, n_img, 0, device, dtype)
-        published = getattr(self, "settings", {}).get("clip_convention", "hf") == "published"
-        start = "last" if published else None
-        image = Stream("image", image_calls, Readout(image_weights, column_mask(B, n_img, prefix, device),
-                                                      grid=(gh, gw)), default_start=start)
         if self.kind == "CLIPModel":
             text_row = clip_pooled_index(self.model.text_model, ids)
         else:
             text_row = torch.full((B,), T - 1, dtype=torch.long, device=device)
         mask = feed.get("attention_mask")
         real = mask.bool() if isinstance(mask, Tensor) else torch.ones_like(ids, dtype=torch.bool)
-        columns = torch.ones_like(real)
-        if published:  # columns 1 .. EOT-1: SOT, EOT and what follows dropped
-            pos = torch.arange(T, device=device)[None, :]
-            columns = (pos >= 1) & (pos < text_row[:, None])
-        text = Stream("text", text_calls, Readout(one_hot_rows(B, T, text_row, device, dtype), columns,
-                                                  token_mask=real, normalize="sum" if published else None),
-                      default_start=start)
         self.text_row = text_row
-        return {"image": image, "text": text}
+        return image_text_streams(image_calls, text_calls, feed["_grid"], image_weights, text_row, real,
+                                  self.settings.get("clip_convention", "hf") == "published")
 
 
-def _pairs(n_images: int, n_texts: int, index: Any, device: torch.device) -> Tuple[Tensor, Tensor]:
+CLIP_CONVENTIONS: Tuple[str, ...] = ("hf", "published")
+
+
+def check_clip_convention(conv: Any, kind: str, applies: bool) -> None:
+    """``clip_convention`` is one of :data:`CLIP_CONVENTIONS`; other than
+    ``"hf"`` only where it ``applies`` (CLIP models)."""
+    if conv not in CLIP_CONVENTIONS:
+        raise ValueError(f"clip_convention={conv!r}: use one of {', '.join(CLIP_CONVENTIONS)}")
+    if conv != "hf" and not applies:
+        raise ValueError(f"clip_convention={conv!r} applies to CLIPModel only (and open_clip CLIP), not {kind}")
+
+
+def image_text_streams(image_calls: List[AttentionCall], text_calls: List[AttentionCall], grid: Tuple[int, int],
+                       image_weights: Tensor, text_row: Tensor, real: Tensor, published: bool) -> Dict[str, Stream]:
+    """The two streams of an image-text pair (Hugging Face CLIP / SigLIP,
+    open_clip): the image read by ``image_weights`` over its tokens (the
+    patch columns after the prefix on the ``grid``), the text by the pooled
+    position ``text_row`` (B,), ``real`` (B, T) its real tokens; with
+    ``published`` the CLIP notebook's convention (METHODS_ICCV.md section 5):
+    both towers from their last block, text columns 1 .. EOT-1 divided by their sum."""
+    B, T = real.shape
+    device, dtype = real.device, image_calls[0].probs.dtype
+    n_img = image_calls[0].probs.shape[-1]
+    gh, gw = grid
+    start = "last" if published else None
+    image = Stream("image", image_calls, Readout(image_weights, column_mask(B, n_img, n_img - gh * gw, device),
+                                                  grid=(gh, gw)), default_start=start)
+    columns = torch.ones_like(real)
+    if published:  # columns 1 .. EOT-1: SOT, EOT and what follows dropped
+        pos = torch.arange(T, device=device)[None, :]
+        columns = (pos >= 1) & (pos < text_row[:, None])
+    text = Stream("text", text_calls, Readout(one_hot_rows(B, T, text_row, device, dtype), columns,
+                                              token_mask=real, normalize="sum" if published else None),
+                  default_start=start)
+    return {"image": image, "text": text}
+
+
+def pairs(n_images: int, n_texts: int, index: Any, device: torch.device) -> Tuple[Tensor, Tensor]:
     """(image, text) index of every explained pair: image i with text i by
     default (one image or one text is paired with every text or image);
     ``index`` names the text for each image."""
