@@ -271,9 +271,10 @@ def test_visualbert_lrp_options_refused_where_they_do_not_apply():
 # --------------------------------------------------------------------------
 # Batch vs single gap measured on these inputs: transformer attribution and
 # ours-with-LRP 3e-8 of the map's maximum (layers 0-1's R_A differ by 3e-8
-# relative, the last layer's by 1e-14: the relevance pass amplifies the
-# 1e-16 rounding differences of the batched matmuls through near-zero
-# denominators of the matmul rule), partial LRP 3e-14.  Held at 1e-6.
+# relative, the last layer's by 1e-14, the gradients by 1e-15: the relevance
+# pass amplifies the 1e-16 rounding differences of the batched matmuls
+# through its rules' near-zero denominators - which rule was not isolated),
+# partial LRP 3e-14.  Held at 1e-6.
 VILT_RTOL = 1e-6
 
 
