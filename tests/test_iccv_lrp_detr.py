@@ -316,7 +316,7 @@ def test_a_cropped_image_differs_from_its_batch_row_in_the_backbone_not_in_the_e
     each convolution's own zero padding.  Measured here: on a 320x320 image
     padded to 384x384 only the last two rows and columns of cells differ
     (this tiny ResNet's receptive field), the other 64 cells are equal
-    exactly; the test images (2x3 and 3x2 cells) have no other cells, so
+    (exactly, on this CPU); the test images (2x3 and 3x2 cells) have no other cells, so
     their logits differ too.  The same image alone with its padding and
     pixel_mask equals its batch row (the explainer is batch-invariant)."""
     g = torch.Generator().manual_seed(0)
@@ -334,8 +334,9 @@ def test_a_cropped_image_differs_from_its_batch_row_in_the_backbone_not_in_the_e
     finally:
         hook.remove()
     diff = (feats[1][0, :, :10, :10] - feats[0][0]).abs().amax(dim=0)
-    assert torch.equal(diff[:8, :8], torch.zeros(8, 8))
-    assert bool((diff[8:, :] > 1e-3).all()) and bool((diff[:, 8:] > 1e-3).all())
+    scale = float(feats[0].abs().max())
+    assert float(diff[:8, :8].max()) <= 1e-9 * scale  # measured: exactly 0 (float64, this CPU)
+    assert bool((diff[8:, :] > 1e-3 * scale).all()) and bool((diff[:, 8:] > 1e-3 * scale).all())  # measured >= 6.5
     inputs = padded_batch()
     with torch.no_grad():
         batch = detr64(**inputs).logits
