@@ -20,6 +20,11 @@ the definitions are the project's own):
   ELECTRA, DeBERTa-v2 and ModernBERT (``classifier_pooling="mean"``: the
   mean of the real tokens' rows); decoder-only classifiers (GPT-2, Llama,
   Qwen2) the row of the last non-padding token, found by the model's own rule;
+  a single-output (``num_labels=1``, regression) head explains its output;
+* token classifiers (``*ForTokenClassification`` of the same families): the
+  logit of class c (``index``) at token t (``inputs["position"]``, counted
+  over the sample's real tokens), read at row t with the text stream's
+  conventions and t's own column kept (ours);
 * CLIP and SigLIP: two streams (image, text); the explained value is
   ``logits_per_image`` of each (image, text) pair; CLIP's image map reads
   [CLS] and its text map the pooled EOS token; SigLIP's image map reads its
@@ -35,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.adapters import (InputsError, UnsupportedModelError, check_images, check_text, column_mask, feed_dict,
@@ -72,6 +78,10 @@ TEXT_CLASSES: Dict[str, str] = {
     "LlamaForSequenceClassification": "last",
     "Qwen2ForSequenceClassification": "last",
 }
+# token-level heads: the logit of class c at token t (inputs["position"]) reads row t
+TEXT_CLASSES.update({f"{family}ForTokenClassification": "token" for family in (
+    "Bert", "Roberta", "XLMRoberta", "DistilBert", "Albert", "Electra", "DebertaV2", "ModernBert", "GPT2", "Llama",
+    "Qwen2")})
 IMAGE_TEXT_CLASSES: Tuple[str, ...] = ("CLIPModel", "SiglipModel")
 
 
@@ -98,7 +108,8 @@ def _dropout_after_softmax_layers(model: nn.Module, attention_class: str) -> Lis
 
 def _layers(model: nn.Module) -> List[AttentionLayer]:
     layers = _hf_layers(model) or []
-    if not layers and _hf_class(model, {"DebertaV2ForSequenceClassification"}):
+    if not layers and _hf_class(model, {"DebertaV2ForSequenceClassification",
+                                         "DebertaV2ForTokenClassification"}):
         layers = _dropout_after_softmax_layers(model, "DisentangledSelfAttention")
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__}: no attention modules found")
@@ -117,7 +128,7 @@ class _HFAdapter(HookAdapter):
         return _layers(self.model)
 
     def calls_per_module(self, layer: AttentionLayer) -> int:
-        if _hf_class(self.model, {"AlbertForSequenceClassification"}):
+        if _hf_class(self.model, {"AlbertForSequenceClassification", "AlbertForTokenClassification"}):
             return _albert_calls(self.model, layer)
         return 1
 
@@ -180,7 +191,9 @@ class HFTextClassifierAdapter(_HFAdapter):
     lrp = True  # every LRP method through the scope (modules.lrp_scope)
     family = "Hugging Face text classifiers (unmodified)"
     examples = tuple(TEXT_CLASSES)
-    notes = "[CLS] models: METHODS.md section 3 conventions; last-token and mean pooling: section 8 (ours)"
+    notes = ("[CLS] models: METHODS.md section 3 conventions; last-token and mean pooling: section 8 (ours); "
+             "*ForTokenClassification: the logit of class index= at token inputs['position'], row t (ours); "
+             "num_labels=1 (regression): the output")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -196,9 +209,36 @@ class HFTextClassifierAdapter(_HFAdapter):
         return "text"
 
     def prepare(self, inputs, index):
+        """``inputs["position"]`` (token heads only): the token t whose logit is
+        explained, an int or one per sample, counted over the sample's real
+        tokens (0 = its first; left padding skipped)."""
+        from modules.adapters.generation import _contiguous_start, _positions
+
+        what = type(self.model).__name__
+        position = inputs.get("position") if isinstance(inputs, Mapping) else None
+        if isinstance(inputs, Mapping) and "position" in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != "position"}
         feed = feed_dict(inputs, "input_ids", model_device(self.model))
-        feed["_real"] = check_text(feed, type(self.model).__name__)
+        real = feed["_real"] = check_text(feed, what)
+        if self.pooling == "token":
+            if position is None:
+                raise InputsError(f"{what}: pass inputs['position'], the token whose logit is explained (an int or "
+                                  "one per sample, counted over the sample's real tokens)")
+            start = _contiguous_start(real, what)
+            feed["_rows"] = start + _positions(position, real.shape[0], real.sum(dim=1), "position", real.device)
+        elif position is not None:
+            raise InputsError(f"{what}: position applies to token-classification heads; this head reads one pooled "
+                              "token")
         return feed
+
+    def score(self, feed, output, index):
+        """Token heads: logits (B, C) at each sample's token t; else the model's logits (B, C)."""
+        if self.pooling != "token":
+            return super().score(feed, output, index)
+        logits = output.logits
+        at = logits[torch.arange(logits.shape[0], device=logits.device), feed["_rows"]]
+        target = resolve_index(index, at)
+        return at, target, F.one_hot(target, at.shape[-1]).to(at.dtype)
 
     def forward(self, feed, method):
         return self.model(**self.model_kwargs(feed), return_dict=True)
@@ -224,6 +264,8 @@ class HFTextClassifierAdapter(_HFAdapter):
             weights, self_column = one_hot_rows(B, N, 0, real.device, dtype), 0
         elif self.pooling == "mean":
             weights = real.to(dtype) / real.sum(dim=1, keepdim=True).to(dtype)
+        elif self.pooling == "token":  # the explained token's own row; its column kept
+            weights = one_hot_rows(B, N, feed["_rows"], real.device, dtype)
         else:
             weights = one_hot_rows(B, N, self.pooled_position(feed["input_ids"]), real.device, dtype)
         readout = Readout(weights, torch.ones_like(real), self_column=self_column, token_mask=real)
