@@ -475,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES),
                      help="factory model of a checkpoint file (ignored for a model folder) (default: %(default)s)")
     img.add_argument("--image-dir", type=cli.existing_dir, help="ImageFolder tree (root/<class>/<image>)")
-    img.add_argument("--synthetic", type=cli.positive_int, default=None,
-                     help="use N generated shapes (data/synthetic.py, val split) instead of --image-dir")
+    img.add_argument("--synthetic", type=cli.int_range(1, 10 ** 7), default=None,
+                     help="use N (1..10**7) generated shapes (data/synthetic.py, val split) instead of --image-dir")
     img.add_argument("--synthetic-seed", type=cli.non_negative_int, default=0, help="seed of --synthetic")
     img.add_argument("--baseline", choices=FA.IMAGE_BASELINES, default="zero",
                      help="what a flipped patch becomes: 0 in the normalised input (the mean colour), the image's "

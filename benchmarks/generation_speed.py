@@ -19,7 +19,6 @@ Results go to a JSON file and a small table on stdout.  This is not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from modules.cli import (MAX_THREADS, atomic_write_json, check_output_file, int_range, resolve_device,  # noqa: E402
+                         run_main)
 
 
 def _time(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
@@ -111,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=("base", "tiny"), default="base", help="model size (base: BART-base, GPT-2 small)")
-    p.add_argument("--source-length", type=int, default=32, help="source / prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=16, help="generated tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--source-length", type=int_range(1, 512), default=32, help="source / prompt tokens (1..512)")
+    p.add_argument("--new-tokens", type=int_range(1, 512), default=16, help="generated tokens (1..512)")
+    p.add_argument("--repeats", type=int_range(1, 1000), default=3, help="timed runs (median)")
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--models", nargs="+", choices=("bart", "gpt2"), default=["bart", "gpt2"], help="models")
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
@@ -122,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from modules.cli import resolve_device
+    return run_main(_main, argv)
 
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
+    if args.out:
+        check_output_file(args.out, flag="--out")  # before the timings
     torch.set_num_threads(args.threads)
     models = _models(args.size)
     results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
@@ -138,9 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{r['explain_generation']['seconds']:.3f}s, one explain per token {r['per_token']['seconds']:.3f}s "
               f"(x{r['speedup_vs_per_token']:.2f}), one forward+backward {r['forward_backward']['seconds']:.3f}s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(args.out, results)
         print(f"wrote {args.out}")
     return 0
 

@@ -38,7 +38,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from modules.cli import atomic_write_json, atomic_write_text, check_output_file, positive_int, run_main
+from modules.cli import (atomic_write_json, atomic_write_text, check_output_file, non_negative_int, positive_int,
+                         resolve_device, run_main)
 
 
 LRP_METHODS = ("transformer_attribution", "lrp_last_layer")
@@ -198,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 8])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=non_negative_int, default=1)
     p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--queries", type=int, default=3, help="DETR: queries of one image per strategy row (0: none)")
+    p.add_argument("--queries", type=non_negative_int, default=3, help="DETR: queries of one image per strategy row (0: none)")
     p.add_argument("--methods", nargs="+", default=None, help="attention methods to time (default: all)")
     p.add_argument("--out", default="benchmarks/results/iccv_speed.json", help="JSON; the table goes beside it (.md)")
     return p
@@ -210,7 +211,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_output_file(args.out, flag="--out")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s) visible"
                        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),

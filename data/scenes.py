@@ -58,6 +58,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.synthetic import CLASS_NAMES, NUM_CLASSES, shape_mask
+from modules.cli import CLIError, check_memory, int_range
 from data.synthetic import _background, _clutter, _placed, _smooth_noise, _to_uint8, _unit_area  # shared drawing code
 
 __all__ = [
@@ -808,6 +809,32 @@ class SceneDataset(Dataset):
 
 
 # --------------------------------------------------------------------------
+# Bounds (issue 27 item 3): counts and sizes have a range, and a request whose
+# memory would not fit the machine is refused with the estimate, up front
+# --------------------------------------------------------------------------
+MAX_COUNT = 10 ** 7
+"""Most scenes one command asks for (--count, --scenes, --train-scenes, ...)."""
+MAX_SIZE = 4096
+"""Largest picture side (pixels)."""
+
+
+def scenes_memory(count: int, size: int = 96, max_objects: int = 4) -> int:
+    """Bytes held for ``count`` scenes kept in memory (picture and one mask per
+    object, as :func:`write_dataset` and the stand-in benchmarks keep them),
+    plus one scene's float work arrays while it is drawn."""
+    return int(count) * size * size * (3 + max_objects) + size * size * 16
+
+
+def check_scenes_memory(count: int, size: int = 96, max_objects: int = 4, what: str = "--count") -> None:
+    """Refuse (one line, with the estimate) ``count`` scenes that would not fit in memory."""
+    check_memory(scenes_memory(count, size, max_objects), f"{what} {count} ({size}x{size} pictures)")
+
+
+scene_count_arg = int_range(1, MAX_COUNT)
+"""argparse type: a number of scenes, 1..MAX_COUNT."""
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -817,10 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "formats.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--split", default="val", help="split name (part of every scene's identity)")
-    p.add_argument("--count", type=int, default=200, help="number of scenes")
+    p.add_argument("--count", type=scene_count_arg, default=200, help=f"number of scenes (1..{MAX_COUNT})")
     p.add_argument("--start", type=int, default=0, help="index of the first scene")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.add_argument("--size", type=int, default=96, help="picture side (pixels)")
+    p.add_argument("--size", type=int, default=96, help=f"picture side (pixels, at most {MAX_SIZE})")
     p.add_argument("--min-objects", type=int, default=1, help="fewest objects per scene")
     p.add_argument("--max-objects", type=int, default=4, help="most objects per scene (at most 4)")
     p.add_argument("--distinct-classes", action="store_true", help="every object of a scene of a different class")
@@ -847,11 +874,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.count <= 0 or args.start < 0 or args.seed < 0 or args.questions_per_type < 0:
         parser.exit(2, "error: --count must be positive; --start, --seed and --questions-per-type non-negative\n")
+    if args.size > MAX_SIZE:
+        parser.exit(2, f"error: --size must be at most {MAX_SIZE}, not {args.size}\n")
     try:
         cfg = config_from_args(args).validate()
+        check_scenes_memory(args.count, args.size, args.max_objects)
         written = write_dataset(args.out_dir, args.split, args.count, args.seed, cfg, args.formats, args.mask_format,
                                 args.questions_per_type, args.start, quiet=args.quiet)
-    except (ValueError, OSError, ImportError) as exc:
+    except (ValueError, OSError, ImportError, CLIError) as exc:
         parser.exit(2, f"error: {str(exc).splitlines()[0]}\n")
     print(f"wrote {args.count} {args.split} scenes (seed {args.seed}) under {args.out_dir}: "
           + ", ".join(sorted(written)))

@@ -15,7 +15,7 @@ from torch import Tensor
 __all__ = ["CheckpointError", "read_state_dict", "read_sharded_state_dict", "mismatch_report", "file_sha256",
            "weights_sha256", "check_state_finite", "validate_vit_config", "read_model_config", "load_state",
            "load_checkpoint", "HF_WEIGHT_FILES", "HF_INDEX_FILES", "model_dir_weights", "read_model_dir_state",
-           "check_model_dir", "load_pretrained", "load_pretrained_part"]
+           "check_model_dir", "load_pretrained", "load_pretrained_part", "model_dir_sha256"]
 
 
 class CheckpointError(ValueError):
@@ -104,7 +104,8 @@ def check_state_finite(state: Mapping[str, Tensor], path: str) -> None:
     for key, value in state.items():
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN/Inf values of {value.numel()}")
+            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN/Inf values of {value.numel()} "
+                                  "(weights with NaN or Inf give meaningless maps)")
 
 
 _VIT_INT_KWARGS = {"num_classes": (0, 1 << 20), "embed_dim": (1, 1 << 14), "depth": (1, 256),
@@ -415,3 +416,12 @@ def load_pretrained_part(cls, directory: str, what: str = "tokenizer", **kwargs)
             return cls.from_pretrained(directory, local_files_only=True, **kwargs)
         except Exception as exc:  # transformers raises many types for unreadable files
             raise CheckpointError(f"{directory}: cannot load the {what} ({_first_line(exc)})") from None
+
+
+def model_dir_sha256(directory: str) -> str:
+    """Content identity of a Hugging Face folder: its ``config.json`` and
+    weights (every shard an index names), so results computed with other
+    weights under the same path are never reused."""
+    weights = model_dir_weights(directory)
+    parts = _shard_paths(weights) if weights.endswith(".index.json") else []
+    return file_sha256(os.path.join(directory, "config.json"), weights, *parts)

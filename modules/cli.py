@@ -46,6 +46,12 @@ Atomic writes (unique temporaries in the same folder, then one rename)
     published by rename on success), ``publish_dir(tmp, path)``,
     ``remove_stale_temporaries(path)``.
 
+Run folders (one rule for every benchmark that writes results)
+    ``prepare_run_folder(folder, identity, resume=, overwrite=)`` (call with
+    ``file_lock`` held: resume, start afresh, or refuse in one line),
+    ``files_sha256(paths)`` (content identity of input data),
+    ``check_memory(nbytes, what)`` (refuse a request larger than the machine).
+
 Concurrency and images
     ``file_lock(path)`` (exclusive advisory lock on a folder or a lock
     file, ``fcntl.flock``), ``open_image``
@@ -74,7 +80,8 @@ __all__ = [
     "check_number", "add_device_arg", "add_weights_arg", "add_threads_arg", "add_seed_arg", "apply_threads",
     "default_device", "resolve_device", "set_tf32", "check_finite", "check_output_dir", "check_output_file",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory", "publish_dir",
-    "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS", "resume_results",
+    "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS", "resume_results", "prepare_run_folder",
+    "files_sha256", "check_memory",
 ]
 
 EXIT_INPUT = 2
@@ -691,3 +698,90 @@ def resume_results(path: str, identity: str, fresh: dict) -> dict:
     if not isinstance(old, dict) or old.get("identity") != identity:
         raise CLIError(f"{path} holds results of other arguments; use another output folder")
     return old
+
+
+def files_sha256(paths: Sequence[str]) -> str:
+    """SHA-256 (hex) over the names and bytes of ``paths`` in the order
+    given: the content identity of a run's input data."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(os.path.basename(path).encode("utf-8") + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def prepare_run_folder(folder: str, identity: dict, *, resume: bool, overwrite: bool, record: str = "run.json",
+                       finished: Sequence[str] = ("results.json",), partial: Sequence[str] = (),
+                       flag: str = "--output-dir") -> bool:
+    """What an output folder's earlier run means for this one (hold
+    :func:`file_lock` on the folder around the call and the run).
+
+    ``identity`` holds what the results depend on (content hashes of the
+    weights and the data, the arguments that change results); the folder's
+    ``record`` file keeps it.  Returns True to resume (same identity and
+    ``--resume``: keep the records), False to start afresh (nothing there, or
+    ``--overwrite``: the caller replaces the old records).  Refuses in one
+    line (:class:`CLIError`): ``--resume`` over another run's identity
+    (naming the fields that differ); another run's, or this run's finished,
+    results (``finished``) or partial records (``partial``) without
+    ``--resume`` or ``--overwrite``.  Writes ``record`` (atomically) when it
+    returns.
+    """
+    record_path = os.path.join(folder, record)
+    present = [n for n in tuple(finished) + tuple(partial) if os.path.exists(os.path.join(folder, n))]
+    old = None
+    if os.path.isfile(record_path):
+        try:
+            with open(record_path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as exc:
+            if not overwrite:
+                raise CLIError(f"{record_path}: unreadable ({one_line(exc)}); pass --overwrite to start again") \
+                    from None
+        if old is not None and not isinstance(old, dict):
+            old = {}
+    label = f"{flag} {folder}" if flag else folder
+    if old is not None:
+        diff = sorted(k for k in set(identity) | set(old) if old.get(k) != identity.get(k))
+        if resume and diff:
+            raise CLIError(f"{label} holds another run (differs in: {', '.join(diff)}); --resume would mix them: "
+                           "use another folder, or --overwrite without --resume")
+        if resume:
+            return True
+        if present and not overwrite:
+            what = "another run's" if diff else "this run's"
+            raise CLIError(f"{label} holds {what} results ({', '.join(present)}); pass --resume to continue/reuse "
+                           "them or --overwrite to replace them")
+    elif present and not overwrite:
+        raise CLIError(f"{label} holds results of an unknown run ({', '.join(present)}); use another folder or "
+                       "pass --overwrite to replace them")
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(record_path, identity)
+    return False
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(nbytes: float, what: str, share: float = 0.8) -> None:
+    """Refuse (:class:`CLIError`, with the estimate) a request that needs
+    more than ``share`` of the memory available now, before allocating it."""
+    available = _available_memory()
+    if available is not None and nbytes > share * available:
+        raise CLIError(f"{what} needs about {nbytes / 2 ** 30:.1f} GiB, more than this machine has available "
+                       f"({available / 2 ** 30:.1f} GiB); ask for less")

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from data.scenes import CLASS_NAMES, COLOUR_NAMES, SCENE_VERSION, SIZES, SceneConfig, generate_scene, scene_caption, \
     word_tokenizer
+from data.scenes import check_scenes_memory, scene_count_arg  # noqa: E402
 from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, float_range, int_range,
                          positive_float, positive_int, resolve_device, run_main)
 
@@ -148,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained + tokenizer + processor)")
     p.add_argument("--init-vision", default=None,
                    help="ViT copy model directory (e.g. samples/synthetic_scenes_vit) to start the vision tower from")
-    p.add_argument("--train-scenes", type=positive_int, default=8000)
-    p.add_argument("--val-scenes", type=positive_int, default=500)
+    p.add_argument("--train-scenes", type=scene_count_arg, default=8000)
+    p.add_argument("--val-scenes", type=scene_count_arg, default=500)
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--steps", type=positive_int, default=1500, help="optimiser steps (warm-up, then cosine)")
     p.add_argument("--minutes", type=positive_float, default=15.0, help="stop early after this much wall clock")
@@ -172,6 +173,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    check_scenes_memory(args.train_scenes + args.val_scenes, what="--train-scenes + --val-scenes")
+    if args.init_vision:  # refused before any scene is generated
+        from baselines.ViT.ViT_LRP import load_model_dir
+
+        vit_init = load_model_dir(args.init_vision)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
@@ -180,7 +186,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.init_vision:
         from baselines.ViT.ViT_LRP import load_model_dir
 
-        vit = load_model_dir(args.init_vision)
+        vit = vit_init
         vcfg = model.config.vision_config
         if (vit.embed_dim, len(vit.blocks), vit.patch_embed.patch_size[0], vit.patch_embed.img_size[0]) != \
                 (vcfg.hidden_size, vcfg.num_hidden_layers, vcfg.patch_size, vcfg.image_size):

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.scenes import check_scenes_memory, scene_count_arg  # noqa: E402
 from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_write_text, check_output_dir,
-                         existing_dir, existing_file, file_lock, open_image, positive_int, probability,
+                         existing_dir, existing_file, file_lock, files_sha256, open_image, positive_int, probability,
                          resolve_device, resume_results, run_main)
 
 METHODS = ("generic_attribution", "rollout", "attn_last_layer", "attn_gradcam", "transformer_attribution",
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, type=existing_dir,
                    help="local Hugging Face DetrForObjectDetection / ConditionalDetrForObjectDetection directory")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--scenes", type=positive_int, default=None, help="stand-in: this many generated validation scenes")
+    p.add_argument("--scenes", type=scene_count_arg, default=None,
+                   help="stand-in: this many generated validation scenes (refused when they would not fit in memory)")
     p.add_argument("--scene-seed", type=int, default=0)
     p.add_argument("--images", type=existing_dir, help="real data: the images folder (COCO val2017)")
     p.add_argument("--annotations", type=existing_file, help="real data: COCO instances JSON")
@@ -239,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
-    if (args.scenes is None) == (args.images is None or args.annotations is None):
+    real = (args.images, args.annotations)
+    if (args.scenes is None and None in real) or (args.scenes is not None and real != (None, None)):
         raise CLIError("give either --scenes N (the stand-in) or both --images and --annotations")
+    if args.scenes:  # the pictures and their masks are kept
+        check_scenes_memory(args.scenes, what="--scenes")
     device = resolve_device(args.device)
     check_output_dir(args.output_dir, flag="--output-dir")
 
@@ -250,9 +255,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     gt, pictures = load_data(args)
     if args.shortest is None:
         args.shortest = min(pictures[0][1].size) if args.scenes else 800
-    identity = hashlib.sha256(json.dumps({"scenes": args.scenes, "seed": args.scene_seed, "limit": args.limit,
-                                          "annotations": args.annotations, "threshold": args.threshold,
-                                          "model": os.path.abspath(args.model_dir)}, sort_keys=True).encode()).hexdigest()[:16]
+    from modules.checkpoints import model_dir_sha256
+
+    # content, not only paths: other weights or annotations under the same names are another run
+    identity = hashlib.sha256(json.dumps({
+        "scenes": args.scenes, "seed": args.scene_seed, "limit": args.limit, "annotations": args.annotations,
+        "threshold": args.threshold, "model": os.path.abspath(args.model_dir),
+        "model_sha256": model_dir_sha256(args.model_dir),
+        "data_sha256": files_sha256([args.annotations]) if args.annotations else None},
+        sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.output_dir, "results.json")
     with file_lock(os.path.join(args.output_dir, ".lock"), what=args.output_dir):
         results = {"identity": identity, "data": "scenes stand-in (not COCO)" if args.scenes else "COCO",

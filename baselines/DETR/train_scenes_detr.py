@@ -39,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.scenes import NUM_CLASSES, SCENE_VERSION, SceneConfig, generate_scene
+from data.scenes import check_scenes_memory, scene_count_arg  # noqa: E402
 from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, int_range, positive_float,
                          positive_int, resolve_device, run_main)
 
@@ -209,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained)")
     p.add_argument("--kind", choices=("conditional_detr", "detr"), default="conditional_detr")
-    p.add_argument("--train-scenes", type=positive_int, default=8000)
-    p.add_argument("--val-scenes", type=positive_int, default=200)
+    p.add_argument("--train-scenes", type=scene_count_arg, default=8000)
+    p.add_argument("--val-scenes", type=scene_count_arg, default=200)
     p.add_argument("--size", type=int_range(64, 512), default=96, help="picture side (pixels)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--minutes", type=positive_float, default=20.0, help="training time budget (wall clock)")
@@ -234,6 +235,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    check_scenes_memory(args.train_scenes + args.val_scenes, args.size, what="--train-scenes + --val-scenes")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train = scene_pool(args.train_scenes, args.seed, "train", args.size)

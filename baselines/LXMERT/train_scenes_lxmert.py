@@ -28,8 +28,9 @@ from tqdm import tqdm
 from baselines.LXMERT.scene_vqa import (ANSWERS, FEATURE_DIM, FEATURE_VERSION, MAX_BOXES, build_tokenizer,
                                         encode_questions, scene_boxes)
 from data.scenes import SCENE_VERSION, generate_scene, scene_questions
-from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, int_range, positive_float,
-                         positive_int, resolve_device, run_main)
+from data.scenes import scene_count_arg  # noqa: E402
+from modules.cli import (CLIError, add_device_arg, atomic_directory, check_memory, check_output_dir, int_range,
+                         positive_float, positive_int, resolve_device, run_main)
 
 QTYPES = ("existence", "count", "colour", "shape", "relation")
 
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained + tokenizer)")
-    p.add_argument("--train-scenes", type=positive_int, default=6000, help="training scenes (split 'train')")
-    p.add_argument("--val-scenes", type=positive_int, default=600, help="validation scenes (split 'val')")
+    p.add_argument("--train-scenes", type=scene_count_arg, default=6000, help="training scenes (split 'train')")
+    p.add_argument("--val-scenes", type=scene_count_arg, default=600, help="validation scenes (split 'val')")
     p.add_argument("--seed", type=int, default=0, help="data seed (scenes) and training seed")
     p.add_argument("--minutes", type=positive_float, default=18.0, help="training time budget (wall clock)")
     p.add_argument("--max-steps", type=positive_int, default=100000, help="stop after this many steps")
@@ -118,6 +119,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    n = args.train_scenes + args.val_scenes  # the questions' box features are kept: about 64 KiB a scene
+    check_memory(n * 64 * 1024, f"--train-scenes + --val-scenes {n}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()

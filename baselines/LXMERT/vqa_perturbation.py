@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_write_text, check_output_dir,
-                         existing_dir, existing_file, file_lock, resume_results, positive_int, resolve_device, run_main)
+from data.scenes import scene_count_arg  # noqa: E402
+from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_write_text, check_memory, check_output_dir,
+                         existing_dir, existing_file, file_lock, files_sha256, positive_int, resolve_device, resume_results, run_main)
 from modules.explain import explain
 from modules.ranking import DEFAULT_TIE_BREAK, TIE_BREAKS, top_k_masks
 
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, type=existing_dir,
                    help="local Hugging Face LxmertForQuestionAnswering directory with its tokenizer")
     p.add_argument("--output-dir", required=True, help="results.json, table.md, perturbation.png")
-    p.add_argument("--scenes", type=positive_int, default=None,
+    p.add_argument("--scenes", type=scene_count_arg, default=None,
                    help="stand-in: questions about this many generated validation scenes")
     p.add_argument("--scene-seed", type=int, default=0, help="stand-in: scene seed")
     p.add_argument("--questions", type=existing_file, help="real data: VQA v2 questions JSON")
@@ -309,8 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _identity(args: argparse.Namespace, n_items: int) -> str:
     keys = ("scenes", "scene_seed", "questions", "annotations", "features", "limit", "max_length", "tie_break",
             "tie_seed", "seed")
-    text = json.dumps({k: getattr(args, k) for k in keys} | {"items": n_items,
-                                                            "model": os.path.abspath(args.model_dir)}, sort_keys=True)
+    from modules.checkpoints import model_dir_sha256
+
+    # content, not only paths: other weights or data under the same names are another run
+    data = [p for p in (args.questions, args.annotations, args.features) if p is not None]
+    text = json.dumps({k: getattr(args, k) for k in keys} | {
+        "items": n_items, "model": os.path.abspath(args.model_dir), "model_sha256": model_dir_sha256(args.model_dir),
+        "data_sha256": files_sha256(data) if data else None}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -328,6 +334,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     # the one loader: safe file kinds, one-line errors, finite weights
     model = load_pretrained(LxmertForQuestionAnswering, args.model_dir).to(device).eval()
     tokenizer = load_pretrained_part(AutoTokenizer, args.model_dir, "tokenizer")
+    if args.scenes:  # the questions' box features are kept: about 64 KiB a scene
+        check_memory(args.scenes * 64 * 1024, f"--scenes {args.scenes}")
     items = scene_items(args.scenes, args.scene_seed) if args.scenes else real_items(*real, args.limit)
     if args.limit:
         items = items[:args.limit]

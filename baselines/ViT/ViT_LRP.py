@@ -518,9 +518,10 @@ def load_model(name: str, weights: Optional[str] = None) -> VisionTransformer:
     Without weights the model is randomly initialised."""
     if weights is not None and os.path.isdir(weights):
         return load_model_dir(weights)
+    state = read_state_dict(weights) if weights is not None else None  # a bad file is refused before any model is built
     model = create_model(name)
-    if weights is not None:
-        load_checkpoint(model, weights)
+    if state is not None:
+        load_checkpoint_state(model, state, weights)
     return model.eval()
 
 

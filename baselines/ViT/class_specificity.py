@@ -43,6 +43,7 @@ run's identity, checked on resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -61,7 +62,8 @@ import torch
 from baselines.ViT.class_specificity_metrics import class_sensitive, own_share, pointing_hits, positive_mass
 from baselines.ViT.ViT_explanation_generator import explain, upsample
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError
-from modules.cli import CLIError
+from modules.cli import (CLIError, atomic_write_json, atomic_write_text, check_output_dir, file_lock, files_sha256,
+                         prepare_run_folder, resolve_device)
 from modules.explain import supported_methods
 from modules.generic import UNMODIFIED_MODEL_HELP, model_logits, require_methods
 from modules.methods import EVAL_START_LAYER, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
@@ -371,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device (default: %(default)s)")
     p.add_argument("--num-overlays", type=int, default=2, help="pictures drawn with a map per class per method "
                    "(default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="skip the pictures already in --output-dir/per_image.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip the pictures already in --output-dir/per_image.jsonl "
+                   "(refused when the model's weights, the pictures or the methods differ)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -383,11 +387,7 @@ def _fail(msg: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def _read_done(path: str) -> Dict[int, Dict]:
@@ -404,6 +404,13 @@ def _read_done(path: str) -> Dict[int, Dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    """Run the benchmark; returns the summary written to results.json (bad
+    input: one line on stderr, exit 2)."""
+    with contextlib.ExitStack() as stack:  # the output folder's lock, released on return or error
+        return _main(argv, stack)
+
+
+def _main(argv: Optional[Sequence[str]], stack: contextlib.ExitStack) -> Dict:
     from tqdm import tqdm
 
     from baselines.ViT.imagenet_seg_eval import load_eval_model
@@ -419,9 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     try:
         methods = (None if args.methods is None else
                    list(dict.fromkeys(resolve_method(m).name for m in args.methods)))
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise PairDataError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+        device = resolve_device(args.device)
+        check_output_dir(args.output_dir, flag="--output-dir")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         model, info = load_eval_model(args.model, args.weights, str(device))
@@ -436,25 +442,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                 f"(skipped: {skipped})")
         if args.limit is not None:
             pairs = pairs[:args.limit]
-        os.makedirs(args.output_dir, exist_ok=True)
-        # pictures are keyed by image id, so a run may be resumed with another --limit
+        # pictures are keyed by image id, so a run may be resumed with another --limit; the identity holds the
+        # content of every usable picture and of the annotations (another --image-dir is another run)
+        all_pairs, _ = read_pairs(args.annotations, args.image_dir, info["class_names"] or (), info["num_classes"])
         identity = {"annotations": os.path.abspath(args.annotations), "methods": methods,
-                    "model": info["model"], "weights_sha256": info["weights_sha256"], "input_size": list(size)}
-        run_path, lines_path = os.path.join(args.output_dir, "run.json"), os.path.join(args.output_dir, "per_image.jsonl")
+                    "model": info["model"], "weights_sha256": info["weights_sha256"], "input_size": list(size),
+                    "data_sha256": files_sha256([args.annotations] + [p.path for p in all_pairs])}
+        lines_path = os.path.join(args.output_dir, "per_image.jsonl")
+        stack.enter_context(file_lock(args.output_dir, what=f"--output-dir {args.output_dir}"))  # one run per folder
+        resume = prepare_run_folder(args.output_dir, identity, resume=args.resume, overwrite=args.overwrite,
+                                    finished=("results.json",), partial=("per_image.jsonl",))
         done: Dict[int, Dict] = {}
-        if args.resume and os.path.isfile(run_path):
-            with open(run_path) as fh:
-                old = json.load(fh)
-            if old != identity:
-                diff = sorted(k for k in identity if old.get(k) != identity[k])
-                raise PairDataError(f"{run_path} belongs to another run (differs in: {', '.join(diff)}); "
-                                    "remove the folder or drop --resume")
+        if resume:
             done = _read_done(lines_path)
             print(f"resuming: {len(done)} of {len(pairs)} pictures already scored")
-        else:
-            if os.path.exists(lines_path):
-                os.remove(lines_path)
-        _write_json(run_path, identity)
+        elif os.path.exists(lines_path):
+            os.remove(lines_path)  # --overwrite, or a record without results
         todo = [p for p in pairs if p.image_id not in done]
         start = time.time()
         overlays = []
@@ -500,8 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                "overlays": [os.path.relpath(p, args.output_dir) for p in overlays]}
     _write_json(os.path.join(args.output_dir, "results.json"), results)
     table = format_table(summary, methods, title)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as fh:
-        fh.write(table + "\n")
+    atomic_write_text(os.path.join(args.output_dir, "table.md"), table + "\n")
     _plot(os.path.join(args.output_dir, "plot.png"), summary, methods,
           f"{info['model']}: {len(records)} two-class pictures")
     print(table)

@@ -30,7 +30,11 @@ from baselines.ViT import perturbation_eval as pe
 from baselines.ViT.perturbation_data import RESULTS_NAME, read_results
 from baselines.ViT.perturbation_metrics import DEFAULT_TIE_BREAK, DEFAULT_TIE_SEED, DIRECTIONS, TIE_BREAKS
 from baselines.ViT.ViT_LRP import CheckpointError, load_model
-from modules.cli import atomic_write_json, atomic_write_text
+from modules.cli import (CLIError, atomic_write_json, atomic_write_text, check_output_dir, int_range,
+                         non_negative_int, positive_int, resolve_device)
+
+MAX_DEMO_IMAGES = 10 ** 6
+"""Most stand-in images --n-val writes (to disk, one at a time)."""
 from modules.methods import METHOD_CHOICES, METHOD_NAMES, METHODS, resolve_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,16 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="model directory (config.json + model.safetensors)")
     p.add_argument("--data-dir", default=os.path.join("outputs", "demo", "data", "val"),
                    help="validation ImageFolder tree; written with data/synthetic.py when missing")
-    p.add_argument("--n-val", type=int, default=None,
-                   help="images to write when --data-dir is missing; None: the model config's n_val, else 400")
+    p.add_argument("--n-val", type=int_range(1, MAX_DEMO_IMAGES), default=None,
+                   help=f"images to write when --data-dir is missing (1..{MAX_DEMO_IMAGES}); None: the model config's "
+                        "n_val, else 400")
     p.add_argument("--output-dir", default=os.path.join("outputs", "demo", "perturbation"),
                    help="maps go to OUTPUT_DIR/METHOD/VIS_CLASS; the table to OUTPUT_DIR")
     p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_CHOICES, help="methods")
     p.add_argument("--vis-class", default="top", choices=("top", "target"), help="explained class")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only this many images (evenly spaced)")
-    p.add_argument("--batch-size", type=int, default=50, help="images per batch")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only this many images (evenly spaced)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="images per batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--num-workers", type=int, default=0, help="image-loading worker processes")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="image-loading worker processes")
     p.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, choices=TIE_BREAKS,
                    help="order among pixels of equal relevance (see perturbation_eval.py --help)")
     p.add_argument("--tie-seed", type=int, default=DEFAULT_TIE_SEED, help="seed of the random tie order")
@@ -176,6 +181,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = json.load(f)
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    try:  # refused before the data are written
+        resolve_device(args.device)
+        check_output_dir(args.output_dir, flag="--output-dir")
+        if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+            raise CLIError(f"--data-dir {args.data_dir}: exists and is not a directory")
+        if not (os.path.isdir(args.data_dir) and os.listdir(args.data_dir)):
+            check_output_dir(args.data_dir, create=False, flag="--data-dir")
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     ensure_data(args.data_dir, cfg, int(model.default_cfg["input_size"][-1]), args.n_val)
 

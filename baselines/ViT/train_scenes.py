@@ -335,6 +335,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 1 <= args.min_objects <= args.max_objects <= 4:
         parser.error("need 1 <= --min-objects <= --max-objects <= 4")
+    for name in ("warmup", "eval_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    from data.scenes import MAX_COUNT, MAX_SIZE, check_scenes_memory
+    from modules.cli import MAX_THREADS, CLIError, check_output_dir, resolve_device
+    if args.size > MAX_SIZE or args.pool_size > MAX_COUNT or args.n_val > MAX_COUNT or args.threads > MAX_THREADS:
+        parser.error(f"--size must be at most {MAX_SIZE}, --pool-size and --n-val at most {MAX_COUNT}, --threads at "
+                     f"most {MAX_THREADS}")
+    try:  # everything that can be refused is refused before the scenes are generated
+        resolve_device(args.device)
+        check_scenes_memory(args.pool_size + args.n_val, args.size, args.max_objects, what="--pool-size + --n-val")
+        check_output_dir(args.out_dir, flag="--out-dir")
+        if args.checkpoint_dir is not None:
+            check_output_dir(args.checkpoint_dir, flag="--checkpoint-dir")
+    except CLIError as exc:
+        parser.exit(2, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
     try:
         model, history = train(args)

@@ -35,8 +35,9 @@ import torch
 from tqdm import tqdm
 
 from data.scenes import CLASS_NAMES, COLOUR_NAMES, SIZES, join_phrases, word_tokenizer
-from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, int_range, positive_float,
-                         positive_int, resolve_device, run_main)
+from data.scenes import scene_count_arg  # noqa: E402
+from modules.cli import (CLIError, add_device_arg, atomic_directory, check_memory, check_output_dir, int_range,
+                         positive_float, positive_int, resolve_device, run_main)
 
 __all__ = ["FRENCH_SHAPES", "FRENCH_COLOURS", "FRENCH_SIZES", "translate", "sample_pairs", "build_tokenizer",
            "make_model", "exact_match"]
@@ -134,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained + tokenizer)")
-    p.add_argument("--train-pairs", type=positive_int, default=20000)
-    p.add_argument("--val-pairs", type=positive_int, default=500)
+    p.add_argument("--train-pairs", type=scene_count_arg, default=20000)
+    p.add_argument("--val-pairs", type=scene_count_arg, default=500)
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (warm-up, then cosine)")
     p.add_argument("--minutes", type=positive_float, default=15.0, help="stop early after this much wall clock")
@@ -152,6 +153,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    n = args.train_pairs + args.val_pairs  # sentence pairs and their ids are kept: about 1 KiB a pair
+    check_memory(n * 1024, f"--train-pairs + --val-pairs {n}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
