@@ -1,0 +1,551 @@
+"""Every command-line script against every class of bad input it accepts (issue 27 item 5).
+
+The scripts are found, not listed: every ``.py`` under the script folders
+that defines ``build_parser()`` and ``main()`` is a row, so a script is
+covered the day it lands.  Its parser says which classes of bad input it
+accepts (:func:`cases`):
+
+missing path     each input path flag given a path that does not exist
+wrong kind       each input path flag given a folder where a file is read,
+                 a file of random bytes where a folder (or a file) is read
+hostile pickle   each model flag given a folder (or file) whose weights are
+                 a pickle that would create a marker folder when unpickled
+truncated        the same with ``model.safetensors`` cut in half
+NaN weights      the same with one weight NaN
+unwritable out   each output flag given a path below a regular file
+out of range     each count / size / batch flag given -1, and the sizes whose
+                 memory can be estimated (scenes, pictures) an absurd 10**12
+--device meta    where the script has ``--device``
+
+Each case runs in-process (``main(argv)``, ``SystemExit`` caught, stdout and
+stderr captured; a few seconds' alarm stops a script that starts real work
+instead of refusing) and must: raise nothing (no traceback), exit != 0,
+never create the marker, and leave every file that existed before (inputs,
+shipped models) byte-identical.  The other flags of a case come from a short
+table of working argument lists (:data:`BASE`: what reaches the code under
+test, e.g. model loading after the data checks); a script missing from it
+gets its required flags filled from their types and names.
+
+``test_a_broken_script_fails_the_matrix`` runs the same checks on a script
+that loads its checkpoint with a plain pickle and lets a missing file raise:
+the matrix must report both.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import io
+import itertools
+import os
+import pickle
+import re
+import shutil
+import signal
+import sys
+import types
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(ROOT, "samples")
+SCRIPT_FOLDERS = ("baselines", "BERT_explainability", "BERT_rationale_benchmark", "data", "notebooks", "benchmarks")
+
+# Scripts with a __main__ but no build_parser() yet (thin wrappers or demos);
+# a new script is not allowed to join this list (test_every_script_has_a_parser).
+NO_PARSER = {
+    "baselines.ViT.demo_segmentation", "baselines.ViT.pertubation_eval_from_hdf5",
+    "BERT_rationale_benchmark.synthetic_reviews", "benchmarks.device_consistency", "benchmarks.explain_speed",
+}
+
+# (script, case id prefix) -> why the case is not run: a flag whose "bad" value is legitimate there.
+NOT_BAD: Dict[Tuple[str, str], str] = {
+    ("baselines.ViT.demo_perturbation", "missing-path --data-dir"): "a missing --data-dir is written (documented)",
+    ("baselines.ViT.train_scenes", "missing-path --checkpoint-dir"): "an output folder, created",
+    ("baselines.ViT.train_scenes", "missing-path --pool-cache"): "a cache file, written when missing",
+}
+
+ALARM_S = 20  # a case that has not refused within this many seconds started real work
+
+
+def discover() -> List[str]:
+    """Module names of every script: a .py under SCRIPT_FOLDERS with build_parser() and main()."""
+    found = []
+    for folder in SCRIPT_FOLDERS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+            for name in sorted(filenames):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+                if re.search(r"^def build_parser\(", text, re.M) and re.search(r"^def main\(", text, re.M):
+                    found.append(os.path.relpath(path, ROOT)[:-3].replace(os.sep, "."))
+    return found
+
+
+def scripts_with_main() -> List[str]:
+    found = []
+    for folder in SCRIPT_FOLDERS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+            for name in sorted(filenames):
+                if name.endswith(".py"):
+                    with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                        if "__name__ == \"__main__\"" in f.read():
+                            found.append(os.path.relpath(os.path.join(dirpath, name), ROOT)[:-3].replace(os.sep, "."))
+    return found
+
+
+SCRIPTS = discover()
+
+
+# --------------------------------------------------------------------------
+# Fixtures: small inputs, corrupted models
+# --------------------------------------------------------------------------
+class _Hostile:
+    """Unpickling this creates the marker folder (harmless, but proof that code ran)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _write_hostile(path: str, marker: str) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({"weight": _Hostile(marker)}, f, protocol=2)
+
+
+def _truncate(path: str) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def _nan(path: str) -> None:
+    from safetensors.torch import load_file, save_file
+    state = load_file(path)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+
+
+class Fixtures:
+    """Inputs shared by all cases (built once per session under ``root``)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.marker = os.path.join(root, "MARKER-hostile-pickle-ran")
+        self.junk = os.path.join(root, "junk.bin")
+        with open(self.junk, "wb") as f:
+            f.write(bytes(range(256)) * 8)
+        self.empty_dir = os.path.join(root, "empty_dir")
+        os.makedirs(self.empty_dir)
+        self.a_file = os.path.join(root, "a_regular_file")
+        with open(self.a_file, "w") as f:
+            f.write("not a folder\n")
+        from data.scenes import main as scenes_main
+        self.scenes = os.path.join(root, "scenes")
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            assert scenes_main(["--out-dir", self.scenes, "--split", "val", "--count", "2", "--seed", "1",
+                                "--size", "48", "--quiet"]) == 0
+        import numpy as np
+        self.features = os.path.join(root, "feats.npz")
+        np.savez(self.features, features=np.ones((3, 314), np.float32),
+                 boxes=np.array([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 48, 48]], np.float32))
+        self._variants: Dict[Tuple[str, str], str] = {}
+
+    def variant(self, source: str, kind: str) -> str:
+        """A copy of the model folder or weights file ``source`` with its weights
+        made ``kind`` ("hostile", "truncated", "nan")."""
+        key = (source, kind)
+        if key in self._variants:
+            return self._variants[key]
+        base = os.path.basename(os.path.normpath(source))
+        target = os.path.join(self.root, "variants", f"{kind}-{base}")
+        if os.path.isdir(source):
+            shutil.copytree(source, target)
+            weights = os.path.join(target, "model.safetensors")
+            if kind == "hostile":
+                os.remove(weights)
+                _write_hostile(os.path.join(target, "pytorch_model.bin"), self.marker)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if kind == "hostile":
+                target = os.path.splitext(target)[0] + ".pth"
+                _write_hostile(target, self.marker)
+            else:
+                shutil.copy(source, target)
+            weights = target
+        if kind == "truncated":
+            _truncate(weights)
+        elif kind == "nan":
+            _nan(weights)
+        self._variants[key] = target
+        return target
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return Fixtures(str(tmp_path_factory.mktemp("cli_matrix")))
+
+
+# Working argument lists ("{out}" is the case's own output folder): they get
+# each case past the checks that come before the code it targets.
+BASE: Dict[str, Callable[[Fixtures], List[str]]] = {
+    "baselines.ViT.visualize": lambda f: [
+        "--image", os.path.join(f.scenes, "val", "000000.png"), "--weights", f"{SAMPLES}/synthetic_vit",
+        "--out", "{out}/v.png"],
+    "baselines.ViT.class_specificity": lambda f: [
+        "--annotations", f"{f.scenes}/annotations/instances_val.json", "--image-dir", f"{f.scenes}/val",
+        "--weights", f"{SAMPLES}/synthetic_scenes_vit", "--output-dir", "{out}", "--limit", "1", "--quiet"],
+    "baselines.ViT.imagenet_seg_eval": lambda f: [
+        "--imagenet-seg-path", f"{f.scenes}/val_gtsegs.mat", "--weights", f"{SAMPLES}/synthetic_scenes_vit",
+        "--limit", "1", "--output-dir", "{out}", "--quiet"],
+    "baselines.ViT.generate_visualizations": lambda f: [
+        "--imagenet-validation-path", f"{f.scenes}/imagefolder_val", "--weights", f"{SAMPLES}/synthetic_vit",
+        "--limit", "1", "--num-workers", "0", "--output-dir", "{out}"],
+    "baselines.ViT.demo_perturbation": lambda f: [
+        "--weights", f"{SAMPLES}/synthetic_vit", "--data-dir", f"{f.scenes}/imagefolder_val", "--limit", "1",
+        "--output-dir", "{out}"],
+    "baselines.faithfulness_eval": lambda f: [
+        "--weights", f"{SAMPLES}/synthetic_vit", "--synthetic", "2", "--limit", "1", "--steps", "2",
+        "--output-dir", "{out}", "--quiet"],
+    "baselines.LXMERT.vqa_perturbation": lambda f: [
+        "--model-dir", f"{SAMPLES}/synthetic_scenes_lxmert", "--scenes", "1", "--methods", "random",
+        "--output-dir", "{out}"],
+    "baselines.LXMERT.explain_vqa": lambda f: [
+        "--model-dir", f"{SAMPLES}/synthetic_scenes_lxmert", "--image", f"{f.scenes}/val/000000.png",
+        "--question", "is there a cube", "--features", f.features, "--out", "{out}/q.png"],
+    "baselines.DETR.detr_masks": lambda f: [
+        "--model-dir", f"{SAMPLES}/synthetic_scenes_detr", "--image", f"{f.scenes}/val/000000.png",
+        "--out", "{out}/m.png"],
+    "baselines.DETR.detr_mask_eval": lambda f: [
+        "--model-dir", f"{SAMPLES}/synthetic_scenes_detr", "--scenes", "1", "--output-dir", "{out}"],
+    "BERT_explainability.explain_generation": lambda f: [
+        "--model-dir", f"{SAMPLES}/synthetic_translation_bart", "--text", "a red cube", "--out", "{out}/g.html"],
+    "data.scenes": lambda f: ["--out-dir", "{out}", "--count", "1", "--size", "48", "--quiet"],
+    "data.synthetic": lambda f: ["--out", "{out}", "--n-val", "1", "--size", "32"],
+}
+
+# --------------------------------------------------------------------------
+# Which flags are what (from the parser)
+# --------------------------------------------------------------------------
+_OUTPUT = re.compile(r"^(out|output|out_dir|output_dir|html|score_file|save_dir)$")
+_INPUT = re.compile(r"(path|dir|file|weights|annotations|image|images|questions|features|params|results|init|"
+                    r"checkpoint|boxes|notebooks|pretrained|text_model|data)")
+_MODEL = re.compile(r"^(weights|model_dir|init|init_vision|checkpoint|text_model|model)$")
+_SIZE = re.compile(r"(count|size|scenes|limit|batch|steps|epochs|workers|threads|repeats|tokens|length|queries|"
+                   r"hidden|d_model|pairs|n_val|n_train|overlays|every|warmup|timeout|objects|per_type|num_labels|"
+                   r"synthetic)")
+_NOT_SIZE = re.compile(r"(seed|start|index|layer|gap|tie)")
+# sizes whose memory grows with the value: refused up front when absurd (issue 27 item 3)
+_BOUNDED = re.compile(r"^(scenes|count|size|synthetic|n_val|n_train|train_scenes|val_scenes|train_pairs|val_pairs)$")
+_NUMERIC_TYPES = ("int", "float")
+_UNIQUE = itertools.count()
+
+
+def _type_name(action: argparse.Action) -> str:
+    return getattr(action.type, "__name__", "") if action.type is not None else ""
+
+
+def _flag(action: argparse.Action) -> Optional[str]:
+    longs = [s for s in action.option_strings if s.startswith("--")]
+    return longs[0] if longs else None
+
+
+def is_output(a: argparse.Action) -> bool:
+    return _OUTPUT.match(a.dest) is not None
+
+
+def is_input_path(a: argparse.Action) -> bool:
+    if _flag(a) is None or a.nargs == 0 or a.choices or is_output(a) or _type_name(a) in _NUMERIC_TYPES:
+        return False
+    return _type_name(a).startswith("existing_") or _INPUT.search(a.dest) is not None
+
+
+_WANTS_DIR = re.compile(r"(dir|folder|model_dir|init_vision|text_model)$")
+_WANTS_FILE = re.compile(r"(file|json|annotations|questions|features|results|params|boxes|image|seg_path)$")
+
+
+def expects(a: argparse.Action, current: Optional[str]) -> Optional[str]:
+    """"dir" or "file": what the flag reads (its type, its name, else its working value); None if unknown."""
+    kind = _type_name(a)
+    if kind == "existing_dir" or _WANTS_DIR.search(a.dest):
+        return "dir"
+    if kind == "existing_file" or _WANTS_FILE.search(a.dest):
+        return "file"
+    if current is not None and os.path.exists(current):
+        return "dir" if os.path.isdir(current) else "file"
+    return None
+
+
+def is_size(a: argparse.Action) -> bool:
+    return (_flag(a) is not None and _type_name(a) == "int" and a.nargs in (None, "?", "+", "*")
+            and _SIZE.search(a.dest) is not None and _NOT_SIZE.search(a.dest) is None)
+
+
+def _values(argv: Sequence[str], flag: str) -> Optional[List[str]]:
+    if flag not in argv:
+        return None
+    i = list(argv).index(flag) + 1
+    out = []
+    while i < len(argv) and not argv[i].startswith("--"):
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _with(argv: Sequence[str], flag: str, *values: str) -> List[str]:
+    """``argv`` with ``flag`` (and its values) replaced by ``flag values``."""
+    out, i = [], 0
+    argv = list(argv)
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out + [flag, *values]
+
+
+def base_argv(module: str, parser: argparse.ArgumentParser, f: Fixtures) -> List[str]:
+    """A working argument list: the table's, else the required flags filled in."""
+    if module in BASE:
+        return BASE[module](f)
+    argv: List[str] = []
+    for a in parser._actions:
+        flag = _flag(a)
+        if not a.required or flag is None:
+            continue
+        if a.choices:
+            value = str(list(a.choices)[0])
+        elif is_output(a):
+            value = "{out}/" + a.dest
+        elif _type_name(a) == "existing_dir" or re.search(r"dir|path", a.dest):
+            value = f.empty_dir
+        elif is_input_path(a):
+            value = f.a_file
+        elif _type_name(a) in _NUMERIC_TYPES:
+            value = "1"
+        else:
+            value = "x"
+        argv += [flag, value]
+    return argv
+
+
+def cases(module: str, parser: argparse.ArgumentParser, f: Fixtures) -> List[Tuple[str, List[str]]]:
+    """(case id, argv) for every class of bad input the parser accepts."""
+    base = base_argv(module, parser, f)
+    out: List[Tuple[str, List[str]]] = []
+    for a in parser._actions:
+        flag = _flag(a)
+        if flag is None:
+            continue
+        if is_input_path(a):
+            current = (_values(base, flag) or [None])[0]
+            missing = os.path.join(f.root, "no", "such", f"path{next(_UNIQUE)}")  # never created by an earlier case
+            out.append((f"missing-path {flag}", _with(base, flag, missing)))
+            wants = expects(a, current)
+            if wants == "dir":
+                out.append((f"wrong-kind {flag}", _with(base, flag, f.a_file)))
+            elif wants == "file":
+                out.append((f"wrong-kind {flag}", _with(base, flag, f.empty_dir)))
+            if wants != "dir":
+                out.append((f"junk-file {flag}", _with(base, flag, f.junk)))
+            usable = current is not None and (os.path.isfile(os.path.join(current, "model.safetensors"))
+                                              or (current.endswith(".safetensors") and os.path.isfile(current)))
+            if _MODEL.match(a.dest) and usable:
+                for kind in ("hostile", "truncated", "nan"):
+                    out.append((f"{kind}-weights {flag}", _with(base, flag, f.variant(current, kind))))
+            elif _MODEL.match(a.dest) and a.dest != "model":
+                source = f"{SAMPLES}/synthetic_vit"  # no working model here: the ViT copy's folder stands in
+                for kind in ("hostile", "truncated", "nan"):
+                    out.append((f"{kind}-weights {flag}", _with(base, flag, f.variant(source, kind))))
+        if is_output(a):
+            out.append((f"unwritable-output {flag}", _with(base, flag, os.path.join(f.a_file, "below", "out"))))
+        if is_size(a):
+            out.append((f"negative-size {flag}", _with(base, flag, "-1")))
+            if _BOUNDED.match(a.dest):
+                out.append((f"absurd-size {flag}", _with(base, flag, str(10 ** 12))))
+        if flag == "--device":
+            out.append(("device-meta", _with(base, flag, "meta")))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Running one case in-process
+# --------------------------------------------------------------------------
+class _Alarm(BaseException):
+    """Raised by SIGALRM: the script started work instead of refusing."""
+
+
+def _tree_digest(paths: Sequence[str]) -> Dict[str, str]:
+    digest = {}
+    for top in paths:
+        for dirpath, _, filenames in os.walk(top):
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                with open(p, "rb") as fh:
+                    digest[p] = hashlib.sha256(fh.read()).hexdigest()
+    return digest
+
+
+@contextlib.contextmanager
+def _restored_process_state():
+    threads, dtype, cwd, argv = torch.get_num_threads(), torch.get_default_dtype(), os.getcwd(), list(sys.argv)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        os.chdir(cwd)
+        sys.argv = argv
+
+
+def run_case(main: Callable, argv: List[str], alarm_s: int = ALARM_S) -> Tuple[Optional[int], str, Optional[str]]:
+    """(exit status, captured stderr+stdout, escaped exception or None)."""
+    err, out = io.StringIO(), io.StringIO()
+    escaped = None
+    code: Optional[int] = None
+
+    def ring(signum, frame):
+        raise _Alarm()
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(alarm_s)
+    try:
+        with _restored_process_state(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                result = main(argv)
+                code = int(result) if isinstance(result, (int, bool)) and not isinstance(result, bool) else 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _Alarm:
+        escaped = f"still running after {alarm_s} s (started work instead of refusing)"
+    except BaseException as exc:  # noqa: B902 - a traceback is what the matrix looks for
+        escaped = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return code, err.getvalue() + out.getvalue(), escaped
+
+
+def matrix_failures(module: str, main: Callable, parser: argparse.ArgumentParser, f: Fixtures,
+                    work: str) -> List[str]:
+    """Every case of ``module`` run; a list of what went wrong (empty: all refused cleanly)."""
+    failures = []
+    watched = [f.scenes, f.features, f.junk, os.path.join(f.root, "variants"), SAMPLES]
+    before = _tree_digest([p for p in watched if os.path.exists(p)])
+    for n, (case, argv) in enumerate(cases(module, parser, f)):
+        if any(m == module and case.startswith(prefix) for (m, prefix) in NOT_BAD):
+            continue
+        out_dir = os.path.join(work, f"case{n}")
+        argv = [a.replace("{out}", out_dir) for a in argv]
+        code, text, escaped = run_case(main, argv)
+        where = f"{module} [{case}] {' '.join(argv)}"
+        if escaped is not None:
+            failures.append(f"{where}: {escaped}")
+        elif "Traceback (most recent call last)" in text:
+            failures.append(f"{where}: printed a traceback")
+        elif code == 0:
+            failures.append(f"{where}: exit 0 (accepted bad input); output tail: {text.strip()[-200:]!r}")
+        if os.path.exists(f.marker):
+            failures.append(f"{where}: the hostile pickle ran (marker created)")
+            os.rmdir(f.marker)
+    after = _tree_digest([p for p in watched if os.path.exists(p)])
+    changed = sorted(p for p in before if after.get(p) != before[p])
+    if changed:
+        failures.append(f"{module}: existing files changed or removed: {', '.join(changed[:5])}")
+    return failures
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+def test_every_script_has_a_parser():
+    """A script without build_parser() would escape the matrix."""
+    missing = sorted(set(scripts_with_main()) - set(SCRIPTS) - NO_PARSER)
+    assert not missing, f"scripts without build_parser()/main(): {missing}"
+    assert len(SCRIPTS) >= 25, SCRIPTS
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_script_refuses_every_bad_input_in_one_line(module, fx, tmp_path):
+    mod = importlib.import_module(module)
+    failures = matrix_failures(module, mod.main, mod.build_parser(), fx, str(tmp_path))
+    assert not failures, "\n".join(failures)
+
+
+# The cheap working argument lists run for real: the cases built on them reach
+# the code they target instead of failing on the working part (the others were
+# checked by hand when added: class_specificity, imagenet_seg_eval, the VQA
+# and DETR benchmarks, demo_perturbation each finish in 4-90 s).
+QUICK_BASES = ("baselines.ViT.visualize", "baselines.ViT.generate_visualizations", "baselines.LXMERT.explain_vqa",
+               "BERT_explainability.explain_generation", "data.scenes", "data.synthetic")
+
+
+@pytest.mark.parametrize("module", QUICK_BASES)
+def test_working_arguments_work(module, fx, tmp_path):
+    mod = importlib.import_module(module)
+    argv = [a.replace("{out}", str(tmp_path / "out")) for a in BASE[module](fx)]
+    code, text, escaped = run_case(mod.main, argv, alarm_s=120)
+    assert escaped is None and code == 0, f"{module} {' '.join(argv)}: exit {code}, {escaped}; {text[-300:]}"
+
+
+def _broken_script(tmp_path) -> types.ModuleType:
+    """A new script written without the project's plumbing: its checkpoint is
+    unpickled with weights_only=False, a missing file raises, sizes are unchecked."""
+    mod = types.ModuleType("broken_script")
+
+    def build_parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--weights", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--batch-size", type=int, default=2)
+        p.add_argument("--device", default="cpu")
+        return p
+
+    def main(argv=None):
+        args = build_parser().parse_args(argv)
+        if args.weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(args.weights)
+        else:
+            state = torch.load(args.weights, weights_only=False)  # the mistake the one loader exists to prevent
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(str(len(state) * args.batch_size))
+        return 0
+
+    mod.build_parser, mod.main = build_parser, main
+    return mod
+
+
+def test_a_broken_script_fails_the_matrix(fx, tmp_path):
+    weights = os.path.join(fx.root, "broken-ok.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.ones(2, 2)}, weights)
+    mod = _broken_script(tmp_path)
+    BASE["broken_script"] = lambda f: ["--weights", weights, "--out", "{out}/r.txt"]
+    try:
+        failures = matrix_failures("broken_script", mod.main, mod.build_parser(), fx, str(tmp_path))
+    finally:
+        del BASE["broken_script"]
+    text = "\n".join(failures)
+    assert "[missing-path --weights]" in text and "FileNotFoundError" in text  # a traceback escaped
+    assert "[hostile-weights --weights]" in text and "marker created" in text  # the pickle ran
+    assert "[negative-size --batch-size]" in text and "exit 0" in text
+    assert not os.path.exists(fx.marker)
