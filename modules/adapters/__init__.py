@@ -59,6 +59,8 @@ def _load_library_adapters() -> None:
         import modules.adapters.vlm  # noqa: F401
     if "open_clip" in sys.modules:
         import modules.adapters.open_clip_models  # noqa: F401
+    if "transformers" in sys.modules:
+        import modules.adapters.generic_hf  # noqa: F401
     if "timm" in sys.modules or "transformers" in sys.modules:
         try:
             import modules.adapters.swin  # noqa: F401
@@ -70,7 +72,7 @@ def adapter_for(model: nn.Module) -> "Adapter":
     """The adapter of ``model``'s family; :class:`UnsupportedModelError` naming
     what is supported otherwise."""
     _load_library_adapters()
-    for cls in _REGISTRY:
+    for cls in sorted(_REGISTRY, key=lambda c: c.fallback):  # the generic path only where no adapter applies
         if cls.matches(model):
             return cls(model)
     raise UnsupportedModelError(f"unsupported model {type(model).__name__}; supported: "
@@ -118,6 +120,7 @@ class Adapter:
     family: ClassVar[str] = ""
     examples: ClassVar[Sequence[str]] = ()
     copy: ClassVar[bool] = False  # True: an LRP copy (every method)
+    fallback: ClassVar[bool] = False  # True: the generic path, tried after every other adapter
     notes: ClassVar[str] = ""
     options: ClassVar[Tuple[str, ...]] = ()  # explain() options the adapter takes (see configure)
 

@@ -264,7 +264,7 @@ class HFTextClassifierAdapter(_HFAdapter):
             weights, self_column = one_hot_rows(B, N, 0, real.device, dtype), 0
         elif self.pooling == "mean":
             weights = real.to(dtype) / real.sum(dim=1, keepdim=True).to(dtype)
-        elif self.pooling == "token":  # the explained token's own row; its column kept
+        elif self.pooling in ("token", "row"):  # token t's row (token heads; "row": the generic path's), column kept
             weights = one_hot_rows(B, N, feed["_rows"], real.device, dtype)
         else:
             weights = one_hot_rows(B, N, self.pooled_position(feed["input_ids"]), real.device, dtype)

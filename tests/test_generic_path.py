@@ -1,0 +1,110 @@
+"""The generic path for Hugging Face classifiers no adapter names (issue 26, item 1).
+
+Tiny random configs of families without an adapter (Data2VecVision, MPNet,
+LayoutLM, BigBird in full attention, an MPNet token head): the generic
+adapters take them; finite maps of the documented shape, a padded batch
+equal to each sample alone (float64), the model exactly as found.  Where a
+dedicated adapter also applies (BERT, GPT-2, ViT, BEiT) the generic path,
+forced by hiding the class from the dedicated adapter, gives the same maps
+for every method.  What it cannot read is refused in one line.
+"""
+import pytest
+import torch
+import transformers as tf
+
+from modules.adapters import adapter_for, hf_models
+from modules.attention_capture import UnsupportedModelError
+from modules.explain import explain
+from modules.lrp_scope import UnsupportedOperationError
+from modules.methods import ATTENTION_METHODS, METHOD_NAMES
+from tests.test_engine_coverage import (B, GRID, IMAGE_FAMILIES, SEQ, TEXT_FAMILIES, TOL64, VOCAB, _hf, _text,
+                                        _vision, images, text_batch)
+from tests.test_generic import _assert_unchanged, _snapshot
+
+tf.logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# name -> (builder, every method runs (True) or the LRP ones are refused in one line (False))
+FAMILIES = {
+    "data2vec_vision_mean": (lambda: _hf(tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig,
+                                         **_vision(use_mean_pooling=True, attn_implementation="eager")), True),
+    "data2vec_vision_cls": (lambda: _hf(tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig,
+                                        **_vision(use_mean_pooling=False, attn_implementation="eager")), True),
+    "layoutlm": (lambda: _hf(tf.LayoutLMForSequenceClassification, tf.LayoutLMConfig, **_text()), True),
+    # in-place adds on activations (MPNet's position bias, BigBird's embeddings)
+    # have no LRP rule: the LRP methods are refused in one line, the attention methods run
+    "mpnet": (lambda: _hf(tf.MPNetForSequenceClassification, tf.MPNetConfig, **_text(pad_token_id=1)), False),
+    "bigbird_full": (lambda: _hf(tf.BigBirdForSequenceClassification, tf.BigBirdConfig,
+                                 **_text(attention_type="original_full", pad_token_id=0)), False),
+    "mpnet_token": (lambda: _hf(tf.MPNetForTokenClassification, tf.MPNetConfig, **_text(pad_token_id=1)), False),
+}
+POSITIONS = [6, 2, 1]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_generic_path_family(name):
+    builder, every = FAMILIES[name]
+    model = builder().double()
+    assert "generic path" in adapter_for(model).family
+    image = name.startswith("data2vec")
+    if image:
+        x = images()
+        sample = lambda i: x[i:i + 1]  # noqa: E731
+    else:
+        x = text_batch(pad=getattr(model.config, "pad_token_id", 0) or 0)
+        lengths = x["attention_mask"].sum(1).tolist()
+        if name.endswith("token"):
+            x = dict(x, position=POSITIONS)
+
+        def sample(i):
+            one = {k: v[i:i + 1, :lengths[i]] for k, v in x.items() if k != "position"}
+            return dict(one, position=POSITIONS[i]) if "position" in x else one
+    before = _snapshot(model)
+    for method in METHOD_NAMES if every else ATTENTION_METHODS:
+        got = explain(model, x, method)
+        side = 32 if method in ("lrp", "attnlrp", "cplrp") else GRID
+        assert got.shape == ((B, side, side) if image else (B, SEQ)), method
+        assert torch.isfinite(got).all(), method
+        if not image:
+            assert bool((got[x["attention_mask"] == 0] == 0).all()), method
+        for i in range(B):
+            one = explain(model, sample(i), method)
+            tol = dict(atol=1e-6 * float(one.abs().max()), rtol=0) if method == "lrp" else TOL64
+            torch.testing.assert_close(got[i:i + 1, ..., :one.shape[-1]], one, **tol, msg=method)
+    if not every:
+        with pytest.raises(UnsupportedOperationError) as err:
+            explain(model, x, "transformer_attribution")
+        assert "\n" not in str(err.value) and "_'" in str(err.value)  # an in-place op named
+    _assert_unchanged(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("name, table, key", [
+    ("hf_bert", "TEXT_CLASSES", "BertForSequenceClassification"),
+    ("hf_gpt2", "TEXT_CLASSES", "GPT2ForSequenceClassification"),
+    ("hf_vit", "IMAGE_CLASSES", "ViTForImageClassification"),
+    ("hf_beit", "IMAGE_CLASSES", "BeitForImageClassification"),
+])
+def test_generic_path_equals_the_dedicated_adapter(name, table, key, monkeypatch):
+    image = name in IMAGE_FAMILIES
+    model = (IMAGE_FAMILIES if image else TEXT_FAMILIES)[name]().double()
+    x = images() if image else text_batch(pad=getattr(model.config, "pad_token_id", 0) or 0)
+    assert "generic" not in adapter_for(model).family
+    want = {m: explain(model, x, m) for m in METHOD_NAMES}
+    monkeypatch.delitem(getattr(hf_models, table), key)  # the dedicated adapter no longer names it
+    assert "generic path" in adapter_for(model).family
+    for method in METHOD_NAMES:
+        torch.testing.assert_close(explain(model, x, method), want[method], atol=1e-12, rtol=1e-10, msg=method)
+
+
+def test_what_it_cannot_read_is_refused_in_one_line(monkeypatch):
+    # DINOv2's head reads [CLS] and the mean of the patches: several tokens, no mean pooling in its config
+    model = IMAGE_FAMILIES["hf_dinov2"]().double()
+    monkeypatch.delitem(hf_models.IMAGE_CLASSES, "Dinov2ForImageClassification")
+    with pytest.raises(UnsupportedModelError, match="cannot tell which token the head reads") as err:
+        explain(model, images(), "rollout")
+    assert "\n" not in str(err.value)
+    # an SDPA-only attention class returns no probabilities: the message says to load it eager
+    sdpa = _hf(tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig, **_vision(attn_implementation="sdpa"))
+    with pytest.raises(RuntimeError, match="eager attention") as err:
+        explain(sdpa.double(), images(), "rollout")
+    assert "\n" not in str(err.value)
