@@ -79,7 +79,8 @@ def check_start_layer(start_layer: Optional[int], depth: int, what: str = "start
 
 
 def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution", index: Index = None,
-            start_layer: Optional[int] = None, **options: Any) -> Union[Tensor, Tuple[Tensor, ...]]:
+            start_layer: Optional[int] = None, readout: Any = None,
+            **options: Any) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Raw relevance of the inputs for the explained output.
 
     Parameters
@@ -102,6 +103,13 @@ def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic
         First attention layer of the rollout-type methods; None: 0, or the
         last layer for transformer attribution on text (METHODS.md section 3).
         Models with coupled streams (cross-attention) use every layer.
+    readout:
+        Which token(s) the head reads, for a Hugging Face classifier no
+        adapter names (the generic path, which otherwise finds it from the
+        head's gradient): a token index (int, or one per sample, counted over
+        the sample's real tokens; 0 = [CLS] with its conventions) or
+        ``"mean"`` (the mean of the real tokens' rows; images: of the patch
+        tokens').  Refused for models with an adapter of their own.
     **options:
         Method options on coupled streams: ``generic_attribution`` takes the
         published ablations ``normalize`` and ``self_in_rule_10`` (both True)
@@ -122,11 +130,12 @@ def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic
         single-stream vision-language model (VisualBERT, ViLT: ``.text``
         (B, T), ``.image`` (B, boxes) or (B, gh, gw)).
     """
-    return explain_trace(model, inputs, method, index, start_layer, **options).maps
+    return explain_trace(model, inputs, method, index, start_layer, readout, **options).maps
 
 
 def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution",
-                  index: Index = None, start_layer: Optional[int] = None, **options: Any) -> Explanation:
+                  index: Index = None, start_layer: Optional[int] = None, readout: Any = None,
+                  **options: Any) -> Explanation:
     """:func:`explain`, returning also the explained score, class and the trace."""
     m = resolve_method(method)
     unknown = sorted(set(options) - set(m.options))
@@ -134,6 +143,11 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
         raise ValueError(f"{m.name} takes no option {', '.join(unknown)}"
                          + (f" (it takes {', '.join(m.options)})" if m.options else ""))
     adapter = adapter_for(model)
+    if readout is not None:
+        if not hasattr(adapter, "set_readout"):
+            raise ValueError(f"readout= applies to the generic path (Hugging Face classifiers no adapter names); "
+                             f"{type(model).__name__}'s adapter reads its head itself")
+        adapter.set_readout(readout)
     own = {k: options.pop(k) for k in list(options) if k in adapter.options}
     foreign = sorted(k for k in options if k in m.adapter_options)
     if foreign:

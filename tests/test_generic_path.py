@@ -108,3 +108,46 @@ def test_what_it_cannot_read_is_refused_in_one_line(monkeypatch):
     with pytest.raises(RuntimeError, match="eager attention") as err:
         explain(sdpa.double(), images(), "rollout")
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------
+# The escape hatch: readout=
+# --------------------------------------------------------------------------
+def test_readout_given_equals_the_readout_found():
+    mpnet = FAMILIES["mpnet"][0]().double()
+    x = text_batch(pad=1)
+    d2v = FAMILIES["data2vec_vision_mean"][0]().double()
+    for method in ATTENTION_METHODS:
+        torch.testing.assert_close(explain(mpnet, x, method, readout=0), explain(mpnet, x, method), atol=0, rtol=0)
+        torch.testing.assert_close(explain(d2v, images(), method, readout="mean"), explain(d2v, images(), method),
+                                   atol=0, rtol=0)
+    # a row other than [CLS] (counted over each sample's real tokens) is that row, without the [CLS] conventions
+    got = explain(mpnet, x, "attn_last_layer", readout=[2, 1, 0])
+    assert not torch.allclose(got, explain(mpnet, x, "attn_last_layer"))
+
+
+def test_readout_lets_a_head_the_path_cannot_read_be_explained(monkeypatch):
+    model = IMAGE_FAMILIES["hf_dinov2"]().double()
+    monkeypatch.delitem(hf_models.IMAGE_CLASSES, "Dinov2ForImageClassification")
+    got = explain(model, images(), "generic_attribution", readout=0)  # the user says: the [CLS] row
+    assert got.shape == (B, GRID, GRID) and torch.isfinite(got).all()
+    gpt2 = TEXT_FAMILIES["hf_gpt2"]().double()
+    x = text_batch()
+    want = explain(gpt2, x, "generic_attribution")  # the dedicated adapter: the last real token
+    monkeypatch.delitem(hf_models.TEXT_CLASSES, "GPT2ForSequenceClassification")
+    last = (x["attention_mask"].sum(1) - 1).tolist()
+    torch.testing.assert_close(explain(gpt2, x, "generic_attribution", readout=last), want, atol=1e-12, rtol=1e-10)
+
+
+def test_readout_refusals_are_one_line():
+    bert = TEXT_FAMILIES["hf_bert"]().double()
+    mpnet = FAMILIES["mpnet"][0]().double()
+    token = FAMILIES["mpnet_token"][0]().double()
+    x = text_batch(pad=1)
+    cases = [(bert, text_batch(), 0, "applies to the generic path"), (mpnet, x, "max", "a token index"),
+             (mpnet, x, [9, 0, 0], "outside the samples' real tokens"),
+             (token, dict(x, position=0), 0, "reads token inputs\\['position'\\]")]
+    for model, inputs, readout, msg in cases:
+        with pytest.raises(ValueError, match=msg) as err:
+            explain(model, inputs, "rollout", readout=readout)
+        assert "\n" not in str(err.value)

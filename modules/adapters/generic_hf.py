@@ -22,7 +22,11 @@ Data2VecVision) every outermost ``*Attention`` module whose forward takes
   token (text) or every patch token (image) with the config naming mean
   pooling (``use_mean_pooling``, ``classifier_pooling="mean"``): the mean of
   their rows.  Anything else is refused in one line naming what it found
-  (never a guess).
+  (never a guess) and asking for ``readout=``.
+
+``explain(..., readout=...)`` names the read-out instead of finding it: a
+token index (an int or one per sample, counted over the sample's real
+tokens; 0 is [CLS] with its conventions) or ``"mean"``.
 
 Where a dedicated adapter also applies (Hugging Face BERT, ViT, ...) it is
 used; the generic path gives the same maps there (tested).
@@ -96,12 +100,23 @@ def _mean_pooling(config: Any) -> bool:
 def _cannot_tell(model: nn.Module, rows: Tensor) -> UnsupportedModelError:
     counts = rows.sum(dim=1).tolist()
     return UnsupportedModelError(f"{type(model).__name__}: cannot tell which token the head reads (it depends on "
-                                 f"{counts} tokens per sample and its config names no mean pooling); "
-                                 "a dedicated adapter is needed")
+                                 f"{counts} tokens per sample and its config names no mean pooling): pass readout= "
+                                 "(a token index, one per sample, or 'mean')")
+
+
+class _Readout:
+    """``explain(..., readout=)`` of the generic path: the read-out given, not found."""
+
+    readout_given: Any = None
+
+    def set_readout(self, readout: Any) -> None:
+        if isinstance(readout, str) and readout != "mean":
+            raise ValueError(f"readout={readout!r}: a token index (an int or one per sample) or 'mean'")
+        self.readout_given = readout
 
 
 @register_adapter
-class HFGenericTextAdapter(HFTextClassifierAdapter):
+class HFGenericTextAdapter(_Readout, HFTextClassifierAdapter):
     fallback = True
 
     def attention_layers(self) -> List[AttentionLayer]:
@@ -123,10 +138,25 @@ class HFGenericTextAdapter(HFTextClassifierAdapter):
 
     def prepare(self, inputs, index):
         if self.pooling == "token":
+            if self.readout_given is not None:
+                raise ValueError(f"{type(self.model).__name__}: a token head reads token inputs['position'], "
+                                 "not readout=")
             return super().prepare(inputs, index)
         self.pooling = "cls"  # position refused as for any sequence head; the rows are found below
         feed = super().prepare(inputs, index)
-        rows, real = head_rows(self, feed), feed["_real"]
+        real = feed["_real"]
+        if self.readout_given is not None:
+            from modules.adapters.generation import _contiguous_start, _positions
+
+            if self.readout_given == "mean":
+                self.pooling = "mean"
+                return feed
+            at = _contiguous_start(real, type(self.model).__name__) + _positions(
+                self.readout_given, real.shape[0], real.sum(dim=1), "readout", real.device)
+            self.pooling = "cls" if bool((at == 0).all()) else "row"
+            feed["_rows"] = at
+            return feed
+        rows = head_rows(self, feed)
         if bool((rows.sum(dim=1) == 1).all()):
             at = rows.long().argmax(dim=1)
             self.pooling = "cls" if bool((at == 0).all()) else "row"
@@ -139,7 +169,7 @@ class HFGenericTextAdapter(HFTextClassifierAdapter):
 
 
 @register_adapter
-class HFGenericImageAdapter(HFImageClassifierAdapter):
+class HFGenericImageAdapter(_Readout, HFImageClassifierAdapter):
     fallback = True
 
     def attention_layers(self) -> List[AttentionLayer]:
@@ -160,9 +190,18 @@ class HFGenericImageAdapter(HFImageClassifierAdapter):
 
     def prepare(self, inputs, index):
         feed = super().prepare(inputs, index)
+        gh, gw = feed["_grid"]
+        if self.readout_given is not None:
+            if self.readout_given == "mean":
+                self.pooling = "mean"
+            elif not isinstance(self.readout_given, str) and bool((torch.as_tensor(self.readout_given) == 0).all()):
+                self.pooling = "cls"
+            else:
+                raise ValueError(f"{type(self.model).__name__}: readout={self.readout_given!r}: images take 0 "
+                                 "([CLS]) or 'mean' (the patch tokens after one [CLS])")
+            return feed
         rows = head_rows(self, feed)
         B, N = rows.shape
-        gh, gw = feed["_grid"]
         self.prefix = N - gh * gw
         patches = torch.zeros_like(rows)
         patches[:, self.prefix:] = True
@@ -173,3 +212,12 @@ class HFGenericImageAdapter(HFImageClassifierAdapter):
         else:
             raise _cannot_tell(self.model, rows)
         return feed
+
+    def streams(self, feed, cap):
+        if self.readout_given is not None:  # the prefix from the tokens attended over
+            gh, gw = feed["_grid"]
+            self.prefix = cap.records[0].probs.shape[-1] - gh * gw
+            if self.pooling == "mean" and self.prefix != 1:
+                raise ValueError(f"{type(self.model).__name__}: readout='mean' takes the patch tokens after one "
+                                 f"[CLS]; this model has {self.prefix} prefix tokens")
+        return super().streams(feed, cap)
