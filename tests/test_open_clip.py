@@ -31,6 +31,7 @@ from modules.methods import METHOD_NAMES  # noqa: E402
 from tests.test_generic import _assert_unchanged, _snapshot  # noqa: E402
 
 tf.logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread, much faster under load
 B, IMG, PATCH, T, VOCAB, WIDTH = 3, 32, 8, 8, 60, 32
 GRID = IMG // PATCH
 EOT = (T - 1, 4, 2)  # the padded batch: EOT positions, zeros after
