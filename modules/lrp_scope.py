@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,16 @@ class ScopeState:
     relevance:
         False: backward passes are ordinary gradients; True: relevance
         (TA/LRP) or the rule set's modified gradient (AttnLRP/CP-LRP).
+        Kept in :attr:`switch`, the only part of the state the autograd
+        graph refers to: the graph never refers back to the state and the
+        probabilities it records (no reference cycle, which Python's
+        collector cannot see through the graph: each forward would leak).
+    gradient:
+        Whether a gradient pass will run (transformer attribution's
+        ``d y_c / d A``).  False (rule sets TA and LRP only): the operations'
+        own values are computed without their autograd graph, so the forward
+        keeps only what the rules read (the batch-proportional memory of a
+        second graph is not allocated).
     attentions:
         (module name, probabilities) of every ``scaled_dot_product_attention``
         the scope decomposed, in forward order.
@@ -85,11 +95,25 @@ class ScopeState:
     """
 
     rule_set: str
-    relevance: bool = False
     attentions: List[Tuple[str, Tensor]] = field(default_factory=list)
     ops: int = 0
     module_stack: List[str] = field(default_factory=list)
     opaque: int = 0
+    gradient: bool = True
+    switch: "_Pass" = field(default_factory=lambda: _Pass(), repr=False)
+
+    @property
+    def relevance(self) -> bool:
+        return self.switch.relevance
+
+    @relevance.setter
+    def relevance(self, on: bool) -> None:
+        self.switch.relevance = bool(on)
+
+    @property
+    def graph_free(self) -> bool:
+        """Operations computed without their own graph (no gradient pass, rule set TA or LRP)."""
+        return not self.gradient and not self.gradient_rules
 
     @property
     def gradient_rules(self) -> bool:
@@ -104,19 +128,28 @@ class ScopeState:
         return self.module_stack[-1] if self.module_stack else "the model's forward"
 
 
+class _Pass:
+    """Which pass the switches of one scope run (see :attr:`ScopeState.relevance`)."""
+
+    __slots__ = ("relevance",)
+
+    def __init__(self) -> None:
+        self.relevance = False
+
+
 class _Switch(torch.autograd.Function):
     """``y`` (computed by the operation, with its own graph) in the forward;
     in the backward either the gradient to ``y`` (gradient pass) or
     ``rule(R)`` to the activations (relevance pass)."""
 
     @staticmethod
-    def forward(ctx, state: ScopeState, rule: Callable, y: Tensor, *acts: Tensor) -> Tensor:
-        ctx.state, ctx.rule, ctx.n = state, rule, len(acts)
+    def forward(ctx, flag: _Pass, rule: Callable, y: Tensor, *acts: Tensor) -> Tensor:
+        ctx.flag, ctx.rule, ctx.n = flag, rule, len(acts)
         return y.detach()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        if not ctx.state.relevance:
+        if not ctx.flag.relevance:
             return (None, None, g) + (None,) * ctx.n
         out = ctx.rule(g)
         return (None, None, None) + tuple(out)
@@ -124,10 +157,22 @@ class _Switch(torch.autograd.Function):
 
 def _switch(state: ScopeState, y: Tensor, acts: Sequence[Tensor], rule: Callable) -> Tensor:
     state.ops += 1
-    return _Switch.apply(state, rule, y, *acts)
+    return _Switch.apply(state.switch, rule, y, *acts)
 
 
-def sum_to(g: Tensor, like: Tensor) -> Tensor:
+class _Meta(NamedTuple):
+    """A tensor's shape and dtype: what :func:`sum_to` reads (a rule that
+    keeps only this lets the forward free the tensor)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def _meta(t: Tensor) -> _Meta:
+    return _Meta(t.shape, t.dtype)
+
+
+def sum_to(g: Tensor, like: Union[Tensor, _Meta]) -> Tensor:
     """Reduce a broadcast relevance back to ``like``'s shape and dtype."""
     shape = like.shape
     while g.dim() > len(shape):
@@ -165,14 +210,15 @@ def _identity_rule(state: ScopeState, x: Tensor, y: Tensor) -> Callable:
     """TA/LRP: relevance passes unchanged.  AttnLRP/CP-LRP: the identity rule
     for element-wise non-linearities, local gradient ``y / (x + 1e-10)``."""
     if not state.gradient_rules:
-        return lambda R: (sum_to(R, x),)
+        return _pass_rule(x)
     xv, yv = x.detach(), y.detach()
     return lambda g: (sum_to(g * yv / (xv + 1e-10), x),)
 
 
 def _pass_rule(x: Tensor) -> Callable:
     """Relevance (or the modified gradient) passes unchanged."""
-    return lambda R: (sum_to(R, x),)
+    like = _meta(x)
+    return lambda R: (sum_to(R, like),)
 
 
 def _zero_rule(acts: Sequence[Tensor]) -> Callable:
@@ -187,7 +233,10 @@ def _product_rule(state: ScopeState, u: Tensor, v: Tensor, z: Tensor, kind: str)
     each share halved.  AttnLRP: the uniform rule (each factor half the
     gradient).  CP-LRP: the plain gradient (the attention weights are made
     constant at the softmax instead)."""
-    uv, vv, zv = u.detach(), v.detach(), z.detach()
+    uv, vv = u.detach(), v.detach()
+    # the product itself only where the rule divides by it (not kept otherwise: the attention
+    # scores are the largest tensor of a block)
+    zv = z.detach() if not state.gradient_rules and (kind != "matmul" or u.dim() != v.dim()) else None
     if state.gradient_rules:
         half = 0.5 if state.rule_set == "AttnLRP" else 1.0
         if kind == "matmul":
@@ -209,13 +258,16 @@ def _product_rule(state: ScopeState, u: Tensor, v: Tensor, z: Tensor, kind: str)
     return elementwise
 
 
-def _linear_rule(state: ScopeState, x: Tensor, weight: Tensor, z: Tensor) -> Callable:
+def _linear_rule(state: ScopeState, x: Tensor, weight: Tensor, z: Optional[Tensor]) -> Callable:
     """Alpha-beta (TA: shared denominator; LRP: separate), bias ignored;
-    ``z = x W^T`` from the forward.  Gradient rule sets: LRP-0 (the plain gradient)."""
-    xv, wv, zv = x.detach(), weight.detach(), z.detach()
+    ``z = x W^T`` from the forward (the shared denominator reuses it; None:
+    not kept).  Gradient rule sets: LRP-0 (the plain gradient)."""
+    xv, wv = x.detach(), weight.detach()
     if state.gradient_rules:
         return lambda g: (sum_to(g @ wv, x),)
-    return lambda R: (sum_to(alpha_beta(xv, wv, R, shared_denominator=state.shared, z=zv), x),)
+    shared = state.shared
+    zv = z.detach() if shared and z is not None else None
+    return lambda R: (sum_to(alpha_beta(xv, wv, R, shared_denominator=shared, z=zv), x),)
 
 
 # --------------------------------------------------------------------------
@@ -287,25 +339,26 @@ class _Scope(TorchFunctionMode):
             a, b = args[0], args[1]
             if not _is_act(a) or kwargs.get("rounding_mode"):
                 return self.refuse(name, "a division of a constant by an activation")
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             if not _is_act(b):  # by a constant: identity (gradient rule sets: the plain gradient)
                 return y if s.gradient_rules else _switch(s, y, [a], _pass_rule(a))
             # by an activation (a norm computed by hand, CLIP's x / ||x||): the divisor is a
             # constant (ours, as LayerNorm's std): identity; gradient rule sets: g / b
             bv = b.detach()
-            rule = (lambda g: (sum_to(g / bv, a), None)) if s.gradient_rules else \
-                (lambda R: (sum_to(R, a), None))
+            like = _meta(a)
+            rule = (lambda g: (sum_to(g / bv, like), None)) if s.gradient_rules else \
+                (lambda R: (sum_to(R, like), None))
             return _switch(s, y, [a, b], rule)
         if name in _CONSTANT_POWERS:  # the pieces of a norm computed by hand: constants (ours)
             x = args[0]
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             return _switch(s, y, [x], _zero_rule([x]))
         if name in ("neg", "__neg__", "negative"):  # times -1: identity (gradient rule sets: the plain gradient)
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             return y if s.gradient_rules else _switch(s, y, [args[0]], _pass_rule(args[0]))
         if name in ("softmax", "_softmax", "log_softmax"):
             x = args[0]
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             if s.rule_set == "CPLRP":
                 return y.detach()  # constant attention weights: nothing below the softmax is visited
             if s.rule_set == "AttnLRP":
@@ -315,16 +368,16 @@ class _Scope(TorchFunctionMode):
             return self.norm(func, name, args, kwargs)
         if name in _ACTIVATIONS:
             x = args[0]
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             return _switch(s, y, [x], _identity_rule(s, x, y))
         if name in _REDUCE:
             return self.reduce(func, name, args, kwargs)
         if name in _CONSTANT_NORMS:
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             return _switch(s, y, [args[0]], _zero_rule([args[0]]))
         if name == "normalize":  # x / ||x||: the norm a constant (ours)
             x = args[0]
-            y = func(*args, **kwargs)
+            y = self.call(func, args, kwargs)
             return _switch(s, y, [x], _identity_rule(s, x, y) if s.gradient_rules else _pass_rule(x))
         if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):  # a global average pool: a mean
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
@@ -342,6 +395,16 @@ class _Scope(TorchFunctionMode):
             return y  # shapes, comparisons, indices: nothing to propagate
         return self.refuse(name)
 
+    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A computing operation's own value: with its autograd graph when a
+        gradient pass or a gradient rule set reads it, else without (the
+        switch connects the activations; nothing is saved for a backward that
+        never runs).  In-place operations keep the graph."""
+        if self.state.graph_free and not _name(func).startswith("__i"):
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
     def refuse(self, name: str, what: str = "an operation on an activation") -> Any:
         raise UnsupportedOperationError(
             f"LRP ({self.state.rule_set}): {what} has no rule: torch '{name}' in module '{self.state.where()}' "
@@ -352,16 +415,16 @@ class _Scope(TorchFunctionMode):
         s = self.state
         if _is_act(weight) or _is_act(bias):
             return self.refuse("linear", "a linear layer whose weight depends on the input")
-        z = F.linear(x, weight)
-        y = z if bias is None else z + bias
+        z = self.call(F.linear, (x, weight), {})
+        y = z if bias is None else self.call(torch.add, (z, bias), {})
         return _switch(s, y, [x], _linear_rule(s, x, weight, z))
 
     def addmm(self, func, args, kwargs):
         bias, x, w = args[:3]
         if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3 or _is_act(bias) or _is_act(w):
             return self.refuse("addmm", "addmm other than bias + x @ W")
-        z = x @ w
-        y = z + bias
+        z = self.call(torch.matmul, (x, w), {})
+        y = self.call(torch.add, (z, bias), {})
         return _switch(self.state, y, [x], _linear_rule(self.state, x, w.t(), z))
 
     def conv2d(self, func, args, kwargs):
@@ -378,20 +441,21 @@ class _Scope(TorchFunctionMode):
             padding = 0
         elif isinstance(padding, str):
             return self.refuse("conv2d", f"a convolution with padding={padding!r}")
-        y = func(*args, **kwargs)
+        y = self.call(func, args, kwargs)
         xv, wv = x.detach(), w.detach()
+        shared = s.shared
         if s.gradient_rules:
             rule = lambda g: (torch.nn.grad.conv2d_input(xv.shape, wv, g, stride, padding, dilation, groups),)
         elif x.is_leaf:  # the explained pixels: z^B with per-sample bounds
             conv = lambda inp, weight: F.conv2d(inp, weight, None, stride, padding, dilation, groups)
             rule = lambda R: (z_beta(xv, wv, R, conv),)
         else:
-            rule = lambda R: (conv2d_alpha_beta_params(xv, wv, R, s.shared, stride, padding, dilation, groups),)
+            rule = lambda R: (conv2d_alpha_beta_params(xv, wv, R, shared, stride, padding, dilation, groups),)
         return _switch(s, y, [x], rule)
 
     def matmul(self, u, v, func=torch.matmul):
         s = self.state
-        z = func(u, v)
+        z = self.call(func, (u, v), {})
         if _is_act(u) and _is_act(v):
             kind = "matmul"
             return _switch(s, z, [u, v], _product_rule(s, u, v, z, kind))
@@ -413,7 +477,7 @@ class _Scope(TorchFunctionMode):
         if len(ops) != 2 or len(acts) != 2:
             return self.refuse("einsum", "an einsum other than a product of two activations")
         u, v = ops
-        z = func(*args, **kwargs)
+        z = self.call(func, args, kwargs)
         s = self.state
         uv, vv, zv = u.detach(), v.detach(), z.detach()
 
@@ -438,14 +502,14 @@ class _Scope(TorchFunctionMode):
         """``c_a a + c_b b`` (add: 1, alpha; sub: 1, -alpha; rsub: -1, 1)."""
         a, b = args[0], args[1]
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
-        y = func(*args, **kwargs)
+        y = self.call(func, args, kwargs)
         coeffs = (-alpha, 1) if sign == -2 else (1, sign * alpha)
         return _switch(self.state, y, [t for t in (a, b) if _is_act(t)], _add_rule(self.state, a, b, coeffs, y))
 
     def mul(self, func, args, kwargs):
         s = self.state
         a, b = args[0], args[1]
-        y = func(*args, **kwargs)
+        y = self.call(func, args, kwargs)
         if _is_act(a) and _is_act(b):
             return _switch(s, y, [a, b], _product_rule(s, a, b, y, "elementwise"))
         x = a if _is_act(a) else b
@@ -460,7 +524,7 @@ class _Scope(TorchFunctionMode):
         x = args[0]
         if any(_is_act(t) for t in list(args[1:]) + list(kwargs.values())):
             return self.refuse(name, "a norm whose weight depends on the input")
-        y = func(*args, **kwargs)
+        y = self.call(func, args, kwargs)
         if not s.gradient_rules:
             return _switch(s, y, [x], _pass_rule(x))
         if name == "rms_norm":  # the rms a constant: y = x * (w / rms), local gradient y / x
@@ -489,7 +553,7 @@ class _Scope(TorchFunctionMode):
         keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         if kwargs.get("dtype") is not None or (dims is not None and not isinstance(dims, (int, tuple, list))):
             return self.refuse(name, "a reduction with these arguments")
-        y = func(*args, **kwargs)
+        y = self.call(func, args, kwargs)
         nd = x.dim()
         red = tuple(range(nd)) if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0) else \
             tuple(d % nd for d in ((dims,) if isinstance(dims, int) else dims))
@@ -579,15 +643,21 @@ def _add_rule(state: ScopeState, a: Any, b: Any, coeffs: Tuple[float, float], y:
     keep = [(t, c) for t, c in zip((a, b), coeffs) if _is_act(t)]
     if state.gradient_rules:
         return lambda g: tuple(sum_to(g * c, t) for t, c in keep)
-    terms = [(_value(t) if isinstance(t, Tensor) else torch.as_tensor(t, dtype=y.dtype, device=y.device)) * c
-             for t, c in zip((a, b), coeffs)]
-
-    kept = [_is_act(t) for t in (a, b)]  # now: the parameters' flags are restored by backward time
+    # the terms' values as they are now (an in-place add has already written its result);
+    # scaled by their coefficient only in the relevance pass (no copies kept by the forward)
+    inplace = y is a
+    values = [(t.detach().clone() if inplace else t.detach()) if isinstance(t, Tensor) else
+              torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (a, b)]
+    versions = [v._version for v in values]
+    likes = [_meta(t) if _is_act(t) else None for t in (a, b)]  # the parameters' flags are restored by backward time
+    shared = state.shared
 
     def rule(R):
-        ta, tb = (t.to(R.dtype).expand(R.shape) for t in terms)
-        ra, rb = add_relevance(ta, tb, R, rescale=state.shared)
-        return tuple(sum_to(r, t) for r, t, k in zip((ra, rb), (a, b), kept) if k)
+        if [v._version for v in values] != versions:
+            raise UnsupportedOperationError("LRP: a term of an add was modified in place after the add")
+        ta, tb = ((v if c == 1 else v * c).to(R.dtype).expand(R.shape) for v, c in zip(values, coeffs))
+        ra, rb = add_relevance(ta, tb, R, rescale=shared)
+        return tuple(sum_to(r, like) for r, like in zip((ra, rb), likes) if like is not None)
     return rule
 
 
@@ -626,21 +696,24 @@ def relevance_scope(model: nn.Module, rule_set: str, state: Optional[ScopeState]
     names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
     params = [p for p in model.parameters() if p.requires_grad]
     mode = _Scope(state)
-    opened: List[Tuple[nn.Module, bool]] = []
+    opened: List[Tuple[nn.Module, bool, bool]] = []  # (module, one operation, grad mode before)
 
     def pre(module, args):
         state.module_stack.append(names.get(id(module), type(module).__name__))
         opaque = bool(args) and _is_act(args[0]) and module_rule(module) is not None and not state.opaque
-        opened.append((module, opaque))
+        opened.append((module, opaque, torch.is_grad_enabled()))
         if opaque:
             state.opaque += 1
+            if state.graph_free:  # its inner calls' graph would never be read
+                torch._C._set_grad_enabled(False)
 
     def post(module, args, output):
         state.module_stack.pop()
-        _, opaque = opened.pop()
+        _, opaque, grad_mode = opened.pop()
         if not opaque:
             return None
         state.opaque -= 1
+        torch._C._set_grad_enabled(grad_mode)
         x = args[0]
         if not isinstance(output, Tensor):
             raise UnsupportedOperationError(f"LRP: module '{names.get(id(module))}' ({type(module).__name__}) "
@@ -656,6 +729,11 @@ def relevance_scope(model: nn.Module, rule_set: str, state: Optional[ScopeState]
         with mode:
             yield state
     finally:
+        for _, opaque, grad_mode in opened:  # a module that raised: its grad mode as it found it
+            if opaque:
+                torch._C._set_grad_enabled(grad_mode)
+                break
+        opened.clear()
         h1.remove()
         h2.remove()
         for p in params:

@@ -72,7 +72,7 @@ class HookAdapter(Adapter):
         if method.rule_set is None:
             yield None
             return
-        state = ScopeState(method.rule_set)
+        state = ScopeState(method.rule_set, gradient=method.needs_grad)  # no gradient pass: no second graph
         recorder.scope = state
         with contextlib.ExitStack() as stack:
             self.attach_input(feed, stack)
