@@ -178,7 +178,8 @@ def _check_results(results: List[dict], path: PathLike, annotations: Dict[str, A
             n = len(documents[docid])
             for span in rat.get("hard_rationale_predictions") or []:
                 s, e = (span.get("start_token"), span.get("end_token")) if isinstance(span, dict) else (None, None)
-                if not (isinstance(s, int) and isinstance(e, int) and 0 <= s <= e <= n):
+                whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (s, e))  # true is not 1
+                if not (whole and 0 <= s <= e <= n):
                     raise ERASERFormatError(
                         f"{where}: span {span!r} is not a token range inside {docid!r} ({n} tokens)")
 

@@ -257,7 +257,46 @@ def _read_identity(f: h5py.File, path: str) -> Dict:
     fmt = _plain(f.attrs.get("format", ""))
     if fmt != FORMAT or "identity_json" not in f.attrs:
         raise InputError(f"{path} is not a relevance-map file of this project (format {fmt!r}, expected {FORMAT!r})")
-    return json.loads(_plain(f.attrs["identity_json"]))
+    try:
+        identity = json.loads(_plain(f.attrs["identity_json"]))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: attribute identity_json is not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(identity, dict):
+        raise InputError(f"{path}: attribute identity_json must be a JSON object, got {type(identity).__name__}")
+    return identity
+
+
+def _check_rows(f: h5py.File, path: str) -> None:
+    """Types, shapes, ranges and finiteness of a merged file's datasets (one line naming the field)."""
+    n = None
+    for name in ("index", "target", "pred", "vis_scale", "vis_offset"):
+        d = f[name]
+        if not isinstance(d, h5py.Dataset) or d.ndim != 1:
+            raise InputError(f"{path}: dataset {name!r} must be one-dimensional")
+        kind = d.dtype.kind
+        if kind not in ("iu" if name in ("index", "target", "pred") else "f"):
+            raise InputError(f"{path}: dataset {name!r} has dtype {d.dtype}, expected "
+                             f"{'integers' if name in ('index', 'target', 'pred') else 'floats'}")
+        if n is None:
+            n = d.shape[0]
+        elif d.shape[0] != n:
+            raise InputError(f"{path}: dataset {name!r} has {d.shape[0]} rows, 'index' has {n}")
+    vis = f["vis"]
+    if not isinstance(vis, h5py.Dataset) or vis.ndim != 3 or vis.shape[0] != n or vis.dtype.kind != "f":
+        raise InputError(f"{path}: dataset 'vis' must be float maps (n={n}, h, w), got {getattr(vis, 'shape', None)}")
+    if n == 0:
+        raise InputError(f"{path}: no rows")
+    index = f["index"][()]
+    if (index < 0).any():
+        raise InputError(f"{path}: dataset 'index' holds negative image numbers ({int(index.min())})")
+    if len(np.unique(index)) != n:
+        raise InputError(f"{path}: dataset 'index' repeats image numbers")
+    for name in ("vis_scale", "vis_offset"):
+        if not np.isfinite(f[name][()]).all():
+            raise InputError(f"{path}: dataset {name!r} holds NaN or Inf")
+    for a in range(0, n, 4096):  # the maps, a block at a time
+        if not np.isfinite(vis[a:a + 4096]).all():
+            raise InputError(f"{path}: dataset 'vis' holds NaN or Inf maps (rows {a}..{min(a + 4096, n) - 1})")
 
 
 def identity_mismatch(found: Dict, wanted: Dict, keys: Optional[Sequence[str]] = None) -> List[str]:
@@ -542,5 +581,9 @@ def read_results(path: str) -> Tuple[Dict, Dict]:
         for name in ("index", "target", "pred", "vis", "vis_scale", "vis_offset"):
             if name not in f:
                 raise InputError(f"{path} lacks the dataset {name!r}")
+        try:
+            _check_rows(f, path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # h5py's errors for corrupt blocks
+            raise InputError(f"{path}: unreadable datasets ({str(exc).splitlines()[0]})") from None
         info = {k: _plain(v) for k, v in f.attrs.items() if k != "identity_json"}
     return identity, info

@@ -47,7 +47,7 @@ from baselines.ViT.perturbation_metrics import (DEFAULT_TIE_BREAK, DEFAULT_TIE_S
                                                 TIE_BREAKS, auc, normalize_input, pixels_to_remove, prepare_maps,
                                                 removal_masks, remove_masked, tied_share)
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
-from modules.cli import CLIError, atomic_write_bytes, atomic_write_json, file_lock
+from modules.cli import CLIError, atomic_write_bytes, atomic_write_json, file_lock, resolve_device
 from modules.generic import UNMODIFIED_MODEL_HELP, load_unmodified_image_classifier, model_logits
 from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
 
@@ -142,6 +142,8 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
             input_size = tuple(int(v) for v in f.attrs["input_size"])
         vis, vis_scale, vis_offset = f["vis"], f["vis_scale"][()], f["vis_offset"][()]
         n = len(index)
+        if n and (index.min() < 0 or index.max() >= len(images.samples)):  # never Python's wrap-around
+            raise InputError(f"{results_path}: dataset 'index' names images outside 0..{len(images.samples) - 1}")
         model_hits = np.full(n, np.nan)
         pert_hits = np.full((len(PERTURBATION_STEPS), n), np.nan)
         tied = np.full((len(PERTURBATION_STEPS), n), np.nan)
@@ -318,6 +320,9 @@ def run(args: argparse.Namespace) -> Dict:
     if os.path.isdir(results):
         results = os.path.join(results, RESULTS_NAME)
     identity, info = read_results(results)
+    for key in ("method", "vis_class", "model", "weights_sha256", "dataset_sha256"):  # what this run reads
+        if not isinstance(identity.get(key), str):
+            raise InputError(f"{results}: identity_json field {key!r} must be a string, got {identity.get(key)!r}")
     if args.method is not None and resolve_method(args.method).name != identity["method"]:
         raise InputError(f"{results} holds maps of method {identity['method']!r}, not "
                          f"{resolve_method(args.method).name!r}")
@@ -356,7 +361,7 @@ def run(args: argparse.Namespace) -> Dict:
             raise InputError(str(exc)) from None
     set_tf32(args.tf32)
     try:
-        device = torch.device(args.device)
+        device = resolve_device(args.device)  # one-line refusals: meta, absent CUDA/MPS, unknown names
         model = model.to(device).eval()
     except RuntimeError as exc:
         raise InputError(f"device {args.device!r}: {exc}".splitlines()[0]) from None

@@ -120,6 +120,8 @@ def _load(args: argparse.Namespace):
 def _output_path(args: argparse.Namespace, method: str) -> str:
     stem = os.path.splitext(os.path.basename(args.image))[0]
     out = args.out or os.path.join("outputs", "visualize", f"{stem}_{method}.png")
+    if os.path.isdir(out):  # never a file named after a folder, beside it
+        raise CLIError(f"--out {out}: is a directory, expected a .png file name")
     return out if out.lower().endswith(".png") else out + ".png"
 
 
