@@ -49,6 +49,24 @@ def assert_same_file(a, b):
     assert aa == ab
 
 
+MAPS = ("vis", "vis_scale", "vis_offset")
+
+
+def assert_same_results(a, b):
+    """Two runs in different processes: every index, class and attribute equal, the maps
+    equal up to their float16 storage.  Bytes are equal where a float path computes the
+    same bits in every process (measured: the default, one thread, ATen's default and AVX2
+    kernels); MKL's reproducible mode without STRICT (make test-portable's fourth run)
+    rounds by memory alignment, and a row of another process then differed in its last
+    float16 bit."""
+    (da, aa), (db, ab) = read_all(a), read_all(b)
+    assert sorted(da) == sorted(db) and aa == ab
+    for k in da:
+        if k not in MAPS:
+            assert np.array_equal(da[k], db[k]), k
+    assert_maps_close(decode_maps(*(da[k] for k in MAPS)), decode_maps(*(db[k] for k in MAPS)).astype(np.float64))
+
+
 def assert_maps_close(stored, expected):
     """Equal up to float16 rounding relative to each row's largest value."""
     peak = np.abs(expected).reshape(len(expected), -1).max(axis=1).reshape(-1, 1, 1)
@@ -111,7 +129,10 @@ def test_vis_class_target_lrp_and_limit(setup):
     model = load_model("vit_base_patch16_224", model_dir)
     x = normalize_input(torch.stack([load_image(images.samples[i][0], (32, 32)) for i in data["index"]]),
                         [0.5] * 3, [0.5] * 3)
-    cam = explain(model, x, "lrp", index=torch.from_numpy(data["target"]))  # the ground-truth class
+    target = torch.from_numpy(data["target"])  # the ground-truth class
+    # in the script's batches of 4: full LRP in float32 amplifies rounding, and a batch of 6 moved
+    # a row by more than the float16 storage under MKL's reproducible mode (make test-portable)
+    cam = torch.cat([explain(model, x[i:i + 4], "lrp", index=target[i:i + 4]) for i in (0, 4)])
     assert_maps_close(decode_maps(data["vis"], data["vis_scale"], data["vis_offset"]), cam.numpy())
 
 
@@ -153,6 +174,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(setup, reference, monkeypatch):
     done = batch_done(part)
     assert not (out / "results.hdf5").exists()
     assert done.sum() == 3 and len(done) == 8
+    with h5py.File(part, "r") as f:  # what the killed run finished (batches 0-2: rows 0-5)
+        rows = int(f["batch_offsets"][3])
+        finished = {k: f[k][:rows] for k in MAPS}
 
     calls = []
     real = gv.explain
@@ -160,7 +184,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(setup, reference, monkeypatch):
     assert gv.main(args(tree, model, out, "--method", "transformer_attribution", batch=2)) == 0
     assert len(calls) == len(done) - done.sum()  # finished batches were not recomputed
     assert not os.path.exists(part)
-    assert_same_file(out / "results.hdf5", reference)
+    with h5py.File(out / "results.hdf5", "r") as f:  # and kept to the byte
+        for k in MAPS:
+            assert np.array_equal(f[k][:rows], finished[k]), k
+    assert_same_results(out / "results.hdf5", reference)
     # a third run finds the job complete and changes nothing
     calls.clear()
     assert gv.main(args(tree, model, out, "--method", "transformer_attribution", batch=2)) == 0
@@ -194,7 +221,7 @@ def test_torchrun_two_processes_equal_one(setup, reference):
     proc = subprocess.run(cmd, cwd=REPO, env=env1(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["results.hdf5"]  # parts merged and removed
-    assert_same_file(out / "results.hdf5", reference)
+    assert_same_results(out / "results.hdf5", reference)
 
 
 def test_merge_of_two_ranks_and_merge_flag(setup, reference, monkeypatch):
