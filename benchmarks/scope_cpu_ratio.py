@@ -28,15 +28,28 @@ from typing import Optional, Sequence
 import torch
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from baselines.ViT.ViT_LRP import _CONFIGS
+    from modules import cli
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--methods", nargs="+", default=["transformer_attribution", "lrp_last_layer", "lrp"])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(_CONFIGS),
+                   help="a ViT the copy builds; timm builds the same architecture, unmodified")
+    p.add_argument("--batch-size", type=cli.int_range(1, 256), default=8, help="images per call (1-256)")
+    p.add_argument("--methods", nargs="+", default=["transformer_attribution", "lrp_last_layer", "lrp"],
+                   choices=["transformer_attribution", "lrp_last_layer", "lrp", "attnlrp", "cplrp"])
+    p.add_argument("--rounds", type=cli.int_range(1, 100), default=3, help="copy/scope alternations (1-100)")
     p.add_argument("--cpu", default="", help="the machine, in words, for the record")
-    p.add_argument("--out", default="outputs/benchmarks/scope_cpu_ratio.json")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="outputs/benchmarks/scope_cpu_ratio.json",
+                   help="JSON written after each row (a partial run keeps its rows)")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from modules import cli
+
+    args = build_parser().parse_args(argv)
+    cli.check_output_file(args.out, "--out")  # before minutes of timing
     import timm
 
     from baselines.ViT.ViT_LRP import create_model
@@ -88,11 +101,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{k} batch {args.batch_size}: cpu ratio {r['cpu_ratio_median']:.3f} wall ratio "
               f"{r['wall_ratio_median']:.3f}", flush=True)
         res["load_after"] = os.getloadavg()
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:  # rewritten after each row: partial runs keep their rows
-            json.dump(res, f, indent=1)
+        cli.atomic_write_text(args.out, json.dumps(res, indent=1))  # after each row: partial runs keep theirs
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from modules import cli
+
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":
