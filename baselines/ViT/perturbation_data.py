@@ -260,9 +260,11 @@ def _read_identity(f: h5py.File, path: str) -> Dict:
     try:
         identity = json.loads(_plain(f.attrs["identity_json"]))
     except (ValueError, TypeError) as exc:
-        raise InputError(f"{path}: attribute identity_json is not JSON ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: malformed metadata: attribute identity_json is not JSON "
+                         f"({str(exc).splitlines()[0]})") from None
     if not isinstance(identity, dict):
-        raise InputError(f"{path}: attribute identity_json must be a JSON object, got {type(identity).__name__}")
+        raise InputError(f"{path}: malformed metadata: attribute identity_json must be a JSON object, "
+                         f"got {type(identity).__name__}")
     return identity
 
 
