@@ -89,11 +89,10 @@ def _run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.text.strip():
         raise CLIError("--text is empty")
-    if not os.path.isdir(args.model_dir):
-        raise CLIError(f"--model-dir {args.model_dir}: not a directory")
-    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
-        raise CLIError(f"--model-dir {args.model_dir}: holds no config.json")
+    from modules.checkpoints import check_model_dir
     from modules.cli import atomic_write_text, check_output_file, resolve_device
+
+    check_model_dir(args.model_dir, "--model-dir")  # the folder, its config and weights
 
     device = resolve_device(args.device)
     check_output_file(args.out, flag="--out")

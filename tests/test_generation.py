@@ -554,7 +554,7 @@ def test_cli_writes_an_html_heatmap(model_dirs, tmp_path, capsys, name):
 
 @pytest.mark.parametrize("args, message", [
     (["--text", "   "], "--text is empty"),
-    (["--model-dir", "/nonexistent/dir"], "not a directory"),
+    (["--model-dir", "/nonexistent/dir"], "no such directory"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--device", "cuda:99"], "--device"),
     (["--model-dir", "CLASSIFIER"], "not a supported text generation model"),

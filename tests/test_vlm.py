@@ -507,7 +507,7 @@ def test_cli_bad_input_exits_2_with_one_line(model_dirs, tmp_path, capsys):
         (["--model-dir", dirs["visual_bert"], "--features", root / "nobox.npz"], "no array boxes"),
         (["--model-dir", dirs["lxmert"], "--features", root / "outside.npz"], "outside the image"),
         (["--model-dir", dirs["lxmert"], "--boxes", root / "missing.json"], "not found"),
-        (["--model-dir", root / "nowhere", "--features", root / "feats.npz"], "not a directory"),
+        (["--model-dir", root / "nowhere", "--features", root / "feats.npz"], "no such directory"),
         (["--model-dir", root, "--features", root / "feats.npz"], "no config.json"),
         (["--model-dir", dirs["lxmert"], "--features", root / "feats.npz", "--index", "99"], "outside 0..6"),
     ]

@@ -79,12 +79,9 @@ def output_paths(out: str, n: int) -> Tuple[List[str], str]:
 
 def load_detr(model_dir: str, device: torch.device):
     """(model, image processor or None) of a local directory; :class:`CLIError` otherwise."""
-    if not os.path.exists(model_dir):
-        raise CLIError(f"--model-dir {model_dir}: no such directory")
-    if not os.path.isdir(model_dir):
-        raise CLIError(f"--model-dir {model_dir}: not a directory")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CLIError(f"--model-dir {model_dir}: no config.json (not a Hugging Face model directory)")
+    from modules.checkpoints import check_model_dir, load_pretrained
+
+    check_model_dir(model_dir, "--model-dir")  # before the config is read: the folder, config and weights
     import transformers as tf
 
     try:
@@ -99,8 +96,6 @@ def load_detr(model_dir: str, device: torch.device):
     if sub is not None and hasattr(sub, "use_pretrained_backbone"):
         sub.use_pretrained_backbone = False
     cls = getattr(tf, DETR_TYPES[model_type])
-    from modules.checkpoints import load_pretrained
-
     model = load_pretrained(cls, model_dir, config=config)  # the one loader: one-line errors, finite weights
     processor = None
     if os.path.isfile(os.path.join(model_dir, "preprocessor_config.json")):

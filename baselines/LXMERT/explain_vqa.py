@@ -124,10 +124,9 @@ def model_type(model_dir: str) -> str:
     its config.json before any weights are loaded."""
     import transformers as tf
 
-    if not os.path.isdir(model_dir):
-        raise CLIError(f"--model-dir {model_dir}: not a directory")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CLIError(f"--model-dir {model_dir}: no config.json (a folder save_pretrained wrote)")
+    from modules.checkpoints import check_model_dir
+
+    check_model_dir(model_dir, "--model-dir")  # the folder, its config and weights, before the config is read
     try:
         config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
