@@ -201,6 +201,14 @@ class Readout:
     normalize:
         ``"sum"``: a text map divided by its sum over the kept columns
         (CLIP's published notebook, METHODS_ICCV.md section 5); None: raw.
+    pixel_extent:
+        Image streams: ``(top, left, bottom, right)``, end exclusive, the
+        pixels of the input image that the ``grid``'s tokens cover, as the
+        model's patch embedding saw them (:mod:`modules.adapters.patch_grid`);
+        ``bottom < H``: rows ``bottom .. H-1`` seen by no token (a patch
+        embedding that floors), ``bottom > H``: ``bottom - H`` rows of the
+        model's padding seen (likewise for columns).  None: not stated (text;
+        adapters that take only multiples of the patch: the whole image).
     """
 
     weights: Tensor
@@ -210,6 +218,7 @@ class Readout:
     token_mask: Optional[Tensor] = None
     parts: Optional[Dict[str, "Part"]] = None
     normalize: Optional[str] = None
+    pixel_extent: Optional[Tuple[int, int, int, int]] = None
 
     @property
     def row(self) -> Optional[int]:
