@@ -61,6 +61,17 @@ class Explanation(NamedTuple):
     embeddings, class tokens, attention masks) and, for AttnLRP, the
     softmax's Taylor remainder; 0 up to rounding on a model without them for
     CP-LRP.  None for the other methods."""
+    pixel_extent: Optional[Any] = None
+    """``(top, left, bottom, right)``, end exclusive: the pixels of the input
+    image the map's token grid covers, read from the model's own patch
+    embedding (:mod:`modules.adapters.patch_grid`).  ``bottom < H`` / ``right <
+    W``: the rows / columns beyond were seen by no token (the patch embedding
+    floors: EVA-02 with 14-pixel patches at 64 pixels gives (0, 0, 56, 56));
+    beyond ``H`` / ``W``: padding the model added was seen.  Pixel maps
+    (``lrp`` on images) are over the whole image, 0 where no token looked.
+    None where not stated (text; families that take only multiples of the
+    patch, whose grid covers the whole image); a dict by stream name when
+    several streams state one."""
 
 
 def supported_methods(model: nn.Module) -> Tuple[str, ...]:
@@ -176,7 +187,14 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
         for name, stream in trace.streams.items():
             got = _read_out(m, stream, trace, start_layer)
             maps.update(got if isinstance(got, dict) else {name: got})
-    return Explanation(_as_tuple(maps), trace.score, trace.target, trace, _delta(m, trace))
+    return Explanation(_as_tuple(maps), trace.score, trace.target, trace, _delta(m, trace), _pixel_extent(trace))
+
+
+def _pixel_extent(trace: Trace) -> Any:
+    """The image streams' stated pixel extent (see :attr:`Explanation.pixel_extent`)."""
+    got = {name: s.readout.pixel_extent for name, s in trace.streams.items()
+           if s.readout.pixel_extent is not None}
+    return next(iter(got.values())) if len(got) == 1 else (got or None)
 
 
 def _delta(m: Method, trace: Trace) -> Optional[Tensor]:
