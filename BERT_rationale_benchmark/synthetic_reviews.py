@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from modules import cli  # noqa: E402
 
-__all__ = ["POSITIVE_PHRASES", "NEGATIVE_PHRASES", "QUERY", "Review", "make_review", "generate", "main"]
+__all__ = ["POSITIVE_PHRASES", "NEGATIVE_PHRASES", "QUERY", "Review", "make_review", "generate", "build_parser",
+           "main"]
 
 QUERY = "What is the sentiment of this review?"
 
@@ -148,7 +149,7 @@ def generate(out_dir: str | Path, n_train: int = 300, n_val: int = 40, n_test: i
     return counts
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate an ERASER-format stand-in for Movie Reviews: neutral "
                                      "filler plus lexicon sentiment phrases that are the evidence spans.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -160,17 +161,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="random seed (same seed, same files)")
     parser.add_argument("--long-fraction", type=cli.probability, default=0.05,
                         help="fraction of long reviews (14 filler sentences) that a short model input truncates")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.check_output_dir(args.out_dir, flag="--out-dir")
     try:
-        cli.check_output_dir(args.out_dir, flag="--out-dir")
         counts = generate(args.out_dir, args.train, args.val, args.test, args.seed, long_fraction=args.long_fraction)
-    except (OSError, cli.CLIError) as e:
-        parser.exit(2, f"error: {cli.one_line(e)}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "\ninterrupted; the files written so far are incomplete: run the same command again\n")
+        raise KeyboardInterrupt("interrupted; the files written so far are incomplete: run the same command again") \
+            from None
     print(f"wrote {sum(counts.values())} reviews to {args.out_dir} "
           f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input exits 2 with one line, Ctrl-C 130 (:func:`modules.cli.run_main`)."""
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -63,23 +63,33 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from modules import cli
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_FACTORIES))
     p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch-sizes", nargs="+", type=cli.int_range(1, 1024), default=[1, 32],
+                   help="images per call (1-1024 each)")
+    cli.add_device_arg(p)
+    p.add_argument("--warmup", type=cli.int_range(0, 1000), default=2, help="untimed calls first (0-1000)")
+    p.add_argument("--repeats", type=cli.int_range(1, 1000), default=5, help="timed calls (1-1000)")
+    cli.add_threads_arg(p)
     p.add_argument("--timm-model", default=None,
                    help="unmodified timm model to time beside the copy (default: --model; 'none' skips)")
-    p.add_argument("--out", default="outputs/benchmarks/explain_speed.json")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    p.add_argument("--out", default="outputs/benchmarks/explain_speed.json",
+                   help="JSON rewritten after each batch size (a partial run keeps its rows)")
+    return p
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from modules import cli
+
+    args = build_parser().parse_args(argv)
+    device = cli.resolve_device(args.device)
+    cli.check_output_file(args.out, "--out")  # before minutes of timing
+    cli.apply_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(args.model).to(device).eval()
     size = model.default_cfg["input_size"]
@@ -165,11 +175,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             info["results"].append({"batch_size": bs, "what": name, **r})
             print(f"{'':12}{name:<36}{r['images_per_second']:>10.2f}{r['seconds']:>10.4f}"
                   f"{r['ratio_to_forward_backward']:>11.2f}", flush=True)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:  # rewritten after each batch size: partial runs keep their rows
-            json.dump(info, f, indent=2)
+        cli.atomic_write_text(args.out, json.dumps(info, indent=2))  # after each batch size: partial runs keep theirs
     print(f"\nwrote {args.out}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input exits 2 with one line (:func:`modules.cli.run_main`)."""
+    from modules import cli
+
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from baselines.ViT.train_synthetic import DEFAULT_SAMPLE_DIR, is_model_dir, load
 from modules import cli
 from data.synthetic import GENERATOR_VERSION, write_gtsegs_mat, write_imagefolder
 
-__all__ = ["prepare_data", "main"]
+__all__ = ["prepare_data", "build_parser", "main"]
 
 
 def _mat_matches(path: str, n: int, seed: int, size: int) -> bool:
@@ -63,11 +63,14 @@ def prepare_data(root: str, n: int, seed: int = 0, size: int = 96, imagefolder: 
     return mat
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Segmentation test of every method on the offline synthetic stand-in.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join("outputs", "demo"), help="where data and results go")
-    p.add_argument("--weights", default=DEFAULT_SAMPLE_DIR, help="model folder (model.safetensors + config.json)")
+    p.add_argument("--weights", default=None,
+                   help="model folder (model.safetensors + config.json); default: the shipped "
+                        f"{os.path.relpath(DEFAULT_SAMPLE_DIR)}, or one trained into <out-dir>/synthetic_vit "
+                        "when that is missing")
     p.add_argument("--n-images", type=cli.int_range(1, 100_000), default=400, help="stand-in validation images")
     p.add_argument("--seed", type=cli.int_range(0, 2 ** 31 - 1), default=0, help="seed of the stand-in images")
     p.add_argument("--batch-size", type=cli.int_range(1, 4096), default=32, help="images per batch")
@@ -75,38 +78,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cli.add_threads_arg(p, default=2)
     p.add_argument("--device", default="cpu", help="torch device (the demo is sized for a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        cli.resolve_device(args.device)
-        cli.check_output_dir(args.out_dir, flag="--out-dir")
-    except cli.CLIError as exc:
-        p.exit(2, f"error: {exc}\n")
-    torch.set_num_threads(args.threads)
-    weights = args.weights
+    return p
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.resolve_device(args.device)
+    if args.weights is not None and not is_model_dir(args.weights):  # a model named but unusable: never train over it
+        raise cli.CLIError(f"--weights {args.weights}: not a model folder (model.safetensors + config.json with "
+                           "model_kwargs)")
+    cli.check_output_dir(args.out_dir, flag="--out-dir")
+    cli.apply_threads(args.threads)
+    weights = args.weights if args.weights is not None else DEFAULT_SAMPLE_DIR
     if not is_model_dir(weights):
         weights = os.path.join(args.out_dir, "synthetic_vit")
         if not is_model_dir(weights):
-            print(f"no model at {args.weights}: training one into {weights} (a few minutes on a CPU)")
+            print(f"no model at {DEFAULT_SAMPLE_DIR}: training one into {weights} (a few minutes on a CPU)")
             from baselines.ViT import train_synthetic
 
             code = train_synthetic.main(["--out-dir", weights, "--device", args.device, "--threads",
                                          str(args.threads)])
             if code not in (0, 1):  # 1: trained, below --min-accuracy (still saved)
-                raise SystemExit(code)
+                return code
     size = int(load_synthetic_model(weights).default_cfg["input_size"][-1])
-    try:
-        mat = prepare_data(os.path.join(args.out_dir, "data"), args.n_images, args.seed, size)
-    except OSError as exc:
-        p.exit(2, f"error: {exc}\n")
+    mat = prepare_data(os.path.join(args.out_dir, "data"), args.n_images, args.seed, size)
     print("This is the synthetic stand-in, not ImageNet.")
-    return imagenet_seg_eval.main([
+    imagenet_seg_eval.main([
         "--imagenet-seg-path", mat, "--weights", weights, "--all-methods",
         "--output-dir", os.path.join(args.out_dir, "segmentation"), "--batch-size", str(args.batch_size),
         "--device", args.device, "--num-overlays", str(args.num_overlays), "--threads", str(args.threads),
         "--overwrite",  # the demo owns its output folder: a rerun with other --n-images replaces it
         *(["--quiet"] if args.quiet else [])])
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input exits 2 with one line (:func:`modules.cli.run_main`)."""
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())
