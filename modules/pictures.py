@@ -20,7 +20,7 @@ import numpy as np
 from baselines.ViT.visualization import overlay, save_grid, save_png
 from BERT_explainability.text_heatmap import render_html, score_to_rgb, word_scores
 
-__all__ = ["as_numpy", "stream_overlays", "box_map", "question_words", "words_strip", "text_html",
+__all__ = ["as_numpy", "place_maps", "stream_overlays", "box_map", "question_words", "words_strip", "text_html",
            "save_text_html", "save_figure"]
 
 
@@ -31,19 +31,58 @@ def as_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def place_maps(maps, size: Tuple[int, int], extent: Optional[Sequence[int]], fill: float = 0.0):
+    """(B, gh, gw) token maps -> (B, H, W) pixel maps placed on the pixels
+    their tokens cover: upsampled bilinearly (:func:`modules.explain.upsample`)
+    over ``extent`` = ``(top, left, bottom, right)``, end exclusive (an
+    explanation's ``pixel_extent``), the part inside the (H, W) image kept
+    (padding the model added is cut off), ``fill`` where no token looked.
+    ``extent`` None: the whole image (plain upsampling)."""
+    import torch
+
+    from modules.explain import upsample
+
+    H, W = int(size[0]), int(size[1])
+    if extent is None:
+        extent = (0, 0, H, W)
+    top, left, bottom, right = (int(v) for v in extent)
+    if not (top < bottom and left < right and top < H and left < W and bottom > 0 and right > 0):
+        raise ValueError(f"pixel extent {tuple(extent)} does not overlap a {H}x{W} image")
+    maps = torch.as_tensor(maps)
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (B, gh, gw), got shape {tuple(maps.shape)}")
+    up = upsample(maps, (bottom - top, right - left))
+    out = up.new_full((up.shape[0], H, W), fill)
+    r0, r1, c0, c1 = max(top, 0), min(bottom, H), max(left, 0), min(right, W)
+    out[:, r0:r1, c0:c1] = up[:, r0 - top:r1 - top, c0 - left:c1 - left]
+    return out
+
+
 def stream_overlays(image: np.ndarray, maps: Mapping[str, object], alpha: float = 0.5,
-                    colormap: str = "jet") -> List[Tuple[str, np.ndarray]]:
+                    colormap: str = "jet", extents=None) -> List[Tuple[str, np.ndarray]]:
     """One heatmap overlay per image stream: ``maps`` name -> (gh, gw) map of
     one sample (upsampled bilinearly and min-max normalised by
-    :func:`baselines.ViT.visualization.overlay`).  Returns (name, RGB uint8)
-    panels for :func:`save_figure` / ``save_grid``."""
+    :func:`baselines.ViT.visualization.overlay`).  ``extents``: the
+    explanation's ``pixel_extent`` (one ``(top, left, bottom, right)`` for
+    every map, or a dict by name): each map is placed on the pixels its
+    tokens cover (:func:`place_maps`) instead of stretched over the image,
+    and the pixels no token saw are shown without heat.  Returns (name, RGB
+    uint8) panels for :func:`save_figure` / ``save_grid``."""
     img = _float_image(image)
     panels = []
     for name, m in maps.items():
         heat = as_numpy(m)
         if heat.ndim != 2:
             raise ValueError(f"map {name!r} must be (gh, gw) for one sample, got shape {heat.shape}")
-        panels.append((name, overlay(img, heat, colormap=colormap, alpha=alpha)))
+        extent = extents.get(name) if isinstance(extents, Mapping) else extents
+        if extent is None:
+            panels.append((name, overlay(img, heat, colormap=colormap, alpha=alpha)))
+            continue
+        placed = as_numpy(place_maps(heat[None], img.shape[:2], extent, fill=float("nan"))[0])
+        out = overlay(img, placed, colormap=colormap, alpha=alpha)
+        unseen = np.isnan(placed)
+        out[unseen] = (img[unseen] * 255).round().astype(np.uint8)
+        panels.append((name, out))
     return panels
 
 
