@@ -33,6 +33,12 @@ the definitions are the project's own):
   ``generic_attribution``) gives CLIP's maps as the published notebook
   computes them (METHODS_ICCV.md section 5): both towers from their last
   block, the text map the EOT row over columns 1..EOT-1 divided by their sum.
+
+Image sizes: every size the model takes (``interpolate_pos_encoding=True``
+in the inputs where the model needs it for sizes other than its config's).
+The map is on the grid the model's own patch embedding gives (it floors a
+size that is no multiple of the patch) and the read-out states the pixels
+that grid covers (:func:`hf_patch_grid`).
 """
 from __future__ import annotations
 
@@ -43,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import (InputsError, UnsupportedModelError, check_images, check_text, column_mask, feed_dict,
+from modules.adapters import (InputsError, UnsupportedModelError, check_text, column_mask, feed_dict,
                               model_device, one_hot_rows, register_adapter)
 from modules.adapters.hooks import HookAdapter
+from modules.adapters.patch_grid import PatchGrid, patch_grid
 from modules.attention_capture import AttentionLayer, _hf_layers
 from modules.methods import resolve_index
 from modules.mha import mha_module_forward
@@ -53,7 +60,7 @@ from modules.trace import AttentionCall, Readout, Stream
 
 __all__ = ["HFImageClassifierAdapter", "HFTextClassifierAdapter", "HFImageTextAdapter", "IMAGE_CLASSES",
            "TEXT_CLASSES", "IMAGE_TEXT_CLASSES", "clip_pooled_index", "image_text_streams", "check_clip_convention",
-           "pairs"]
+           "pairs", "hf_patch_grid"]
 
 # class name -> (prefix tokens: int, or the config attribute holding the register count; pooling)
 IMAGE_CLASSES: Dict[str, Tuple[Any, str]] = {
@@ -121,6 +128,21 @@ def _albert_calls(model: nn.Module, layer: AttentionLayer) -> int:
     return cfg.num_hidden_layers // max(cfg.num_hidden_groups, 1)
 
 
+def hf_patch_grid(embeddings: Optional[nn.Module], patch: Any, images: Tensor, what: str) -> PatchGrid:
+    """The token grid and its pixel extent of a Hugging Face vision model, read
+    from its own patch embedding (:mod:`modules.adapters.patch_grid`):
+    ``embeddings.patch_embeddings`` with its ``projection`` convolution (ViT,
+    DeiT, BEiT, DINOv2, Data2VecVision, Swin: it floors, Swin pads; with
+    ``interpolate_pos_encoding=True`` in the inputs ViT, DeiT and BEiT take
+    other sizes than the config's, DINOv2 always does), or the
+    ``patch_embedding`` convolution itself (CLIP, SigLIP)."""
+    pe = getattr(embeddings, "patch_embeddings", None)
+    proj = getattr(pe, "projection", None)
+    if not isinstance(proj, nn.Conv2d):
+        pe = proj = getattr(embeddings, "patch_embedding", None)
+    return patch_grid(pe, proj, images, (patch, patch) if isinstance(patch, int) else tuple(patch), what)
+
+
 class _HFAdapter(HookAdapter):
     library = "huggingface"
 
@@ -158,10 +180,12 @@ class HFImageClassifierAdapter(_HFAdapter):
         return "image"
 
     def prepare(self, inputs, index):
+        """The grid and its pixel extent as the model's own patch embedding
+        gives them (:func:`hf_patch_grid`)."""
         feed = feed_dict(inputs, "pixel_values", model_device(self.model))
-        patch = self.model.config.patch_size
-        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        feed["_grid"] = check_images(feed["pixel_values"], patch, type(self.model).__name__)
+        embeddings = getattr(getattr(self.model, "base_model", None), "embeddings", None)
+        feed["_grid"], feed["_extent"] = hf_patch_grid(embeddings, self.model.config.patch_size, feed["pixel_values"],
+                                                       type(self.model).__name__)
         return feed
 
     def forward(self, feed, method):
@@ -182,7 +206,8 @@ class HFImageClassifierAdapter(_HFAdapter):
             mean[:, self.prefix if self.pooling == "cls+mean" else 1:] = 1.0
             mean = mean / mean.sum(dim=1, keepdim=True)
             weights = mean if self.pooling == "mean" else 0.5 * weights + 0.5 * mean
-        readout = Readout(weights, column_mask(B, N, self.prefix, device), grid=(gh, gw))
+        readout = Readout(weights, column_mask(B, N, self.prefix, device), grid=(gh, gw),
+                          pixel_extent=feed["_extent"])
         return {"image": Stream("image", calls, readout)}
 
 
@@ -333,8 +358,9 @@ class HFImageTextAdapter(_HFAdapter):
             if isinstance(feed.get(key), Tensor) and feed[key].dim() == 2:
                 feed[key] = feed[key][txt]
         feed["_text_index"] = txt
-        patch = self.model.config.vision_config.patch_size
-        feed["_grid"] = check_images(feed["pixel_values"], (patch, patch), self.kind)
+        feed["_grid"], feed["_extent"] = hf_patch_grid(getattr(self.model.vision_model, "embeddings", None),
+                                                       self.model.config.vision_config.patch_size,
+                                                       feed["pixel_values"], self.kind)
         return feed
 
     def forward(self, feed, method):
@@ -372,7 +398,8 @@ class HFImageTextAdapter(_HFAdapter):
         real = mask.bool() if isinstance(mask, Tensor) else torch.ones_like(ids, dtype=torch.bool)
         self.text_row = text_row
         return image_text_streams(image_calls, text_calls, feed["_grid"], image_weights, text_row, real,
-                                  self.settings.get("clip_convention", "hf") == "published")
+                                  self.settings.get("clip_convention", "hf") == "published",
+                                  pixel_extent=feed["_extent"])
 
 
 CLIP_CONVENTIONS: Tuple[str, ...] = ("hf", "published")
@@ -388,20 +415,22 @@ def check_clip_convention(conv: Any, kind: str, applies: bool) -> None:
 
 
 def image_text_streams(image_calls: List[AttentionCall], text_calls: List[AttentionCall], grid: Tuple[int, int],
-                       image_weights: Tensor, text_row: Tensor, real: Tensor, published: bool) -> Dict[str, Stream]:
+                       image_weights: Tensor, text_row: Tensor, real: Tensor, published: bool,
+                       pixel_extent: Optional[Tuple[int, int, int, int]] = None) -> Dict[str, Stream]:
     """The two streams of an image-text pair (Hugging Face CLIP / SigLIP,
     open_clip): the image read by ``image_weights`` over its tokens (the
     patch columns after the prefix on the ``grid``), the text by the pooled
     position ``text_row`` (B,), ``real`` (B, T) its real tokens; with
     ``published`` the CLIP notebook's convention (METHODS_ICCV.md section 5):
-    both towers from their last block, text columns 1 .. EOT-1 divided by their sum."""
+    both towers from their last block, text columns 1 .. EOT-1 divided by their sum;
+    ``pixel_extent``: the pixels the image grid covers (:attr:`Readout.pixel_extent`)."""
     B, T = real.shape
     device, dtype = real.device, image_calls[0].probs.dtype
     n_img = image_calls[0].probs.shape[-1]
     gh, gw = grid
     start = "last" if published else None
     image = Stream("image", image_calls, Readout(image_weights, column_mask(B, n_img, n_img - gh * gw, device),
-                                                  grid=(gh, gw)), default_start=start)
+                                                  grid=(gh, gw), pixel_extent=pixel_extent), default_start=start)
     columns = torch.ones_like(real)
     if published:  # columns 1 .. EOT-1: SOT, EOT and what follows dropped
         pos = torch.arange(T, device=device)[None, :]

@@ -30,6 +30,12 @@ tokens (merging concatenates then projects: the relevance is shared
 equally); a group cut by the odd-size padding averages the tokens it has.
 The head pools the mean of the last stage's tokens, so the explained row is
 their mean (weights 1/N_last).
+
+Image sizes: every size the model takes.  The finest grid is the one the
+model's patch embedding gives (Hugging Face pads the image below and to the
+right to a multiple of the patch; timm's takes its ``img_size``, or any
+multiple of the patch with ``strict_img_size=False``), and the read-out
+states the pixels it covers (:mod:`modules.adapters.patch_grid`).
 """
 from __future__ import annotations
 
@@ -42,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import (InputsError, UnsupportedModelError, check_images, feed_dict, model_device,
-                              register_adapter)
+from modules.adapters import InputsError, UnsupportedModelError, feed_dict, model_device, register_adapter
 from modules.adapters.hooks import HookAdapter
+from modules.adapters.patch_grid import patch_grid
 from modules.attention_capture import AttentionCapture, AttentionLayer, capture_attention
 from modules.methods import Method
 from modules.trace import AttentionCall, Merge, Readout, Stream, WindowLayout
@@ -189,9 +195,21 @@ class _SwinAdapter(HookAdapter):
                 stack.callback(m.register_forward_hook(merge_hook(name), with_kwargs=True).remove)
             yield rec
 
+    def patch_embedding(self) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+        """(the patch embedding module, its projection convolution)."""
+        raise NotImplementedError
+
+    def check_size(self, images: Tensor) -> None:
+        """Refuse, in the adapter's words, a size the model refuses (before its patch embedding does)."""
+
     def prepare(self, inputs: Any, index: Any) -> Dict[str, Any]:
+        """The finest grid and its pixel extent as the model's own patch
+        embedding gives them (:mod:`modules.adapters.patch_grid`: Hugging Face
+        pads the image to a multiple of the patch)."""
         feed = feed_dict(inputs, "pixel_values", model_device(self.model))
-        feed["_grid"] = check_images(feed["pixel_values"], self.patch_size(), type(self.model).__name__)
+        self.check_size(feed["pixel_values"])
+        feed["_grid"], feed["_extent"] = patch_grid(*self.patch_embedding(), feed["pixel_values"], self.patch_size(),
+                                                    type(self.model).__name__)
         return feed
 
     def streams(self, feed: Dict[str, Any], rec: _Recording) -> Dict[str, Stream]:
@@ -227,7 +245,8 @@ class _SwinAdapter(HookAdapter):
         if n_blocks != len(records):
             raise RuntimeError(f"{what}: recorded {len(records)} attention maps for {n_blocks} block calls")
         weights = torch.full((B, tokens), 1.0 / tokens, dtype=dtype, device=device)  # mean-pooled head
-        readout = Readout(weights, torch.ones(B, gh * gw, dtype=torch.bool, device=device), grid=(gh, gw))
+        readout = Readout(weights, torch.ones(B, gh * gw, dtype=torch.bool, device=device), grid=(gh, gw),
+                          pixel_extent=feed["_extent"])
         return {"image": Stream("image", ops, readout)}
 
 
@@ -291,15 +310,16 @@ class TimmSwinAdapter(_SwinAdapter):
     def patch_size(self) -> Tuple[int, int]:
         return _pair(self.model.patch_embed.patch_size)
 
-    def prepare(self, inputs, index):
-        feed = super().prepare(inputs, index)
+    def patch_embedding(self):
+        return self.model.patch_embed, getattr(self.model.patch_embed, "proj", None)
+
+    def check_size(self, images: Tensor) -> None:
         pe = self.model.patch_embed
-        size = tuple(feed["pixel_values"].shape[-2:])
+        size = tuple(images.shape[-2:])
         if getattr(pe, "strict_img_size", False) and getattr(pe, "img_size", None) is not None \
                 and size != tuple(pe.img_size):
             raise InputsError(f"{type(self.model).__name__}: images of {size[0]}x{size[1]} pixels, the model takes "
                               f"{pe.img_size[0]}x{pe.img_size[1]}")
-        return feed
 
     def forward(self, feed, method):
         return self.model(feed["pixel_values"])
@@ -370,6 +390,10 @@ class HFSwinAdapter(_SwinAdapter):
 
     def patch_size(self) -> Tuple[int, int]:
         return _pair(self.model.config.patch_size)
+
+    def patch_embedding(self):
+        pe = getattr(getattr(self.base, "embeddings", None), "patch_embeddings", None)
+        return pe, getattr(pe, "projection", None)
 
     def forward(self, feed, method):
         return self.model(**{k: v for k, v in feed.items() if not k.startswith("_")}, return_dict=True)

@@ -17,6 +17,11 @@ pooled tokens (the tokens after the prefix unless the model pools them
 too); ``map`` the pooling query's attention, as a cross-attention from a
 one-token stream.  Prefix tokens (class, distillation, registers) take part
 in the propagation and are dropped from the map at the read-out.
+
+Image sizes: every size the model takes.  The map is on the grid the
+model's patch embedding gives (it floors a size that is no multiple of the
+patch, or pads it with ``dynamic_img_pad=True``), and the read-out states
+the pixels that grid covers (:mod:`modules.adapters.patch_grid`).
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import (UnsupportedModelError, check_images, column_mask, feed_dict, model_device,
-                              one_hot_rows, register_adapter)
+from modules.adapters import (UnsupportedModelError, column_mask, feed_dict, model_device, one_hot_rows,
+                              register_adapter)
 from modules.adapters.hooks import HookAdapter
+from modules.adapters.patch_grid import patch_grid
 from modules.attention_capture import AttentionLayer
 from modules.trace import AttentionCall, Readout, Stream
 
@@ -114,10 +120,16 @@ class TimmViTAdapter(HookAdapter):
         return "image"
 
     def prepare(self, inputs: Any, index: Any) -> Dict[str, Any]:
+        """The grid and its pixel extent as the model's own patch embedding
+        gives them (:mod:`modules.adapters.patch_grid`: it floors, or pads
+        with ``dynamic_img_pad``; ``dynamic_img_size`` resamples the position
+        embeddings to that grid)."""
         feed = feed_dict(inputs, "pixel_values", model_device(self.model))
-        patch = self.model.patch_embed.patch_size
+        pe = self.model.patch_embed
+        patch = pe.patch_size
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        feed["grid"] = check_images(feed["pixel_values"], patch, type(self.model).__name__)
+        feed["grid"], feed["_extent"] = patch_grid(pe, getattr(pe, "proj", None), feed["pixel_values"], patch,
+                                                   type(self.model).__name__)
         return feed
 
     def forward(self, feed, method):
@@ -146,5 +158,6 @@ class TimmViTAdapter(HookAdapter):
             weights[:, pooled_from:] = 1.0 / (N - pooled_from)
         else:  # map: the read-out is the pooling query (one token)
             weights = torch.ones(B, 1, dtype=dtype, device=device)
-        readout = Readout(weights, column_mask(B, N, self.prefix, device), grid=(gh, gw))
+        readout = Readout(weights, column_mask(B, N, self.prefix, device), grid=(gh, gw),
+                          pixel_extent=feed["_extent"])
         return {"image": Stream("image", calls, readout)}
