@@ -120,6 +120,75 @@ def test_every_method_on_the_models_own_grid_batch_equals_singles(case):
     torch.testing.assert_close(_logits(model, inputs), before_out, atol=0, rtol=0)
 
 
+def _hf_tiny(cls, cfg_cls, **kw):
+    torch.manual_seed(0)
+    V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return _randomize(cls(cfg_cls(image_size=32, patch_size=8, num_labels=5, attn_implementation="eager", **V,
+                                  **kw)))
+
+
+def _two_towers(cls, cfg_cls):
+    torch.manual_seed(0)
+    V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return _randomize(cls(cfg_cls(text_config=dict(vocab_size=50, max_position_embeddings=16, **V),
+                                  vision_config=dict(image_size=32, patch_size=8, **V))))
+
+
+def _timm_beit_60():
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    return _randomize(Beit(img_size=60, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5,
+                           use_abs_pos_emb=False, use_rel_pos_bias=True))
+
+
+# name: (builder, extra inputs (None: a plain tensor), (H, W), grid, extent): every one floors
+MORE = {
+    "hf_deit": (lambda: _hf_tiny(tf.DeiTForImageClassification, tf.DeiTConfig), {"interpolate_pos_encoding": True},
+                (44, 60), (5, 7), (0, 0, 40, 56)),
+    "hf_beit_relative_bias": (lambda: _hf_tiny(tf.BeitForImageClassification, tf.BeitConfig,
+                                               use_relative_position_bias=True),
+                              {"interpolate_pos_encoding": True}, (44, 60), (5, 7), (0, 0, 40, 56)),
+    "hf_dinov2": (lambda: _hf_tiny(tf.Dinov2ForImageClassification, tf.Dinov2Config), {}, (44, 60), (5, 7),
+                  (0, 0, 40, 56)),
+    "generic_data2vec_vision": (lambda: _hf_tiny(tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig),
+                                {"interpolate_pos_encoding": True}, (44, 60), (5, 7), (0, 0, 40, 56)),
+    "hf_clip": (lambda: _two_towers(tf.CLIPModel, tf.CLIPConfig), {"interpolate_pos_encoding": True}, (44, 60),
+                (5, 7), (0, 0, 40, 56)),
+    "hf_siglip": (lambda: _two_towers(tf.SiglipModel, tf.SiglipConfig), {"interpolate_pos_encoding": True},
+                  (44, 60), (5, 7), (0, 0, 40, 56)),
+    "timm_beit_60": (_timm_beit_60, None, (60, 60), (7, 7), (0, 0, 56, 56)),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_families_floor_on_their_own_grid(name):
+    build, extra, size, grid, extent = MORE[name]
+    model, x = build(), _images(size)
+    ids = torch.randint(3, 49, (B, 6), generator=torch.Generator().manual_seed(5))
+    ids[:, -1] = 49  # CLIP pools the highest id (its EOS)
+
+    def inputs(sl):
+        if extra is None:
+            return x[sl]
+        got = {"pixel_values": x[sl], **extra}
+        return {**got, "input_ids": ids[sl]} if name in ("hf_clip", "hf_siglip") else got  # image-text pairs
+
+    before = _snapshot(model)
+    for method in ("generic_attribution", "lrp"):
+        exp = explain_trace(model, inputs(slice(None)), method)
+        maps = exp.maps.image if hasattr(exp.maps, "image") else exp.maps
+        assert maps.shape == ((B, *size) if method == "lrp" else (B, *grid)), method
+        assert torch.isfinite(maps).all() and exp.pixel_extent == extent, method
+        if method == "lrp":  # nothing where no token looked
+            assert bool((maps[:, extent[2]:] == 0).all()) and bool((maps[:, :, extent[3]:] == 0).all())
+        for i in range(B):
+            one = explain_trace(model, inputs(slice(i, i + 1)), method).maps
+            one = one.image if hasattr(one, "image") else one
+            torch.testing.assert_close(maps[i:i + 1], one, **TOL, msg=method)
+    _assert_unchanged(before, _snapshot(model))
+
+
 # --------------------------------------------------------------------------
 # The methods written out on the model's own grid, from the test's own recording
 # --------------------------------------------------------------------------
