@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import (Adapter, UnsupportedMethodError, UnsupportedModelError, adapter_for,
-                              copies_offering, supported_models)
-from modules.methods import Index, Method, masked_min, minmax, resolve_method
+from modules.adapters import (UnsupportedMethodError, UnsupportedModelError, adapter_for, copies_offering,
+                              supported_models)
+from modules.aggregation import check_start_layer, masked_min, minmax_normalize
+from modules.methods import Index, Method, resolve_method
 from modules.trace import Stream, Trace
 
 __all__ = ["explain", "explain_trace", "Explanation", "StreamMaps", "UnsupportedModelError",
@@ -77,16 +78,6 @@ class Explanation(NamedTuple):
 def supported_methods(model: nn.Module) -> Tuple[str, ...]:
     """The canonical method names ``model`` supports."""
     return adapter_for(model).methods()
-
-
-def check_start_layer(start_layer: Optional[int], depth: int, what: str = "start_layer") -> None:
-    """The one start-layer check: an int in 0 .. depth-1 (None is always fine)."""
-    if start_layer is None:
-        return
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int):
-        raise ValueError(f"{what}={start_layer!r} is not an integer")
-    if not 0 <= start_layer < depth:
-        raise ValueError(f"{what}={start_layer} outside 0..{depth - 1}")
 
 
 def explain(model: nn.Module, inputs: Any, method: Union[str, Method] = "generic_attribution", index: Index = None,
@@ -185,7 +176,7 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
                              "clip_convention: CLIPModel)")
         maps = {}
         for name, stream in trace.streams.items():
-            got = _read_out(m, stream, trace, start_layer)
+            got = _read_out(m, stream, trace, trace.starts[name])
             maps.update(got if isinstance(got, dict) else {name: got})
     return Explanation(_as_tuple(maps), trace.score, trace.target, trace, _delta(m, trace), _pixel_extent(trace))
 
@@ -223,13 +214,11 @@ def _as_tuple(maps: Dict[str, Tensor]) -> Union[Tensor, Tuple[Tensor, ...]]:
 _TUPLES: Dict[Tuple[str, ...], type] = {}
 
 
-def _read_out(m: Method, stream: Stream, trace: Trace,
-              start_layer: Optional[int]) -> Union[Tensor, Dict[str, Tensor]]:
+def _read_out(m: Method, stream: Stream, trace: Trace, start: int) -> Union[Tensor, Dict[str, Tensor]]:
     """The method's token row -> the map: the published conventions, the
     kept columns, the patch grid; a stream with ``readout.parts`` gives one
-    map per part (by name)."""
-    start = m.default_start_layer(stream) if start_layer is None else start_layer
-    check_start_layer(start, len(stream.calls))
+    map per part (by name).  ``start``: the stream's start layer as the
+    recording resolved it (:attr:`Trace.starts`)."""
     with torch.no_grad():
         row = m.compute(stream, start, trace)
         readout = stream.readout
@@ -241,7 +230,7 @@ def _read_out(m: Method, stream: Stream, trace: Trace,
             out = {}
             for name, part in readout.parts.items():
                 got = part.read(row)
-                out[name] = (minmax(got.flatten(1)).reshape(got.shape) if renorm else got).detach()
+                out[name] = (minmax_normalize(got) if renorm else got).detach()
             return out
         if readout.grid is None:  # text: METHODS.md section 3 conventions, padding 0
             real = readout.token_mask if readout.token_mask is not None else torch.ones_like(row, dtype=torch.bool)
@@ -257,7 +246,7 @@ def _read_out(m: Method, stream: Stream, trace: Trace,
         B = row.shape[0]
         kept = row[readout.columns].reshape(B, -1)
         if m.normalized:
-            kept = minmax(kept)
+            kept = minmax_normalize(kept)
         return kept.reshape(B, *readout.grid).detach()
 
 

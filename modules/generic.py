@@ -7,11 +7,11 @@ l (B, H, N, N) and ``grad_l = d score / d A_l`` (per-sample one-hot seed),
     Abar_l = mean over heads of max(grad_l * A_l, 0)
     R = I;  for l >= start_layer:  R = R + Abar_l @ R
 
-and the result is one row of R: row 0 ([CLS]) for classifiers (image: the
-patch columns after the prefix tokens, reshaped to (B, gh, gw); text: all N
-columns), the pooled EOS token's row for CLIP's causal text tower.  It needs
-no LRP pass and no model copy: :mod:`modules.attention_capture` records
-``A_l`` from the model as its library built it.
+and the result is one row of R.  It is computed where every method is, by
+the engine (:mod:`modules.explain`, the registry entry in
+:mod:`modules.methods`, the pieces in :mod:`modules.aggregation`); this
+module keeps the entry points of before the engine as thin wrappers and
+the model loaders of the command-line tools.
 
 :func:`explain_any` is the entry point; :func:`load_generic_model` builds or
 loads a model for the command-line tools.  Supported models:
@@ -34,7 +34,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from modules.adapters import InputsError, UnsupportedModelError, adapter_for
 from modules.adapters.hf_models import IMAGE_CLASSES, IMAGE_TEXT_CLASSES, TEXT_CLASSES, clip_pooled_index
 from modules.adapters.swin import HF_SWIN_CLASSES
-from modules.aggregation import add_identity, positive_head_mean, rollout, rollout_row
 from modules.explain import StreamMaps, explain, explain_trace
 
 IMAGE_CLASSES_ = tuple(IMAGE_CLASSES) + tuple(HF_SWIN_CLASSES)
@@ -51,9 +50,6 @@ _HF_KINDS: Dict[str, str] = {**{c: "hf-image" for c in IMAGE_CLASSES_}, **{c: "h
                              **{c: "clip" for c in IMAGE_TEXT_CLASSES}}
 
 __all__ = [
-    "generic_layer_maps",
-    "generic_relevance",
-    "generic_relevance_row",
     "explain_any",
     "generic_explanation",
     "GenericExplanation",
@@ -74,52 +70,6 @@ __all__ = [
 
 Index = Union[None, int, Sequence[int], Tensor]
 Inputs = Union[Tensor, Mapping]
-
-
-# --------------------------------------------------------------------------
-# The method: pure, batched tensor functions
-# --------------------------------------------------------------------------
-def _check_layers(attentions: Sequence[Tensor], gradients: Sequence[Tensor], start_layer: int) -> None:
-    if len(attentions) != len(gradients):
-        raise ValueError(f"{len(attentions)} attention maps but {len(gradients)} gradients")
-    if not 0 <= start_layer < len(attentions):
-        raise ValueError(f"start_layer={start_layer} outside 0..{len(attentions) - 1}")
-
-
-def generic_layer_maps(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> List[Tensor]:
-    """Abar_l = mean over heads of max(grad_l * A_l, 0), per layer:
-    (B, H, N, N) pairs -> (B, N, N) (METHODS.md section 2, ``generic_attribution``)."""
-    return [positive_head_mean(g * a) for a, g in zip(attentions, gradients)]
-
-
-def generic_relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor], start_layer: int = 0) -> Tensor:
-    """The full relevance matrix R (B, N, N): R = I; for l >= s: R = R + Abar_l @ R.
-
-    That is (I + Abar_{L-1}) ... (I + Abar_s), computed with
-    :func:`modules.aggregation.rollout`.
-    """
-    _check_layers(attentions, gradients, start_layer)
-    maps = generic_layer_maps(attentions[start_layer:], gradients[start_layer:])
-    return rollout([add_identity(m) for m in maps])
-
-
-def generic_relevance_row(attentions: Sequence[Tensor], gradients: Sequence[Tensor],
-                          row: Union[int, Tensor] = 0, start_layer: int = 0) -> Tensor:
-    """One row of :func:`generic_relevance` per sample, (B, N).
-
-    ``row`` is one token index for every sample (row 0 = [CLS]; evaluated in
-    O(L N^2) with :func:`modules.aggregation.rollout_row`) or a (B,) tensor of
-    per-sample rows (CLIP's pooled EOS token).
-    """
-    _check_layers(attentions, gradients, start_layer)
-    if isinstance(row, Tensor) and row.dim() > 0:
-        full = generic_relevance(attentions, gradients, start_layer)
-        rows = row.to(device=full.device, dtype=torch.long)
-        if rows.shape != (full.shape[0],):
-            raise ValueError(f"row holds {tuple(rows.shape)} indices for a batch of {full.shape[0]}")
-        return full[torch.arange(full.shape[0], device=full.device), rows]
-    maps = generic_layer_maps(attentions[start_layer:], gradients[start_layer:])
-    return rollout_row([add_identity(m) for m in maps], row=int(row))
 
 
 # --------------------------------------------------------------------------

@@ -16,21 +16,21 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["avg_heads", "self_attention_rule", "rbar", "bimodal_rule", "init_relevance", "mask_map",
-           "nan_to_zero", "rollout_product", "coupled_generic", "coupled_last_layer", "coupled_rollout",
-           "raw_attention", "gradcam_map", "read_outputs", "coupled_transformer_attribution", "coupled_partial_lrp",
+from modules.aggregation import gradcam_map, head_mean, masked_minmax, positive_head_mean, rollout_product
+
+__all__ = ["self_attention_rule", "rbar", "bimodal_rule", "init_relevance", "mask_map",
+           "nan_to_zero", "coupled_generic", "coupled_last_layer", "coupled_rollout",
+           "raw_attention", "coupled_gradcam", "read_outputs", "coupled_transformer_attribution", "coupled_partial_lrp",
            "has_relevance"]
 
 
-def avg_heads(attention: Tensor, grad: Tensor) -> Tensor:
-    """Eq. 5: Abar = mean over heads of max(G * A, 0): (B, H, Nq, Nk) -> (B, Nq, Nk)."""
-    return (grad * attention).clamp(min=0).mean(dim=1)
-
-
-def self_attention_rule(R_ss: Tensor, R_sq: Tensor, abar: Tensor) -> Tuple[Tensor, Tensor]:
-    """Eqs. 6, 7: R_ss <- R_ss + Abar R_ss, R_sq <- R_sq + Abar R_sq (both from
-    the values before the update); ``abar`` (B, Ns, Ns)."""
-    return R_ss + torch.bmm(abar, R_ss), R_sq + torch.bmm(abar, R_sq)
+def self_attention_rule(R_s: Dict[str, Tensor], abar: Tensor) -> Dict[str, Tensor]:
+    """Eqs. 6, 7: the additions R_st += Abar R_st of a self-attention of
+    stream s, for every stream t (R_ss and the cross terms R_sq alike, each
+    from the values before the update); ``abar`` (B, Ns, Ns), ``R_s`` the
+    row of stream pairs {t: R_st}.  The single-stream methods apply the same
+    rule as a row vector, v <- v (I + Abar) (:func:`modules.trace.propagate_row`)."""
+    return {t: torch.bmm(abar, R) for t, R in R_s.items()}
 
 
 def nan_to_zero(x: Tensor) -> Tensor:
@@ -119,19 +119,6 @@ def mask_map(m: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tenso
     return m
 
 
-def rollout_product(maps, mask: Optional[Tensor] = None) -> Optional[Tensor]:
-    """M_n ... M_0 with M = row-normalised (A + I) (the LXMERT/DETR rollout
-    baseline); ``maps`` head-mean attention (B, N, N) in forward order."""
-    joint = None
-    for a in maps:
-        if mask is not None:
-            a = mask_map(a, mask, mask)
-        m = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        m = m / m.sum(dim=-1, keepdim=True)
-        joint = m if joint is None else torch.bmm(m, joint)
-    return joint
-
-
 # --------------------------------------------------------------------------
 # The methods on coupled streams (METHODS_ICCV.md sections 2 and 4)
 # --------------------------------------------------------------------------
@@ -159,11 +146,11 @@ def coupled_generic(coupled, normalize: bool = True, self_in_rule_10: bool = Tru
     for group in coupled.groups:
         deltas = []
         for call in group:
-            abar = _abar(call, masks, lambda c: avg_heads(c.relevance if use_lrp else c.probs, c.grad))
+            abar = _abar(call, masks, lambda c: positive_head_mean(c.grad * (c.relevance if use_lrp else c.probs)))
             s, q = call.query, call.key
             if call.is_self:
-                for t in coupled.sizes:
-                    deltas.append(((s, t), torch.bmm(abar, R[s, t])))
+                deltas += [((s, t), d) for t, d in self_attention_rule({t: R[s, t] for t in coupled.sizes},
+                                                                       abar).items()]
             else:
                 d_sq, d_ss = bimodal_rule(R[s, s], R[q, q], R[q, s], abar, normalize, self_in_rule_10,
                                           masks.get(s), masks.get(q), nan_guard)
@@ -194,17 +181,14 @@ def coupled_last_layer(coupled, weigh: Callable) -> Dict[Tuple[str, str], Tensor
 
 def raw_attention(call) -> Tensor:
     """Mean over heads of A (no gradient, no clamp)."""
-    return call.probs.mean(dim=1)
+    return head_mean(call.probs)
 
 
-def gradcam_map(call, masks) -> Tensor:
+def coupled_gradcam(call, masks) -> Tensor:
     """GradCAM of METHODS_ICCV.md section 2: w_h = mean of G_h over the whole
     (real) map; max(mean_h w_h A_h, 0) (clamp after the head mean)."""
-    rows = masks.get(call.query)
-    cols = masks.get(call.key)
-    pair = mask_map(torch.ones_like(call.probs[:, 0]), rows, cols)[:, None]  # (B, 1, Nq, Nk)
-    w = (call.grad * pair).sum(dim=(2, 3), keepdim=True) / pair.sum(dim=(2, 3), keepdim=True)
-    return (w * call.probs).mean(dim=1).clamp(min=0)
+    pair = mask_map(torch.ones_like(call.probs[:, 0]), masks.get(call.query), masks.get(call.key))[:, None]
+    return gradcam_map(call.probs, call.grad, pair)  # pair (B, 1, Nq, Nk)
 
 
 def coupled_rollout(coupled) -> Dict[Tuple[str, str], Tensor]:
@@ -217,9 +201,10 @@ def coupled_rollout(coupled) -> Dict[Tuple[str, str], Tensor]:
     out = {}
 
     def rollout_of(stream: str, before: Optional[int] = None) -> Tensor:
-        maps = [c.probs.mean(dim=1) for i, c in enumerate(calls)
+        mask = masks.get(stream)
+        maps = [mask_map(head_mean(c.probs), mask, mask) for i, c in enumerate(calls)
                 if c.query == stream and c.key == stream and (before is None or i < before)]
-        joint = rollout_product(maps, masks.get(stream))
+        joint = rollout_product(maps)
         if joint is None:
             first = calls[0].probs
             n = coupled.sizes[stream]
@@ -259,7 +244,7 @@ def coupled_transformer_attribution(coupled) -> Dict[Tuple[str, str], Tensor]:
     out = {}
     for o in coupled.outputs.values():
         s, t = o.row_stream, o.col_stream
-        weigh = lambda c: avg_heads(c.relevance, c.grad)  # noqa: E731
+        weigh = lambda c: positive_head_mean(c.grad * c.relevance)  # noqa: E731
         if s != t:
             out[s, t] = _abar(_last_calls(coupled, s, t), masks, weigh)
             continue
@@ -269,7 +254,7 @@ def coupled_transformer_attribution(coupled) -> Dict[Tuple[str, str], Tensor]:
         R = mask_map(eye, masks.get(s), masks.get(s))
         for call in coupled.calls:
             if call.query == s and call.key == s:
-                R = R + torch.bmm(_abar(call, masks, weigh), R)
+                R = R + self_attention_rule({s: R}, _abar(call, masks, weigh))[s]
         out[s, t] = R
     return out
 
@@ -282,14 +267,12 @@ def coupled_partial_lrp(coupled) -> Dict[Tuple[str, str], Tensor]:
     and columns of each sample; a constant matrix gives 0, where the
     published division would give NaN).  The explained token's own entry is
     zeroed after the normalisation by :func:`read_outputs` (``zero_self``)."""
-    from modules.methods import masked_minmax
-
     masks = coupled.masks
     out = {}
     for o in coupled.outputs.values():
         s, t = o.row_stream, o.col_stream
         call = _last_calls(coupled, s, t)
-        m = call.relevance.mean(dim=1)
+        m = head_mean(call.relevance)
         B, nq, nk = m.shape
         rows = masks.get(s, torch.ones(B, nq, dtype=torch.bool, device=m.device))
         cols = masks.get(t, torch.ones(B, nk, dtype=torch.bool, device=m.device))

@@ -20,12 +20,11 @@ import torch
 from torch import Tensor
 
 from modules import iccv
-from modules.aggregation import add_identity, head_mean, minmax_normalize, positive_head_mean, row_normalize
+from modules.aggregation import add_identity, gradcam_map, head_mean, masked_minmax, positive_head_mean, row_normalize
 from modules.trace import AttentionCall, Stream, Trace, last_call, pooling_call, propagate_column, propagate_row
 
 __all__ = ["EVAL_START_LAYER", "Index", "resolve_index", "Method", "METHODS", "ALIASES", "METHOD_NAMES",
-           "METHOD_CHOICES", "ATTENTION_METHODS", "resolve_method", "UnknownMethodError", "masked_min",
-           "masked_minmax"]
+           "METHOD_CHOICES", "ATTENTION_METHODS", "resolve_method", "UnknownMethodError"]
 
 Index = Union[None, int, Sequence[int], Tensor]
 
@@ -190,7 +189,7 @@ def _rollout(stream: Stream, start: int, trace: Trace) -> Tensor:
 
 def _attn_last_layer(stream: Stream, start: int, trace: Trace) -> Tensor:
     """Mean over heads of max(A_{L-1}, 0), the explained row."""
-    return propagate_row(stream, _only_last(stream, lambda call: call.probs.clamp(min=0).mean(dim=1)))
+    return propagate_row(stream, _only_last(stream, lambda call: positive_head_mean(call.probs)))
 
 
 def _lrp_last_layer(stream: Stream, start: int, trace: Trace) -> Tensor:
@@ -203,9 +202,9 @@ def _lrp_last_layer(stream: Stream, start: int, trace: Trace) -> Tensor:
         R = call.relevance
         real = stream.readout.token_mask if stream.readout.token_mask is not None else \
             torch.ones(R.shape[0], R.shape[-1], dtype=torch.bool, device=R.device)
-        full = masked_minmax(R.mean(dim=1), real[:, :, None] & real[:, None, :])
+        full = masked_minmax(head_mean(R), real[:, :, None] & real[:, None, :])
         return propagate_row(stream, _only_last(stream, lambda c: full))
-    return propagate_row(stream, _only_last(stream, lambda call: call.relevance.clamp(min=0).mean(dim=1)))
+    return propagate_row(stream, _only_last(stream, lambda call: positive_head_mean(call.relevance)))
 
 
 def _attn_gradcam(stream: Stream, start: int, trace: Trace) -> Tensor:
@@ -224,9 +223,7 @@ def _attn_gradcam(stream: Stream, start: int, trace: Trace) -> Tensor:
         real = readout.token_mask if readout.token_mask is not None else \
             torch.ones(A.shape[0], A.shape[-1], dtype=torch.bool, device=A.device)
         pair = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, N, N)
-        n_pairs = pair.flatten(1).sum(dim=1).reshape(-1, 1, 1, 1)
-        w = (G * pair).sum(dim=(2, 3), keepdim=True) / n_pairs  # (B, H, 1, 1)
-        full = masked_minmax((w * A).mean(dim=1).clamp(min=0), pair[:, 0])
+        full = masked_minmax(gradcam_map(A, G, pair), pair[:, 0])
         if readout.self_column is not None:
             full[:, readout.self_column, readout.self_column] = 0
         return propagate_row(stream, _only_last(stream, lambda c: full))
@@ -272,7 +269,8 @@ def _coupled_raw(coupled) -> Dict[str, Tensor]:
 
 
 def _coupled_gradcam(coupled) -> Dict[str, Tensor]:
-    return iccv.read_outputs(coupled, iccv.coupled_last_layer(coupled, lambda c: iccv.gradcam_map(c, coupled.masks)))
+    masks = coupled.masks
+    return iccv.read_outputs(coupled, iccv.coupled_last_layer(coupled, lambda c: iccv.coupled_gradcam(c, masks)))
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
@@ -362,28 +360,3 @@ def resolve_index(index: Index, logits: Tensor, what: str = "class") -> Tensor:
         noun = "classes" if what == "class" else f"{what}s"
         raise ValueError(f"{what} index {target.tolist()} out of range: the model has {C} {noun} (0..{C - 1})")
     return target
-
-
-# --------------------------------------------------------------------------
-# Masked reductions (text streams with padding)
-# --------------------------------------------------------------------------
-def masked_min(x: Tensor, mask: Tensor) -> Tensor:
-    """Per-sample minimum of ``x`` over the entries where ``mask`` is True, (B,)."""
-    return x.masked_fill(~mask, float("inf")).flatten(1).amin(dim=1)
-
-
-def masked_minmax(x: Tensor, mask: Tensor) -> Tensor:
-    """Per-sample min-max normalisation over the masked entries; a constant
-    map becomes 0, entries outside the mask become 0."""
-    lo = masked_min(x, mask)
-    hi = -masked_min(-x, mask)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    span = (hi - lo).reshape(shape)
-    out = torch.where(span > 0, (x - lo.reshape(shape)) / span.clamp(min=torch.finfo(x.dtype).tiny),
-                      torch.zeros_like(x))
-    return out.masked_fill(~mask, 0.0)
-
-
-def minmax(x: Tensor) -> Tensor:
-    """Per-sample min-max normalisation (the one normalisation of the project)."""
-    return minmax_normalize(x)

@@ -19,7 +19,7 @@ arithmetic at all) for a one-hot read-out row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +321,9 @@ class Trace:
     streams: Dict[str, Stream]
     input_relevance: Optional[Tensor] = None
     coupled: Optional[Coupled] = None
+    starts: Dict[str, int] = field(default_factory=dict)
+    """Each stream's start layer, resolved once by the recording (the
+    method's default or the caller's ``start_layer``, checked there)."""
 
 
 def last_call(stream: Stream) -> AttentionCall:
@@ -351,10 +354,10 @@ def propagate_row(stream: Stream, layer_matrix: Callable[[AttentionCall], Option
     ``start_layer`` are the identity; cross-attention calls into the stream
     (an attention-pooling head) and merges always apply.  Evaluated from the
     left, ``v <- v M``, starting at the read-out weights (or ``weights``).
+    ``start_layer`` is the one the recording resolved and checked
+    (:attr:`Trace.starts`).
     """
     calls = stream.calls
-    if not 0 <= start_layer < max(len(calls), 1):
-        raise ValueError(f"start_layer={start_layer} outside 0..{len(calls) - 1}")
     skipped = {id(c) for c in calls[:start_layer]}
     v = stream.readout.weights if weights is None else weights
     row = stream.readout.row if weights is None else None

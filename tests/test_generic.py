@@ -20,8 +20,10 @@ from timm.models.vision_transformer import VisionTransformer
 from baselines.ViT.ViT_explanation_generator import explain as explain_vit_copy
 from baselines.ViT.ViT_LRP import from_timm
 from modules.attention_capture import UnsupportedModelError, capture_attention, find_attention_layers
-from modules.generic import (CLIPRelevance, clip_pooled_index, explain_any, generic_explanation, generic_layer_maps,
-                             generic_relevance, generic_relevance_row)
+from modules.aggregation import positive_head_mean
+from modules.generic import CLIPRelevance, clip_pooled_index, explain_any, generic_explanation
+from modules.methods import METHODS
+from modules.trace import AttentionCall, Readout, Stream
 
 tf.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("float64")
@@ -191,6 +193,15 @@ def _assert_unchanged(before: dict, after: dict) -> None:
 # --------------------------------------------------------------------------
 # The formula (pure tensor functions)
 # --------------------------------------------------------------------------
+def _generic_rows(attentions, gradients, rows, start_layer=0):
+    """The engine's generic_attribution on a hand-built stream: row ``rows[b]`` of R for sample b."""
+    B, N = attentions[0].shape[0], attentions[0].shape[-1]
+    weights = torch.nn.functional.one_hot(torch.as_tensor(rows).expand(B), N).to(attentions[0].dtype)
+    calls = [AttentionCall(f"layer{i}", a, grad=g) for i, (a, g) in enumerate(zip(attentions, gradients))]
+    stream = Stream("main", calls, Readout(weights, torch.ones(B, N, dtype=torch.bool)))
+    return METHODS["generic_attribution"].compute(stream, start_layer, None)
+
+
 def test_generic_relevance_hand_computed():
     # one head, N = 2; layer 0: grad*A = [[.75, -.5], [2, 1]] -> Abar0 = [[.75, 0], [2, 1]]
     a0 = torch.tensor([[0.75, 0.25], [0.5, 0.5]])[None, None]
@@ -198,20 +209,18 @@ def test_generic_relevance_hand_computed():
     # layer 1: Abar1 = [[0, 1], [0, 0]]
     a1 = torch.tensor([[0.5, 0.5], [0.5, 0.5]])[None, None]
     g1 = torch.tensor([[-1.0, 2.0], [-3.0, -1.0]])[None, None]
-    r = generic_relevance([a0, a1], [g0, g1])
     # R0 = I + Abar0 = [[1.75, 0], [2, 2]]; R1 = R0 + Abar1 @ R0 = [[3.75, 2], [2, 2]]
-    torch.testing.assert_close(r[0], torch.tensor([[3.75, 2.0], [2.0, 2.0]]))
-    torch.testing.assert_close(generic_relevance_row([a0, a1], [g0, g1], row=0)[0], torch.tensor([3.75, 2.0]))
+    torch.testing.assert_close(_generic_rows([a0, a1], [g0, g1], 0)[0], torch.tensor([3.75, 2.0]))
+    torch.testing.assert_close(_generic_rows([a0, a1], [g0, g1], 1)[0], torch.tensor([2.0, 2.0]))
     # start_layer = 1 drops layer 0: R = I + Abar1
-    torch.testing.assert_close(generic_relevance([a0, a1], [g0, g1], start_layer=1)[0],
-                               torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    torch.testing.assert_close(_generic_rows([a0, a1], [g0, g1], 0, start_layer=1)[0], torch.tensor([1.0, 1.0]))
 
 
 def test_head_mean_of_positive_part():
     a = torch.ones(1, 2, 2, 2)
     g = torch.tensor([[[1.0, -1.0], [2.0, 0.0]], [[3.0, 1.0], [-2.0, 4.0]]])[None]
     # heads: max(g, 0) = [[1,0],[2,0]] and [[3,1],[0,4]] -> mean [[2, .5], [1, 2]]
-    torch.testing.assert_close(generic_layer_maps([a], [g])[0][0], torch.tensor([[2.0, 0.5], [1.0, 2.0]]))
+    torch.testing.assert_close(positive_head_mean(g * a)[0], torch.tensor([[2.0, 0.5], [1.0, 2.0]]))
 
 
 @pytest.mark.parametrize("start_layer", [0, 2])
@@ -219,22 +228,18 @@ def test_generic_relevance_matches_plain_loop_per_sample(start_layer, seed):
     L, H, N = 4, 3, 6
     attn = [torch.rand(B, H, N, N).softmax(-1) for _ in range(L)]
     grad = [torch.randn(B, H, N, N) for _ in range(L)]
-    got = generic_relevance(attn, grad, start_layer)
+    rows = torch.tensor([0, 5, 2])
+    got = _generic_rows(attn, grad, rows, start_layer)
     for b in range(B):  # independent re-statement, one sample at a time
         r = torch.eye(N)
         for layer in range(start_layer, L):
             abar = (grad[layer][b] * attn[layer][b]).clamp(min=0).mean(dim=0)
             r = r + abar @ r
-        torch.testing.assert_close(got[b], r)
-    rows = torch.tensor([0, 5, 2])
-    torch.testing.assert_close(generic_relevance_row(attn, grad, rows, start_layer), got[torch.arange(B), rows])
-    torch.testing.assert_close(generic_relevance_row(attn, grad, 3, start_layer), got[:, 3])
+        torch.testing.assert_close(got[b], r[rows[b]])
+        torch.testing.assert_close(_generic_rows(attn, grad, 3, start_layer)[b], r[3])
 
 
 def test_start_layer_out_of_range():
-    a = [torch.rand(1, 1, 2, 2)] * 2
-    with pytest.raises(ValueError, match="start_layer=2"):
-        generic_relevance(a, a, start_layer=2)
     with pytest.raises(ValueError, match=r"start_layer=3 outside 0\.\.2"):
         explain_any(timm_vit(), images(1), start_layer=3)
     with pytest.raises(ValueError, match=r"start_layer=-1"):

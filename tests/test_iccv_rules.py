@@ -4,26 +4,27 @@ import math
 import pytest
 import torch
 
-from modules.iccv import avg_heads, bimodal_rule, init_relevance, rbar, rollout_product, self_attention_rule
+from modules.aggregation import positive_head_mean, rollout_product
+from modules.iccv import bimodal_rule, init_relevance, rbar, self_attention_rule
 
 
 def t(rows):
     return torch.tensor(rows, dtype=torch.float64)[None]
 
 
-def test_avg_heads_clamps_each_head_then_averages():
+def test_eq5_head_mean_clamps_each_head_then_averages():
     A = torch.tensor([[[[0.5, 0.5], [0.2, 0.8]], [[1.0, 0.0], [0.4, 0.6]]]], dtype=torch.float64)
     G = torch.tensor([[[[2.0, -1.0], [1.0, 1.0]], [[-3.0, 5.0], [0.5, -2.0]]]], dtype=torch.float64)
     # head 0: G*A = [[1, -.5], [.2, .8]] -> [[1, 0], [.2, .8]]; head 1: [[-3, 0], [.2, -1.2]] -> [[0, 0], [.2, 0]]
-    torch.testing.assert_close(avg_heads(A, G), t([[0.5, 0.0], [0.2, 0.4]]))
+    torch.testing.assert_close(positive_head_mean(G * A), t([[0.5, 0.0], [0.2, 0.4]]))
 
 
 def test_self_attention_rule_uses_the_values_before_the_update():
     R_ss, R_sq = t([[1.0, 0.0], [0.0, 1.0]]), t([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
     abar = t([[0.0, 1.0], [0.5, 0.0]])
-    new_ss, new_sq = self_attention_rule(R_ss, R_sq, abar)
-    torch.testing.assert_close(new_ss, t([[1.0, 1.0], [0.5, 1.0]]))  # I + Abar
-    torch.testing.assert_close(new_sq, t([[2.0, 1.0, 0.0], [2.0, 0.5, 0.0]]))  # R_sq + Abar R_sq
+    delta = self_attention_rule({"s": R_ss, "q": R_sq}, abar)
+    torch.testing.assert_close(R_ss + delta["s"], t([[1.0, 1.0], [0.5, 1.0]]))  # I + Abar
+    torch.testing.assert_close(R_sq + delta["q"], t([[2.0, 1.0, 0.0], [2.0, 0.5, 0.0]]))  # R_sq + Abar R_sq
 
 
 def test_rbar_rows_sum_to_two_and_the_nan_guard():
@@ -81,6 +82,9 @@ def test_rollout_product_row_normalised():
     a1 = t([[1.0, 0.0], [0.5, 0.5]])
     # M0 = (A0 + I) / rowsum = [[.75, .25], [0, 1]]; M1 = [[1, 0], [.25, .75]]; M1 M0 = [[.75, .25], [.1875, .8125]]
     torch.testing.assert_close(rollout_product([a0, a1]), t([[0.75, 0.25], [0.1875, 0.8125]]))
+    # without the row normalisation: (A1 + I)(A0 + I) = [[2, 0], [.5, 1.5]] [[1.5, .5], [0, 2]]
+    torch.testing.assert_close(rollout_product([a0, a1], normalize=False), t([[3.0, 1.0], [0.75, 3.25]]))
+    assert rollout_product([]) is None
 
 
 @pytest.mark.parametrize("fn", ["rbar", "bimodal"])

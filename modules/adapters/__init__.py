@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.aggregation import check_start_layer
 from modules.attention_capture import UnsupportedModelError
 from modules.methods import ATTENTION_METHODS, METHOD_NAMES, Index, Method, resolve_index
 from modules.trace import AttentionCall, Coupled, Stream, Trace, last_call
@@ -216,11 +217,13 @@ class Adapter:
                 return self._record_coupled(streams, method, logits, target, one_hot, recorder)
             needed: List[AttentionCall] = []
             stops: List[int] = []
-            for stream in streams.values():
-                start = method.default_start_layer(stream) if start_layer is None else start_layer
+            starts: Dict[str, int] = {}
+            for name, stream in streams.items():
                 calls = stream.calls
                 if not calls:
                     raise RuntimeError(f"{type(self.model).__name__}: no attention was recorded")
+                start = starts[name] = method.default_start_layer(stream) if start_layer is None else start_layer
+                check_start_layer(start, len(calls))
                 cross = [op for op in stream.ops if isinstance(op, AttentionCall) and not op.is_self]
                 chosen = [last_call(stream)] if method.last_layer_only else calls[start:] + cross
                 needed += chosen
@@ -258,7 +261,7 @@ class Adapter:
                 for op in stream.ops:
                     if isinstance(op, AttentionCall):
                         op.probs = op.probs.detach()
-        return Trace(logits.detach(), target, score.detach(), streams, input_relevance)
+        return Trace(logits.detach(), target, score.detach(), streams, input_relevance, starts=starts)
 
     def _record_coupled(self, coupled: Coupled, method: Method, logits: Tensor, target: Tensor,
                         one_hot: Tensor, recorder: Any = None) -> Trace:

@@ -19,7 +19,8 @@ from typing import Optional
 from torch import Tensor
 
 from modules.explain import explain as _explain
-from modules.methods import METHOD_CHOICES, METHOD_NAMES, Index, masked_min, masked_minmax, resolve_index, resolve_method
+from modules.aggregation import masked_min, masked_minmax
+from modules.methods import METHOD_CHOICES, METHOD_NAMES, Index, resolve_index, resolve_method
 
 __all__ = ["explain", "default_start_layer", "resolve_index", "METHOD_CHOICES", "METHOD_NAMES"]
 
