@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules import layers as L
+from modules.adapters import check_images, column_mask, feed_dict, model_device, one_hot_rows, register_adapter
+from modules.adapters.native import CopyAdapter
 from modules.checkpoints import CheckpointError, load_state, mismatch_report, read_model_config, read_state_dict
+from modules.trace import Readout, Stream
 
 __all__ = [
     "VisionTransformer",
@@ -528,9 +531,6 @@ def load_model(name: str, weights: Optional[str] = None) -> VisionTransformer:
 # --------------------------------------------------------------------------
 # How modules.explain explains this copy (every method)
 # --------------------------------------------------------------------------
-from modules.adapters import check_images, column_mask, feed_dict, model_device, one_hot_rows, register_adapter  # noqa: E402
-from modules.adapters.native import CopyAdapter  # noqa: E402
-from modules.trace import Readout, Stream  # noqa: E402
 
 
 @register_adapter

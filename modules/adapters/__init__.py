@@ -13,8 +13,9 @@ they should be tried; :func:`adapter_for` picks the first that matches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,22 @@ def copies_offering(method: str) -> List[str]:
     """The families (model copies and unmodified families) that run ``method``."""
     supported_models()
     return [c.family for c in _ordered() if method in c.method_names()]
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_classes(cls: type) -> Tuple[str, ...]:
+    """Names of the classes of ``cls``'s MRO defined by transformers (once per class)."""
+    return tuple(c.__name__ for c in cls.__mro__ if c.__module__.startswith("transformers."))
+
+
+def hf_class(model: nn.Module, names: Collection[str]) -> Optional[str]:
+    """The first class of ``model``'s MRO from transformers whose name is in
+    ``names`` (subclasses of a supported class included), else None: the
+    one Hugging Face class lookup of the adapters."""
+    for name in _transformers_classes(type(model)):
+        if name in names:
+            return name
+    return None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import CoupledLRP, InputsError, feed_dict, model_device, one_hot_rows, register_adapter
+from modules.adapters import CoupledLRP, InputsError, feed_dict, hf_class, model_device, one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionCapture, AttentionLayer
 from modules.methods import Method
@@ -51,7 +51,7 @@ _CLASSES = ("DetrForObjectDetection", "ConditionalDetrForObjectDetection")
 def has_no_object_class(model: nn.Module) -> bool:
     """True for DETR (softmax over the classes + a last "no object" class),
     False for Conditional DETR (sigmoid per class, no such class)."""
-    return not any(c.__name__ == "ConditionalDetrForObjectDetection" for c in type(model).__mro__)
+    return hf_class(model, ("ConditionalDetrForObjectDetection",)) is None
 
 
 def detection_probabilities(logits: Tensor, no_object: bool) -> Tensor:
@@ -143,7 +143,7 @@ class DetrAdapter(CoupledLRP, HookAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return any(c.__name__ in _CLASSES and c.__module__.startswith("transformers.") for c in type(model).__mro__)
+        return hf_class(model, _CLASSES) is not None
 
     # -- where the attention is ----------------------------------------------
     def _core(self) -> nn.Module:

@@ -52,13 +52,13 @@ gives each sample's maps.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import InputsError, check_images, check_text, feed_dict, model_device, register_adapter
+from modules.adapters import InputsError, check_images, check_text, feed_dict, hf_class, model_device, register_adapter
 from modules.adapters.hooks import HookAdapter, module_path
 from modules.attention_capture import AttentionLayer, UnsupportedModelError, _hf_attention_specs
 from modules.methods import resolve_index
@@ -75,13 +75,6 @@ _CROSS_NAMES = ("encoder_attn", "EncDecAttention", "crossattention")
 # attention modules of models that declare none in _can_record_outputs: class -> index of the probabilities
 _UNDECLARED = {"BartAttention": 1}
 _EXTRA_KEYS = ("position", "prompt_length")
-
-
-def _hf_class(model: nn.Module, names: Sequence[str]) -> Optional[str]:
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__ in names:
-            return cls.__name__
-    return None
 
 
 def _specs(pretrained: nn.Module, key: str) -> list:
@@ -181,7 +174,7 @@ class GenerationAdapter(HookAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _hf_class(model, cls.classes) is not None
+        return hf_class(model, cls.classes) is not None
 
     def attention_layers(self) -> List[AttentionLayer]:
         return generation_layers(self.model)
@@ -241,7 +234,7 @@ class Seq2SeqAdapter(GenerationAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.kind = _hf_class(model, SEQ2SEQ_CLASSES)
+        self.kind = hf_class(model, SEQ2SEQ_CLASSES)
         self.image = self.kind == "VisionEncoderDecoderModel"
         encoder = model.get_encoder()
         self.encoder_prefix = module_path(model, encoder) + "."

@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
-from modules.adapters import CoupledLRP, InputsError, feed_dict, model_device, one_hot_rows, register_adapter
+from modules.adapters import CoupledLRP, InputsError, feed_dict, hf_class, model_device, one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionLayer
 from modules.trace import AttentionCall, Coupled, Output
@@ -41,8 +41,7 @@ class LxmertAdapter(CoupledLRP, HookAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return any(c.__name__ == "LxmertForQuestionAnswering" and c.__module__.startswith("transformers.")
-                   for c in type(model).__mro__)
+        return hf_class(model, ("LxmertForQuestionAnswering",)) is not None
 
     def attention_layers(self) -> List[AttentionLayer]:
         layers = []

@@ -64,12 +64,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import CoupledLRP, InputsError, UnsupportedModelError, feed_dict, model_device, \
+from modules.adapters import CoupledLRP, InputsError, UnsupportedModelError, feed_dict, hf_class, model_device, \
     one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.attention_capture import AttentionCapture, AttentionLayer
@@ -77,10 +77,6 @@ from modules.methods import Method
 from modules.trace import Part, Readout, Stream
 
 __all__ = ["VisualBertAdapter", "ViltAdapter", "visualbert_pooled_index", "text_positions"]
-
-
-def _is_hf(model: nn.Module, name: str) -> bool:
-    return any(c.__name__ == name and c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
 def _self_attention_layers(model: nn.Module, class_name: str) -> List[AttentionLayer]:
@@ -148,7 +144,7 @@ class VisualBertAdapter(CoupledLRP, HookAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _is_hf(model, "VisualBertForQuestionAnswering")
+        return hf_class(model, ("VisualBertForQuestionAnswering",)) is not None
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -233,7 +229,7 @@ class ViltAdapter(CoupledLRP, HookAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _is_hf(model, "ViltForQuestionAnswering")
+        return hf_class(model, ("ViltForQuestionAnswering",)) is not None
 
     def attention_layers(self) -> List[AttentionLayer]:
         return _self_attention_layers(self.model, "ViltSelfAttention")

@@ -22,6 +22,9 @@ from modules.checkpoints import (HF_INDEX_FILES, HF_WEIGHT_FILES, CheckpointErro
                                  read_model_dir_state)
 from BERT_explainability.modules.BERT.BERT import BertModel
 from modules import layers as L
+from modules.adapters import check_text, feed_dict, model_device, one_hot_rows, register_adapter
+from modules.adapters.native import CopyAdapter
+from modules.trace import Readout, Stream
 
 __all__ = ["BertForSequenceClassification", "CheckpointError", "read_hf_weights", "convert_hf_state_dict"]
 
@@ -206,9 +209,6 @@ def convert_hf_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # How modules.explain explains this copy (every method, METHODS.md section 3)
 # ------------------------------------------------------------------------------------------------
-from modules.adapters import check_text, feed_dict, model_device, one_hot_rows, register_adapter  # noqa: E402
-from modules.adapters.native import CopyAdapter  # noqa: E402
-from modules.trace import Readout, Stream  # noqa: E402
 
 
 @register_adapter
