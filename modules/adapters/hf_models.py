@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import (InputsError, UnsupportedModelError, check_text, column_mask, feed_dict,
+from modules.adapters import (InputsError, UnsupportedModelError, check_text, column_mask, feed_dict, hf_class,
                               model_device, one_hot_rows, register_adapter)
 from modules.adapters.hooks import HookAdapter
 from modules.adapters.patch_grid import PatchGrid, patch_grid
@@ -92,14 +92,6 @@ TEXT_CLASSES.update({f"{family}ForTokenClassification": "token" for family in (
 IMAGE_TEXT_CLASSES: Tuple[str, ...] = ("CLIPModel", "SiglipModel")
 
 
-def _hf_class(model: nn.Module, names) -> Optional[str]:
-    """The first class of ``model``'s MRO from transformers whose name is in ``names``."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__ in names:
-            return cls.__name__
-    return None
-
-
 def _dropout_after_softmax_layers(model: nn.Module, attention_class: str) -> List[AttentionLayer]:
     """Modules of class ``attention_class`` whose ``dropout`` child is applied
     to the probabilities right after the softmax (DeBERTa-v2)."""
@@ -115,7 +107,7 @@ def _dropout_after_softmax_layers(model: nn.Module, attention_class: str) -> Lis
 
 def _layers(model: nn.Module) -> List[AttentionLayer]:
     layers = _hf_layers(model) or []
-    if not layers and _hf_class(model, {"DebertaV2ForSequenceClassification",
+    if not layers and hf_class(model, {"DebertaV2ForSequenceClassification",
                                          "DebertaV2ForTokenClassification"}):
         layers = _dropout_after_softmax_layers(model, "DisentangledSelfAttention")
     if not layers:
@@ -150,7 +142,7 @@ class _HFAdapter(HookAdapter):
         return _layers(self.model)
 
     def calls_per_module(self, layer: AttentionLayer) -> int:
-        if _hf_class(self.model, {"AlbertForSequenceClassification", "AlbertForTokenClassification"}):
+        if hf_class(self.model, {"AlbertForSequenceClassification", "AlbertForTokenClassification"}):
             return _albert_calls(self.model, layer)
         return 1
 
@@ -167,11 +159,11 @@ class HFImageClassifierAdapter(_HFAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _hf_class(model, IMAGE_CLASSES) is not None
+        return hf_class(model, IMAGE_CLASSES) is not None
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        prefix, self.pooling = IMAGE_CLASSES[_hf_class(model, IMAGE_CLASSES)]
+        prefix, self.pooling = IMAGE_CLASSES[hf_class(model, IMAGE_CLASSES)]
         self.prefix = prefix if isinstance(prefix, int) else 1 + int(getattr(model.config, prefix, 0) or 0)
         if self.pooling == "beit":
             self.pooling = "mean" if getattr(model.config, "use_mean_pooling", True) else "cls"
@@ -222,11 +214,11 @@ class HFTextClassifierAdapter(_HFAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _hf_class(model, TEXT_CLASSES) is not None
+        return hf_class(model, TEXT_CLASSES) is not None
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.pooling = TEXT_CLASSES[_hf_class(model, TEXT_CLASSES)]
+        self.pooling = TEXT_CLASSES[hf_class(model, TEXT_CLASSES)]
         if self.pooling == "modernbert":
             self.pooling = "cls" if getattr(model.config, "classifier_pooling", "cls") == "cls" else "mean"
 
@@ -326,11 +318,11 @@ class HFImageTextAdapter(_HFAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _hf_class(model, IMAGE_TEXT_CLASSES) is not None
+        return hf_class(model, IMAGE_TEXT_CLASSES) is not None
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.kind = _hf_class(model, IMAGE_TEXT_CLASSES)
+        self.kind = hf_class(model, IMAGE_TEXT_CLASSES)
         head = getattr(model.vision_model, "head", None) if self.kind == "SiglipModel" else None
         self.pool_head = head if isinstance(getattr(head, "attention", None), nn.MultiheadAttention) else None
 

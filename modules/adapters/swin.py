@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import InputsError, UnsupportedModelError, feed_dict, model_device, register_adapter
+from modules.adapters import InputsError, UnsupportedModelError, feed_dict, hf_class, model_device, register_adapter
 from modules.adapters.hooks import HookAdapter
 from modules.adapters.patch_grid import patch_grid
 from modules.attention_capture import AttentionCapture, AttentionLayer, capture_attention
@@ -328,13 +328,6 @@ class TimmSwinAdapter(_SwinAdapter):
 # --------------------------------------------------------------------------
 # Hugging Face
 # --------------------------------------------------------------------------
-def _hf_swin_class(model: nn.Module) -> Optional[str]:
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__ in HF_SWIN_CLASSES:
-            return cls.__name__
-    return None
-
-
 @register_adapter
 class HFSwinAdapter(_SwinAdapter):
     family = "Hugging Face Swin / Swinv2 image classifiers (unmodified)"
@@ -345,10 +338,10 @@ class HFSwinAdapter(_SwinAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return "transformers" in sys.modules and _hf_swin_class(model) is not None
+        return "transformers" in sys.modules and hf_class(model, HF_SWIN_CLASSES) is not None
 
     def __init__(self, model: nn.Module):
-        self.kind = _hf_swin_class(model)
+        self.kind = hf_class(model, HF_SWIN_CLASSES)
         self.base = model.swin if self.kind == "SwinForImageClassification" else model.swinv2
         name = type(model).__name__
         if not isinstance(getattr(model, "classifier", None), nn.Linear):
