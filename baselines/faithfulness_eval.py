@@ -101,7 +101,9 @@ class ImageTask(Task):
             pick = np.sort(np.random.default_rng(args.seed).permutation(len(tree.samples))[:args.limit])
             self.paths = [tree.samples[i][0] for i in pick]
             names = [os.path.relpath(p, tree.root) for p in self.paths]
-            source = {"image_dir": os.path.abspath(args.image_dir), "tree_sha256": tree.sha256()}
+            # content, not only names: other pictures under the same names are another run
+            source = {"image_dir": os.path.abspath(args.image_dir), "tree_sha256": tree.sha256(),
+                      "images_sha256": cli.files_sha256(self.paths)}
         super().__init__(model, device, names, dict(info, **source, size=list(self.size)))
 
     def load(self, ids: Sequence[int]) -> Dict[str, Any]:
@@ -156,7 +158,6 @@ class TextTask(Task):
         from transformers import AutoTokenizer
 
         from BERT_rationale_benchmark.utils import annotation_docid, load_flattened_documents, load_split
-        from modules.checkpoints import file_sha256
 
         d = args.text_model
         try:
@@ -188,10 +189,14 @@ class TextTask(Task):
         if base is None:
             raise cli.CLIError(f"the tokenizer of {d} has no [{args.text_baseline.upper()}] token")
         self.baseline_id = int(base)
-        weights = [os.path.join(d, f) for f in ("config.json", "model.safetensors") if os.path.isfile(os.path.join(d, f))]
+        # content identity: the folder's config and weights (any file kind), the documents' wordpieces and labels
+        from modules.checkpoints import model_dir_sha256
+
+        data = json.dumps([[a.annotation_id, a.classification, e] for a, e in zip(anns, self.encoded)])
         super().__init__(model, device, [a.annotation_id for a in anns],
-                         {"text_model": os.path.abspath(d), "model_sha256": file_sha256(*weights) if weights else None,
+                         {"text_model": os.path.abspath(d), "model_sha256": model_dir_sha256(d),
                           "eraser_dir": os.path.abspath(args.eraser_dir), "split": args.split,
+                          "data_sha256": hashlib.sha256(data.encode()).hexdigest(),
                           "unmodified": bool(args.unmodified)})
 
     def load(self, ids: Sequence[int]) -> Dict[str, Any]:
@@ -510,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-seed", type=cli.non_negative_int, default=0, help="seed of the random tie rule")
     cli.add_seed_arg(p)
     p.add_argument("--output-dir", default=os.path.join("outputs", "faithfulness"), help="where results go")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run (other arguments, weights or data) in --output-dir; "
+                        "without it a finished or partial run of the same identity is resumed / reused")
     cli.add_device_arg(p)
     cli.add_threads_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -559,7 +567,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             methods = list(supported) + ([] if args.no_control else [CONTROL])
         identity = _identity(args, task, methods)
         path = os.path.join(out_dir, "results.json")
-        results = cli.resume_results(path, identity, {"format": FORMAT, "identity": identity, "records": {}})
+        results = cli.resume_results(path, identity, {"format": FORMAT, "identity": identity, "records": {}},
+                                     overwrite=args.overwrite)
         records = results["records"]
         n = len(task.names)
         t_start = time.time()

@@ -41,6 +41,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -58,7 +59,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data.synthetic import CLASS_NAMES, NUM_CLASSES, shape_mask
-from modules.cli import CLIError, check_memory, int_range
+from modules.cli import (CLIError, atomic_write_text, check_memory, check_output_dir, file_lock, int_range,
+                         prepare_run_folder)
 from data.synthetic import _background, _clutter, _placed, _smooth_noise, _to_uint8, _unit_area  # shared drawing code
 
 __all__ = [
@@ -624,11 +626,7 @@ def captions_dict(scenes: Sequence[Scene], split: str) -> Dict:
 
 def _write_json(path: str, obj) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(obj))
 
 
 def _save_png(path: str, rgb: np.ndarray) -> None:
@@ -858,8 +856,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-format", choices=("rle", "polygon"), default="rle",
                    help="COCO masks: exact RLE or (approximate) polygons")
     p.add_argument("--questions-per-type", type=int, default=1, help="questions of each type per scene (at most)")
+    p.add_argument("--resume", action="store_true",
+                   help="write again over a killed run of the same arguments (generation is deterministic: a rerun "
+                        "of the same arguments always does this)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this split's files of a run with other arguments (or of an unrecorded run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+RUN_RECORD = "scenes_run_{split}.json"
+"""The run folder's record of a split (its identity: the arguments that change the files)."""
+
+
+def split_outputs(split: str) -> List[str]:
+    """Every file or folder a split may have under ``--out-dir`` (relative)."""
+    return [split, os.path.join("annotations", f"instances_{split}.json"),
+            os.path.join("annotations", f"v2_OpenEnded_scenes_{split}_questions.json"),
+            os.path.join("annotations", f"v2_scenes_{split}_annotations.json"),
+            os.path.join("annotations", f"captions_{split}.json"), f"imagefolder_{split}", f"{split}_gtsegs.mat",
+            f"{split}_scenes.json"]
+
+
+def _run_identity(args: argparse.Namespace) -> Dict:
+    keys = ("split", "count", "start", "seed", "size", "min_objects", "max_objects", "distinct_classes", "separated",
+            "gap", "max_occlusion", "formats", "mask_format", "questions_per_type")
+    return {"scene_version": SCENE_VERSION, **{k: getattr(args, k) for k in keys}}
+
+
+def write_run(args: argparse.Namespace, cfg: SceneConfig) -> Dict[str, str]:
+    """:func:`write_dataset` into ``--out-dir`` as a run folder (issue 27):
+    one run at a time (a lock on the folder), the split's identity recorded;
+    files of another identity (or of an unrecorded run) replaced only with
+    ``--overwrite``; a rerun of the same identity writes the same bytes again
+    (what a killed run resumes by)."""
+    import shutil
+
+    if args.split in (".", "..") or not args.split or any(c in args.split for c in "/\\\0"):
+        raise CLIError(f"--split {args.split!r}: a name, not a path (it names files and folders under --out-dir)")
+    check_output_dir(args.out_dir, flag="--out-dir")
+    identity = _run_identity(args)
+    record = RUN_RECORD.format(split=args.split)
+    with file_lock(args.out_dir, what=f"--out-dir {args.out_dir}"):
+        old = None
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(args.out_dir, record), encoding="utf-8") as fh:
+                old = json.load(fh)
+        outputs = split_outputs(args.split)
+        resume = prepare_run_folder(args.out_dir, identity, resume=args.resume or old == identity,
+                                    overwrite=args.overwrite, record=record, finished=outputs, flag="--out-dir")
+        if not resume:  # --overwrite or nothing there: no file of an earlier run stays beside the new ones
+            for name in outputs:
+                path = os.path.join(args.out_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+        return write_dataset(args.out_dir, args.split, args.count, args.seed, cfg, args.formats, args.mask_format,
+                             args.questions_per_type, args.start, quiet=args.quiet)
 
 
 def config_from_args(args: argparse.Namespace) -> SceneConfig:
@@ -879,8 +933,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = config_from_args(args).validate()
         check_scenes_memory(args.count, args.size, args.max_objects)
-        written = write_dataset(args.out_dir, args.split, args.count, args.seed, cfg, args.formats, args.mask_format,
-                                args.questions_per_type, args.start, quiet=args.quiet)
+        written = write_run(args, cfg)
     except (ValueError, OSError, ImportError, CLIError) as exc:
         parser.exit(2, f"error: {str(exc).splitlines()[0]}\n")
     print(f"wrote {args.count} {args.split} scenes (seed {args.seed}) under {args.out_dir}: "

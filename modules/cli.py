@@ -54,7 +54,8 @@ Run folders (one rule for every benchmark that writes results)
 
 Concurrency and images
     ``file_lock(path)`` (exclusive advisory lock on a folder or a lock
-    file, ``fcntl.flock``), ``open_image``
+    file, ``fcntl.flock``), ``workers_ignore_sigint()`` (start DataLoader
+    workers that leave Ctrl-C to the main process), ``open_image``
     (refuses decompression bombs and unreadable files in one line).
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ __all__ = [
     "default_device", "resolve_device", "set_tf32", "check_finite", "check_output_dir", "check_output_file",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory", "publish_dir",
     "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS", "resume_results", "prepare_run_folder",
-    "files_sha256", "check_memory",
+    "files_sha256", "check_memory", "workers_ignore_sigint",
 ]
 
 EXIT_INPUT = 2
@@ -651,6 +652,33 @@ def file_lock(path: str, blocking: bool = False, what: str = "") -> Iterator[Non
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def workers_ignore_sigint() -> Iterator[None]:
+    """Start worker processes (``iter(DataLoader)`` with ``num_workers > 0``)
+    inside this block: forked while Ctrl-C is deferred, they ignore it (the
+    main process stops them when it stops), so Ctrl-C in the first second
+    prints no worker tracebacks; a Ctrl-C that arrives while they start is
+    raised here as ``KeyboardInterrupt`` once they have started."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+
+    def defer(signum, frame):  # in a forked worker this handler stays: Ctrl-C is ignored there
+        pending.append(signum)
+
+    old = signal.signal(signal.SIGINT, defer)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        raise KeyboardInterrupt
+
+
 # --------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------
@@ -683,20 +711,23 @@ def open_image(path: str, mode: Optional[str] = "RGB", max_pixels: Optional[int]
         raise CLIError(f"{path}: cannot read the image ({one_line(exc)})") from None
 
 
-def resume_results(path: str, identity: str, fresh: dict) -> dict:
+def resume_results(path: str, identity: str, fresh: dict, overwrite: bool = False) -> dict:
     """The results file of an earlier run to resume: its contents when it
-    exists and records the same ``identity`` (a hash of the arguments the
-    results depend on), ``fresh`` when there is none; a file of other
-    arguments is refused in one line (never mixed, never overwritten)."""
-    if not os.path.isfile(path):
+    exists and records the same ``identity`` (a hash of the arguments and
+    the content of the weights and data the results depend on), ``fresh``
+    when there is none or ``overwrite`` (``--overwrite``: the caller's next
+    write replaces it); a file of another identity is refused in one line
+    (never mixed, never replaced without ``--overwrite``)."""
+    if overwrite or not os.path.isfile(path):
         return fresh
     try:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
     except (OSError, ValueError) as exc:
-        raise CLIError(f"{path}: unreadable results ({one_line(exc)}); move it away to start again") from None
+        raise CLIError(f"{path}: unreadable results ({one_line(exc)}); pass --overwrite to start again") from None
     if not isinstance(old, dict) or old.get("identity") != identity:
-        raise CLIError(f"{path} holds results of other arguments; use another output folder")
+        raise CLIError(f"{path} holds results of other arguments, weights or data; use another output folder or "
+                       "pass --overwrite to replace them")
     return old
 
 

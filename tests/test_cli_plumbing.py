@@ -337,3 +337,49 @@ def test_common_flags(capsys):
         with pytest.raises(SystemExit):
             p.parse_args(argv)
     assert "must be in 1.." in capsys.readouterr().err
+
+
+class _CtrlCAtStart(torch.utils.data.Dataset):
+    """Each item sends Ctrl-C (SIGINT) to the process loading it: a worker
+    that gets Ctrl-C as the user presses it in the first second."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        import signal
+        os.kill(os.getpid(), signal.SIGINT)
+        return torch.tensor([i])
+
+
+def test_dataloader_workers_started_in_the_block_leave_ctrl_c_to_the_main_process():
+    """Workers forked inside workers_ignore_sigint() keep loading through
+    Ctrl-C (without it, each one's KeyboardInterrupt ends it and the loader
+    fails: the tracebacks and the stuck run of issue 27 item 6)."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    loader = torch.utils.data.DataLoader(_CtrlCAtStart(), batch_size=1, num_workers=1)
+    with cli.workers_ignore_sigint():
+        batches = iter(loader)
+    assert signal.getsignal(signal.SIGINT) is before  # the main process handles Ctrl-C again
+    assert [int(b) for b in batches] == [0, 1, 2]
+
+
+def test_ctrl_c_while_the_workers_start_is_raised_after_they_started():
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with cli.workers_ignore_sigint():
+            os.kill(os.getpid(), signal.SIGINT)  # deferred, not lost
+    assert signal.getsignal(signal.SIGINT) is before
+    assert cli.run_main(lambda a: os.kill(os.getpid(), signal.SIGINT)) == cli.EXIT_INTERRUPTED
+
+
+def test_resume_results_replaces_only_with_overwrite(tmp_path, capsys):
+    path = str(tmp_path / "results.json")
+    cli.atomic_write_json(path, {"identity": "a", "records": {"x": 1}})
+    assert cli.resume_results(path, "a", {"identity": "a", "records": {}}) == {"identity": "a", "records": {"x": 1}}
+    with pytest.raises(cli.CLIError, match="--overwrite"):
+        cli.resume_results(path, "b", {"identity": "b", "records": {}})
+    assert cli.resume_results(path, "b", {"identity": "b"}, overwrite=True) == {"identity": "b"}
+    assert json.load(open(path)) == {"identity": "a", "records": {"x": 1}}  # replaced by the caller's next write

@@ -440,9 +440,15 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     assert len(dets) == NQ  # threshold 0 keeps every query
     assert {"query", "label", "score", "box_cxcywh", "box_xyxy", "mask_pixels"} <= set(dets[0])
     assert result["method"] == "generic_attribution" and result["nan_guard"] == "published"
-    # two images: one picture each, one JSON
-    code = detr_masks.main(["--model-dir", model_dir, "--image", str(img), "--image", str(img), "--out", str(out),
-                            "--threshold", "0.5", "--shortest", "64", "--longest", "96", "--batch-size", "2"])
+    # two images: one picture each, one JSON; the first run's JSON is replaced only with --overwrite (issue 27)
+    two = ["--model-dir", model_dir, "--image", str(img), "--image", str(img), "--out", str(out), "--threshold", "0.5",
+           "--shortest", "64", "--longest", "96", "--batch-size", "2"]
+    capsys.readouterr()
+    assert detr_masks.main(two) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert json.loads((tmp_path / "out" / "masks.json").read_text()) == result
+    code = detr_masks.main(two + ["--overwrite"])
     assert code == 0
     assert (tmp_path / "out" / "masks-0.png").is_file() and (tmp_path / "out" / "masks-1.png").is_file()
     assert len(json.loads((tmp_path / "out" / "masks.json").read_text())["images"]) == 2

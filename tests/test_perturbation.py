@@ -429,8 +429,14 @@ def test_results_json_records_rule_seed_and_tied_share(gradcam_maps, capsys):
         assert r["tied_share"] == pytest.approx(tied.mean(axis=1).tolist())
         assert max(r["tied_share"]) > 0  # clamped GradCAM, upsampled borders: some removed pixels are tied
     capsys.readouterr()
-    # another rule in the same folder replaces the old entries, with a warning
-    assert pe.main(common + ["--pos", "--tie-break", "raster"]) == 0
+    # another rule in the same folder: refused in one line, the finished entries kept (issue 27); with
+    # --overwrite it replaces them, with a warning
+    kept = (res / "results.json").read_bytes()
+    assert pe.main(common + ["--pos", "--tie-break", "raster"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another tie rule" in err and "--overwrite" in err
+    assert (res / "results.json").read_bytes() == kept
+    assert pe.main(common + ["--pos", "--tie-break", "raster", "--overwrite"]) == 0
     assert "another tie rule" in capsys.readouterr().err
     data = json.load(open(res / "results.json"))
     assert data["tie_break"] == "raster" and data["tie_seed"] is None and "negative" not in data

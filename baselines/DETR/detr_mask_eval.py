@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize the shorter side to this (default: 800 for real data, the scene size for --scenes)")
     p.add_argument("--longest", type=positive_int, default=1333, help="longer side at most this")
     add_device_arg(p, default="cpu")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run (other arguments, weights or data) in --output-dir; "
+                        "without it a finished or partial run of the same identity is resumed / reused")
     return p
 
 
@@ -269,7 +272,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         results = {"identity": identity, "data": "scenes stand-in (not COCO)" if args.scenes else "COCO",
                    "iou_thresholds": [round(float(t), 2) for t in IOU_THRESHOLDS], "threshold": args.threshold,
                    "model": os.path.abspath(args.model_dir), "methods": {}}
-        results = resume_results(path, identity, results)
+        results = resume_results(path, identity, results, overwrite=args.overwrite)
         for method in args.methods:
             if method in results["methods"]:
                 continue

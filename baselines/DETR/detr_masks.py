@@ -14,6 +14,14 @@ upsampling, value > 0, resize to the image).  Writes the picture (one PNG per
 image: ``OUT`` for one image, ``OUT_STEM-<i>.png`` for several) and a JSON
 file of the detections beside it (``OUT`` with ``.json``).  Bad input: one
 line, exit 2.
+
+Its outputs are a run folder's (issue 27): one run at a time per ``OUT``
+(a lock file ``.<OUT stem>.json.lock`` beside it), the JSON records the
+run's identity (content hashes of the model folder and the images, and the
+flags that change the pictures), finished pictures are never replaced
+without ``--overwrite``, and ``--resume`` continues a killed run after its
+last whole batch (checked against that identity; the result is the same
+as an uninterrupted run's).
 """
 from __future__ import annotations
 
@@ -29,8 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from modules.cli import (CLIError, add_device_arg, atomic_write_bytes, atomic_write_json, check_finite,  # noqa: E402
-                         check_output_file, one_line, open_image, positive_int, probability, resolve_device,
-                         run_main)
+                         check_output_file, file_lock, files_sha256, one_line, open_image, positive_int, probability,
+                         resolve_device, run_main)
 from modules.methods import ALIASES, ATTENTION_METHODS, COUPLED_LRP_METHODS, resolve_method  # noqa: E402
 
 COLORS = [(0, 114, 189), (217, 83, 25), (237, 177, 32), (126, 47, 142), (119, 172, 48), (77, 190, 238)]
@@ -67,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--longest", type=positive_int, default=1333, help="longer side at most (likewise)")
     p.add_argument("--alpha", type=probability, default=0.45, help="mask opacity")
     add_device_arg(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run with the same model, images and flags after its last whole batch")
+    p.add_argument("--overwrite", action="store_true", help="replace the pictures and JSON of an earlier run")
     return p
 
 
@@ -129,6 +140,46 @@ def draw(image, det, masks: torch.Tensor, names: Dict[int, str], alpha: float):
     return out
 
 
+def run_identity(args: argparse.Namespace, strategy: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """What the pictures and the JSON depend on: the model folder's and the
+    images' content, and the flags that change them (the batch size too:
+    a padded batch's maps may differ from an image's alone in the last bits)."""
+    from modules.checkpoints import model_dir_sha256
+
+    return {"model_sha256": model_dir_sha256(args.model_dir), "images_sha256": files_sha256(args.image),
+            "images": [os.path.abspath(p) for p in args.image], "method": resolve_method(args.method).name,
+            "threshold": args.threshold, "strategy": strategy, "options": dict(options), "alpha": args.alpha,
+            "shortest": args.shortest, "longest": args.longest, "batch_size": args.batch_size}
+
+
+def previous_records(args: argparse.Namespace, identity: Dict[str, Any], pngs: List[str],
+                     json_path: str) -> List[Dict[str, Any]]:
+    """The records of an earlier run into the same ``--out`` to keep: none
+    when there is none or ``--overwrite``; with ``--resume``, its whole
+    batches when it has this identity.  Refuses (one line) ``--resume`` over
+    another run and any earlier output without ``--resume`` / ``--overwrite``."""
+    present = [p for p in pngs + [json_path] if os.path.exists(p)]
+    if args.overwrite or not present:
+        return []
+    old = None
+    if os.path.isfile(json_path):
+        import json
+
+        try:
+            with open(json_path, encoding="utf-8") as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            old = None
+    if not args.resume:
+        raise CLIError(f"--out {args.out}: {', '.join(present)} exist(s) from an earlier run; pass --resume to "
+                       "continue it or --overwrite to replace it")
+    if not isinstance(old, dict) or old.get("identity") != identity or not isinstance(old.get("images"), list):
+        raise CLIError(f"--out {args.out}: {json_path} holds another run (other model, images or flags); --resume "
+                       "would mix them: use another --out, or --overwrite")
+    done = len(old["images"]) // args.batch_size * args.batch_size  # whole batches: as an uninterrupted run
+    return old["images"][:done]
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -149,12 +200,21 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         strategy = "repeat"  # the relevance pass runs in the LRP scope, one explanation per image
     images = [open_image(path) for path in args.image]  # one-line errors before any work
     model, processor = load_detr(args.model_dir, device)
+    lock = os.path.join(os.path.dirname(os.path.abspath(json_path)), f".{os.path.basename(json_path)}.lock")
+    with file_lock(lock, what=f"--out {args.out}"):
+        return _explain_all(args, device, images, model, processor, strategy, options, pngs, json_path)
+
+
+def _explain_all(args, device, images, model, processor, strategy, options, pngs, json_path) -> int:
+    identity = run_identity(args, strategy, options)
+    records = previous_records(args, identity, pngs, json_path)
+    if records:
+        print(f"resuming after {len(records)} of {len(images)} image(s)")
     torch.set_grad_enabled(True)
     from modules.detection import detection_masks, explain_detections, preprocess
 
     names = {int(k): v for k, v in (getattr(model.config, "id2label", None) or {}).items()}
-    records: List[Dict[str, Any]] = []
-    for start in range(0, len(images), args.batch_size):
+    for start in range(len(records), len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]
         if processor is not None:
             inputs, sizes = preprocess(chunk, processor)
@@ -181,7 +241,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                     "mask_pixels": int(masks[k].sum()),
                 } for k in range(det.queries.numel())],
             })
-            atomic_write_json(json_path, {"model_dir": args.model_dir, "method": args.method,
+            atomic_write_json(json_path, {"identity": identity, "model_dir": args.model_dir, "method": args.method,
                                           "threshold": args.threshold, "strategy": args.strategy,
                                           "nan_guard": options.get("nan_guard", True),
                                           "images": records})

@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order among equally relevant tokens/boxes (modules/ranking.py)")
     p.add_argument("--tie-seed", type=int, default=0, help="seed of the random tie order")
     p.add_argument("--seed", type=int, default=0, help="seed of the random reference maps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run (other arguments, weights or data) in --output-dir; "
+                        "without it a finished or partial run of the same identity is resumed / reused")
     add_device_arg(p, default="cpu")
     return p
 
@@ -348,7 +351,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         results = {"identity": identity, "steps": list(STEPS), "tie_break": args.tie_break,
                    "tie_seed": args.tie_seed, "data": "scenes stand-in (not VQA v2)" if args.scenes else "VQA v2",
                    "model": os.path.abspath(args.model_dir), "methods": {}, "partial": {}}
-        results = resume_results(path, identity, results)
+        results = resume_results(path, identity, results, overwrite=args.overwrite)
         for variant in args.methods:
             done = results["partial"].get(variant, {"count": 0, "per_item": {t: [] for t in TESTS}})
             if variant in results["methods"]:

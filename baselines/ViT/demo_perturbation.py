@@ -90,7 +90,8 @@ def score(maps_dir: str, out: str, name: str, tie_break: str, tie_seed: int, com
         if _finished(results, identity, direction, tie_break, tie_seed):
             continue  # done by an earlier run on these maps with this rule
         status = pe.main(["--results", maps_dir, flag, "--method", name, "--output-dir", out, "--tie-break",
-                          tie_break, "--tie-seed", str(tie_seed)] + common)
+                          tie_break, "--tie-seed", str(tie_seed),
+                          "--overwrite"] + common)  # the demo owns the folder and found this direction not done
         if status:
             raise _Failed(status)
     with open(json_path) as f:

@@ -20,6 +20,13 @@ script), ``<direction>/tied_share.npy`` (per image and step) and
 when both were run).  ``--pos`` and ``--neg`` may run at the same time on the
 same output folder: the files are written under unique temporary names and
 renamed, and the read-modify-write of results.json and the plot is locked.
+Each direction is a run folder (issue 27): a second run of the same
+direction into it is refused while the first runs; ``<direction>/run.json``
+records its identity (the maps file's content hash, which covers the
+model's and the images', and the tie rule); finished results (the
+direction's, or results.json entries of other maps or another tie rule)
+are replaced only with ``--overwrite``; ``--resume`` reuses them after
+checking that identity.
 
 Maps of an unmodified model (``generate_visualizations.py --model`` a timm
 name or a Hugging Face directory) are evaluated with that same model, loaded
@@ -47,9 +54,10 @@ from baselines.ViT.perturbation_metrics import (DEFAULT_TIE_BREAK, DEFAULT_TIE_S
                                                 TIE_BREAKS, auc, normalize_input, pixels_to_remove, prepare_maps,
                                                 removal_masks, remove_masked, tied_share)
 from baselines.ViT.ViT_LRP import MODEL_FACTORIES, CheckpointError, load_model
-from modules.cli import CLIError, atomic_write_bytes, atomic_write_json, file_lock, resolve_device
+from modules.cli import (atomic_write_bytes, atomic_write_json, file_lock, files_sha256, int_range, prepare_run_folder,
+                         resolve_device, run_main, workers_ignore_sigint)
 from modules.generic import UNMODIFIED_MODEL_HELP, load_unmodified_image_classifier, model_logits
-from modules.methods import METHOD_CHOICES, UnknownMethodError, resolve_method
+from modules.methods import METHOD_CHOICES, resolve_method
 
 __all__ = ["perturbation_hits", "evaluate", "update_results", "plot_results", "write_outputs", "build_parser",
            "main", "run"]
@@ -124,6 +132,12 @@ def perturbation_hits(model, images: Tensor, maps: Tensor, targets: Tensor, mean
     return hits0, torch.stack(hits), torch.stack(tied)
 
 
+def check_index(index: np.ndarray, n_images: int, results_path: str) -> None:
+    """Refuse image numbers outside the tree (never Python's wrap-around)."""
+    if len(index) and (index.min() < 0 or index.max() >= n_images):
+        raise InputError(f"{results_path}: dataset 'index' names images outside 0..{n_images - 1}")
+
+
 def evaluate(model, results_path: str, images, mean: Sequence[float], std: Sequence[float], direction: str,
              batch_size: int, device: torch.device, num_workers: int = 0,
              input_size: Optional[Tuple[int, int]] = None, tie_break: str = DEFAULT_TIE_BREAK,
@@ -142,8 +156,7 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
             input_size = tuple(int(v) for v in f.attrs["input_size"])
         vis, vis_scale, vis_offset = f["vis"], f["vis_scale"][()], f["vis_offset"][()]
         n = len(index)
-        if n and (index.min() < 0 or index.max() >= len(images.samples)):  # never Python's wrap-around
-            raise InputError(f"{results_path}: dataset 'index' names images outside 0..{len(images.samples) - 1}")
+        check_index(index, len(images.samples), results_path)
         model_hits = np.full(n, np.nan)
         pert_hits = np.full((len(PERTURBATION_STEPS), n), np.nan)
         tied = np.full((len(PERTURBATION_STEPS), n), np.nan)
@@ -151,7 +164,9 @@ def evaluate(model, results_path: str, images, mean: Sequence[float], std: Seque
         dataset = RobustImageDataset(images, input_size)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index[a:a + batch_size].tolist() for a in starts],
                                              num_workers=num_workers)
-        for a, (idx, batch, labels, errors) in tqdm(zip(starts, loader), total=len(starts), desc=direction):
+        with workers_ignore_sigint():  # Ctrl-C as the workers start: one line, no worker tracebacks
+            batches = iter(loader)
+        for a, (idx, batch, labels, errors) in tqdm(zip(starts, batches), total=len(starts), desc=direction):
             b = a + len(idx)
             if not np.array_equal(labels.numpy(), target[a:b]):
                 raise InputError(f"labels of images {idx.tolist()} differ from those in {results_path}")
@@ -291,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(sorted(MODEL_FACTORIES)) + "; " + UNMODIFIED_MODEL_HELP + ")")
     p.add_argument("--weights", default=None,
                    help="checkpoint or model directory; None: the one recorded (its hash must match)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--batch-size", type=int_range(1, 4096), default=16, help="images per batch (1-4096)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--num-workers", type=int, default=4, help="image-loading worker processes")
+    p.add_argument("--num-workers", type=int_range(0, 64), default=4, help="image-loading worker processes (0-64)")
     p.add_argument("--output-dir", default=None, help="where results go; None: the directory of results.hdf5")
     p.add_argument("--tie-break", default=DEFAULT_TIE_BREAK, choices=TIE_BREAKS,
                    help="order among pixels of equal relevance: random = a seeded permutation of the pixel "
@@ -302,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-seed", type=int, default=DEFAULT_TIE_SEED, help="seed of the random tie order")
     p.add_argument("--tf32", action="store_true",
                    help="allow TensorFloat-32 on CUDA (faster; predictions may then differ from the stored ones)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse this direction's finished results in --output-dir (same maps file, images, model and "
+                        "tie rule; checked), or run it when a killed run left none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace finished results in --output-dir (this direction's, and results.json entries of "
+                        "other maps or another tie rule)")
     return p
 
 
@@ -366,20 +387,79 @@ def run(args: argparse.Namespace) -> Dict:
     except RuntimeError as exc:
         raise InputError(f"device {args.device!r}: {exc}".splitlines()[0]) from None
 
+    with h5py.File(results, "r") as f:  # before the run folder records anything
+        check_index(f["index"][()], len(images.samples), results)
     out = args.output_dir or os.path.dirname(os.path.abspath(results))
-    os.makedirs(os.path.join(out, direction), exist_ok=True)
+    folder = os.path.join(out, direction)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--output-dir {out}: cannot create {folder} ({exc.strerror or exc})") from None
     tie_seed = args.tie_seed if args.tie_break == "random" else None
-    result = evaluate(model, results, images, identity["mean"], identity["std"], direction, args.batch_size,
-                      device, args.num_workers, tuple(identity["input_size"]), args.tie_break, args.tie_seed)
     header = {"method": identity["method"], "method_label": info.get("method_label", identity["method"]),
               "vis_class": identity["vis_class"], "model": identity["model"], "results_hdf5": os.path.abspath(results),
               "maps": identity, "tie_break": args.tie_break, "tie_seed": tie_seed, "device": device.type}
-    data = write_outputs(out, header, direction, result)
+    # the run folder (issue 27): one run of a direction at a time (--pos and --neg may run together), its
+    # identity (the maps file's bytes, which hold the model's and the images' hashes, and the tie rule)
+    # recorded and checked on --resume, finished results never replaced without --overwrite
+    run_identity = {"direction": direction, "maps": identity, "results_sha256": files_sha256([results]),
+                    "tie_break": args.tie_break, "tie_seed": tie_seed}
+    with file_lock(folder, what=f"--output-dir {out} ({direction})"):
+        _check_shared_results(out, header, direction, args.overwrite)
+        reuse = prepare_run_folder(folder, run_identity, resume=args.resume, overwrite=args.overwrite,
+                                   finished=("perturbations_hits.npy", "model_hits.npy"), partial=(),
+                                   flag="--output-dir")
+        if reuse:
+            data = _finished_results(out, header, direction)
+            if data is not None:
+                print(f"{identity['method']} {identity['vis_class']} {direction}: reusing the finished results "
+                      f"in {out} (same maps, images, model and tie rule): AUC {data[direction]['auc']:.2f}")
+                return data
+        result = evaluate(model, results, images, identity["mean"], identity["std"], direction, args.batch_size,
+                          device, args.num_workers, tuple(identity["input_size"]), args.tie_break, args.tie_seed)
+        data = write_outputs(out, header, direction, result)
     acc = " ".join(f"{100 * a:.1f}" for a in result["accuracy"])
     tied = max(result["tied_share"])
     print(f"{identity['method']} {identity['vis_class']} {direction}: accuracy (%) at p=0..0.9: {acc}; "
           f"AUC {result['auc']:.2f} over {result['num_images']} images (ties: {args.tie_break}, "
           f"at most {100 * tied:.1f}% of the removed pixels tied)")
+    return data
+
+
+def _read_json_dict(path: str) -> Optional[Dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_shared_results(out: str, header: Dict, direction: str, overwrite: bool) -> None:
+    """Refuse, before any work, to drop the other direction's finished entry
+    of results.json made from other maps or under another tie rule (what
+    :func:`update_results` would do) unless ``overwrite``."""
+    path = os.path.join(out, JSON_NAME)
+    data = _read_json_dict(path) if os.path.isfile(path) else {}
+    if data is None:
+        if not overwrite:
+            raise InputError(f"{path}: unreadable; pass --overwrite to replace it")
+        return
+    differs = [k for k in SAME_RUN_KEYS if data.get(k) != header.get(k)]
+    stale = [d for d in DIRECTIONS if d in data and d != direction]
+    if differs and stale and not overwrite:
+        what = "other maps" if "maps" in differs else \
+            f"another tie rule ({', '.join(f'{k} {data.get(k)!r}' for k in differs)})"
+        raise InputError(f"--output-dir {out} holds {', '.join(stale)} results of {what} in {JSON_NAME}; pass "
+                         "--overwrite to replace them or use another --output-dir")
+
+
+def _finished_results(out: str, header: Dict, direction: str) -> Optional[Dict]:
+    """results.json when it holds ``direction`` of these maps under this tie
+    rule (a run to reuse), else None."""
+    data = _read_json_dict(os.path.join(out, JSON_NAME))
+    if data is None or direction not in data or any(data.get(k) != header.get(k) for k in SAME_RUN_KEYS):
+        return None
     return data
 
 
@@ -399,15 +479,15 @@ def _load_unmodified(args: argparse.Namespace, identity: Dict, info: Dict, weigh
     return got.model
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Command-line entry point; bad input exits with status 2 and one line."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InputError, CLIError, UnknownMethodError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _main(argv: Optional[List[str]]) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command-line entry point; bad input exits with status 2 and one line,
+    Ctrl-C with 130 and one line (:func:`modules.cli.run_main`)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":
