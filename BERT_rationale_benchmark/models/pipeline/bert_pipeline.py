@@ -50,6 +50,29 @@ Usage (the paper's run; ``bert-base-uncased`` a local Hugging Face directory)::
 
     python BERT_rationale_benchmark/models/pipeline/bert_pipeline.py --data-dir data/movies \\
         --output-dir outputs/movies_bert --model-params BERT_params/movies_bert.json --all-methods
+
+**An unmodified Hugging Face classifier** (``--model DIR``, issue 21 item 5):
+a local folder holding an already fine-tuned ``*ForSequenceClassification``
+(``config.json`` + safetensors / bin weights + its own tokenizer files) is
+loaded through the one loader (:func:`modules.checkpoints.load_pretrained`,
+checked by ``check_model_dir``: missing folder or config, truncated or
+pickled weights, NaN weights are one line, exit 2) and explained as it is,
+without fine-tuning, through the one engine (:func:`modules.explain.explain`;
+the LRP methods through :mod:`modules.lrp_scope`): every method the model's
+family supports (:func:`modules.explain.supported_methods`), the LRP ones
+included on every Hugging Face text family the engine's LRP scope covers.
+Steps 2-4 are those above, with the same word alignment, truncation, soft
+scores and reduced inputs (the folder's own special tokens stay).  The run's
+identity (``run_identity.json`` in the output folder: the model's content
+hash over ``config.json`` and its weights, the tokenizer files' hash, the
+data, split and explanation parameters) is checked by ``--resume``, which
+keeps the method folders of the same identity and refuses another model's
+in one line; results of an earlier run are never replaced without
+``--overwrite``.  ``--model-params`` is optional there (its ``classes``,
+``max_length``, ``seed`` and ``explain`` sections are used; ``pretrained``
+and ``train`` are ignored).  On a folder the fine-tuning run saved
+(``OUTPUT_DIR/classifier``), the token scores equal the copy's
+(tests/test_bert_pipeline_hf.py, float64 with ``--dtype float64``).
 """
 from __future__ import annotations
 
@@ -110,15 +133,17 @@ DEFAULT_PARAMS: Dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------
 # parameters and the pretrained model
 # ----------------------------------------------------------------------------------------------
-def load_params(path: str | Path) -> Dict[str, Any]:
+def load_params(path: str | Path, need_pretrained: bool = True) -> Dict[str, Any]:
     """The model parameters JSON merged over :data:`DEFAULT_PARAMS` (the
-    ``train`` and ``explain`` sections key by key).  ``pretrained`` is required."""
+    ``train`` and ``explain`` sections key by key).  ``pretrained`` is
+    required unless ``need_pretrained`` is False (``--model`` runs, which
+    fine-tune nothing)."""
     with open(path, "r", encoding="utf-8") as f:
         try:
             user = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(user, dict) or "pretrained" not in user:
+    if not isinstance(user, dict) or (need_pretrained and "pretrained" not in user):
         raise ValueError(f"{path}: expected a JSON object with a 'pretrained' entry (a local model directory "
                          f"or '{PKG_PREFIX}<package>')")
     params = json.loads(json.dumps(DEFAULT_PARAMS))
@@ -130,8 +155,15 @@ def load_params(path: str | Path) -> Dict[str, Any]:
     for section in ("train", "explain"):
         if not isinstance(user.get(section, {}), dict):
             raise ValueError(f"{path}: {section} must be a JSON object, got {user[section]!r}")
-    validate_params(params, str(path))
+    validate_params(params, str(path), need_pretrained)
     params["_path"] = str(path)
+    return params
+
+
+def default_params() -> Dict[str, Any]:
+    """:data:`DEFAULT_PARAMS` (a copy): a ``--model`` run without ``--model-params``."""
+    params = json.loads(json.dumps(DEFAULT_PARAMS))
+    validate_params(params, "the default parameters", need_pretrained=False)
     return params
 
 
@@ -139,7 +171,7 @@ _TRAIN_KEYS = set(DEFAULT_PARAMS["train"])
 _EXPLAIN_KEYS = set(DEFAULT_PARAMS["explain"])
 
 
-def validate_params(params: Dict[str, Any], where: str = "parameters") -> None:
+def validate_params(params: Dict[str, Any], where: str = "parameters", need_pretrained: bool = True) -> None:
     """Refuse, in one line, every parameter of the wrong type, sign or range.
 
     A negative batch size gave accuracy from uninitialised memory, ``epochs:
@@ -150,7 +182,8 @@ def validate_params(params: Dict[str, Any], where: str = "parameters") -> None:
     ``main`` reports either in one line, exit 2).
     """
     num = cli.check_number
-    if not isinstance(params.get("pretrained"), str) or not params["pretrained"].strip():
+    if (need_pretrained or "pretrained" in params) and \
+            (not isinstance(params.get("pretrained"), str) or not params["pretrained"].strip()):
         raise cli.CLIError(f"{where}: pretrained must be a non-empty string (a local model directory "
                            f"or '{PKG_PREFIX}<package>'), got {params.get('pretrained')!r}")
     num(params["max_length"], "max_length", int, minimum=3, where=where)  # [CLS], one word piece, [SEP]
@@ -255,6 +288,140 @@ def load_tokenizer(model_dir: str | Path):
 
 
 # ----------------------------------------------------------------------------------------------
+# an unmodified Hugging Face classifier (--model DIR)
+# ----------------------------------------------------------------------------------------------
+RUN_IDENTITY_FILE = "run_identity.json"
+"""The identity of a ``--model`` run, in its output folder (``--resume`` checks it)."""
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+# the files a Hugging Face tokenizer is read from (any one defines it) and those that change its output
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_IDENTITY_FILES = HF_TOKENIZER_FILES + ("merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                                                  "added_tokens.json")
+# position embeddings reserved below the first position (RoBERTa-style ids start after pad_token_id)
+_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
+
+
+@dataclass
+class UnmodifiedClassifier:
+    """What :func:`load_unmodified_classifier` returns."""
+
+    model: Any
+    tokenizer: Any
+    identity: Dict[str, Any]  # the model's and tokenizer's content hashes, class and dtype
+    methods: Tuple[str, ...]  # what the engine offers for it (modules.explain.supported_methods)
+    max_positions: int  # the longest input it takes
+
+
+def load_hf_tokenizer(model_dir: str | Path, flag: str = "--model"):
+    """The fast tokenizer saved in the Hugging Face folder ``model_dir``
+    (never downloaded); byte-level BPE tokenizers (RoBERTa, GPT-2) with
+    ``add_prefix_space=True``, so that every ERASER token is encoded as a word
+    inside a sentence.  Anything missing or unusable is one line
+    (:class:`modules.cli.CLIError`)."""
+    from transformers import AutoTokenizer
+
+    from modules.checkpoints import CheckpointError, load_pretrained_part
+
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in HF_TOKENIZER_FILES):
+        raise cli.CLIError(f"{flag} {d} holds no tokenizer: none of {', '.join(HF_TOKENIZER_FILES)} (with "
+                           "vocab.json also merges.txt) is there; save the model's tokenizer into the folder "
+                           "(tokenizer.save_pretrained)")
+    try:
+        tok = load_pretrained_part(AutoTokenizer, str(d), "tokenizer")
+        if getattr(tok, "add_prefix_space", None) is False:  # pre-split words need the space a sentence gives
+            tok = load_pretrained_part(AutoTokenizer, str(d), "tokenizer", add_prefix_space=True)
+    except CheckpointError as exc:
+        raise cli.CLIError(f"{flag} {cli.one_line(exc)}") from None
+    if not getattr(tok, "is_fast", False):
+        raise cli.CLIError(f"{flag} {d}: the tokenizer is not a fast tokenizer (tokenizer.json); the word "
+                           "alignment needs word_ids()")
+    if tok.pad_token_id is None:
+        raise cli.CLIError(f"{flag} {d}: the tokenizer has no padding token; batches need one (set pad_token in "
+                           "the folder's tokenizer files)")
+    try:
+        probe = tok(["a", "b"], is_split_into_words=True)
+        probe.word_ids()
+    except Exception as exc:  # tokenizers raise ValueError, TypeError, their own errors
+        raise cli.CLIError(f"{flag} {d}: the tokenizer cannot encode pre-split words ({cli.one_line(exc)})") \
+            from None
+    return tok
+
+
+def hf_model_sha256(model_dir: str | Path) -> Tuple[str, str]:
+    """(model, tokenizer) content identity of a Hugging Face folder: SHA-256
+    over ``config.json`` and its weights (:func:`modules.checkpoints.model_dir_sha256`,
+    every shard), and over the tokenizer files present."""
+    from modules.checkpoints import model_dir_sha256
+    d = Path(model_dir)
+    tok_files = [str(d / f) for f in _TOKENIZER_IDENTITY_FILES if (d / f).is_file()]
+    return model_dir_sha256(str(d)), cli.files_sha256(tok_files)
+
+
+def load_unmodified_classifier(model_dir: str | Path, classes: Sequence[str], device: torch.device,
+                               dtype: str = "float32", flag: str = "--model") -> UnmodifiedClassifier:
+    """A fine-tuned Hugging Face sequence classifier of a local folder,
+    loaded unmodified for the engine.
+
+    The folder is checked and loaded by the one loader
+    (:func:`modules.checkpoints.load_pretrained`: folder, ``config.json``,
+    weights readable and safe, every tensor finite) as
+    ``AutoModelForSequenceClassification``; its config must name a
+    ``*ForSequenceClassification`` (a folder without a trained head would
+    get a random one), with one label per class of ``classes`` (labels
+    named as the classes in another order are refused: the ground-truth
+    class would be explained under another's index); the engine must know
+    the family; the tokenizer is the folder's own (:func:`load_hf_tokenizer`).
+    Every failure is one line (:class:`modules.cli.CLIError`)."""
+    import transformers
+
+    from modules.checkpoints import CheckpointError, check_model_dir, load_pretrained, load_pretrained_part
+    from modules.explain import UnsupportedModelError, supported_methods
+
+    d = str(model_dir)
+    try:
+        check_model_dir(d, flag)
+        config = load_pretrained_part(transformers.AutoConfig, d, "config")
+    except CheckpointError as exc:
+        raise cli.CLIError(cli.one_line(exc)) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise cli.CLIError(f"{flag} {d} holds {', '.join(archs) or config.model_type}, not a fine-tuned sequence "
+                           "classifier (config.json architectures *ForSequenceClassification); fine-tune one first, "
+                           "e.g. with --model-params (this pipeline fine-tunes BERT)")
+    if config.num_labels != len(classes):
+        raise cli.CLIError(f"{flag} {d}: the classifier has {config.num_labels} labels, the classes are "
+                           f"{list(classes)}; set classes in --model-params")
+    names = [str((getattr(config, "id2label", None) or {}).get(i, "")) for i in range(config.num_labels)]
+    if sorted(names) == sorted(classes) and names != list(classes):
+        raise cli.CLIError(f"{flag} {d}: its labels are {names} in this order, the classes {list(classes)}; set "
+                           "classes in --model-params to the model's order")
+    tokenizer = load_hf_tokenizer(d, flag)
+    try:
+        model = load_pretrained(transformers.AutoModelForSequenceClassification, d, flag=flag)
+    except CheckpointError as exc:
+        raise cli.CLIError(cli.one_line(exc)) from None
+    try:
+        methods = tuple(supported_methods(model))
+    except UnsupportedModelError as exc:
+        raise cli.CLIError(f"{flag} {d}: {cli.one_line(exc)}") from None
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    positions = int(getattr(config, "max_position_embeddings", 0) or 0) or 10 ** 9
+    if getattr(config, "model_type", "") in _POSITION_OFFSET_TYPES and config.pad_token_id is not None:
+        positions -= int(config.pad_token_id) + 1
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < positions:
+        positions = limit
+    if config.pad_token_id is not None and tokenizer.pad_token_id != config.pad_token_id:
+        print(f"warning: {d}: the tokenizer pads with id {tokenizer.pad_token_id}, the config names "
+              f"{config.pad_token_id}", file=sys.stderr)
+    model_sha, tok_sha = hf_model_sha256(d)
+    identity = {"classifier_sha256": model_sha, "tokenizer_sha256": tok_sha, "model_class": type(model).__name__,
+                "dtype": dtype}
+    return UnmodifiedClassifier(model, tokenizer, identity, methods, positions)
+
+
+# ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -324,7 +491,7 @@ def predict(model, docs: Sequence[EncodedDoc], batch_size: int, pad_id: int, dev
             desc: str = "classify") -> Tensor:
     """Class probabilities (len(docs), C) in document order (eval mode)."""
     model.eval()
-    probs = torch.empty(len(docs), model.num_labels)
+    probs = torch.empty(len(docs), getattr(model, "num_labels", None) or model.config.num_labels)
     for idx, ids, mask, _ in tqdm(make_batches(docs, batch_size, pad_id, device), desc=desc, leave=False):
         logits = cli.check_finite(model(input_ids=ids, attention_mask=mask).logits.float(),
                                   f"{desc}: the classifier's logits")
@@ -684,13 +851,25 @@ def explain_documents(model, docs: Sequence[EncodedDoc], method: str, batch_size
     """Word scores of each document for its ground-truth class (METHODS.md
     sections 3 and 6): raw wordpiece relevance of ``method``, then the
     maximum over each word's wordpieces.  Returns one list per document, in
-    document order, over the words that reach the model."""
-    from BERT_explainability.modules.BERT.ExplanationGenerator import explain
+    document order, over the words that reach the model.
+
+    ``model`` is the BERT copy or an unmodified Hugging Face classifier
+    (``--model``): both go through the one engine,
+    :func:`modules.explain.explain`, with the same padded batches (the
+    copy through ``ExplanationGenerator.explain``, which is that call).  A
+    float64 model gives float64 scores; any other dtype is read as float32."""
+    from BERT_explainability.modules.BERT.BertForSequenceClassification import BertForSequenceClassification
+    from BERT_explainability.modules.BERT.ExplanationGenerator import explain as explain_copy
+    from modules.explain import explain
 
     model.eval()
     out: List[Optional[List[Optional[float]]]] = [None] * len(docs)
     for idx, ids, mask, labels in tqdm(make_batches(docs, batch_size, pad_id, device), desc=method, leave=False):
-        cam = cli.check_finite(explain(model, ids, mask, method, index=labels).detach().float().cpu(),
+        if isinstance(model, BertForSequenceClassification):
+            cam = explain_copy(model, ids, mask, method, index=labels).detach()
+        else:
+            cam = explain(model, {"input_ids": ids, "attention_mask": mask}, method, index=labels).detach()
+        cam = cli.check_finite((cam if cam.dtype == torch.float64 else cam.float()).cpu(),
                                f"{method} relevance of documents {[docs[i].annotation_id for i in idx]}")
         for row, i in enumerate(idx):
             out[i] = doc_word_scores(cam[row], docs[i])
@@ -850,14 +1029,108 @@ def _write_method_folder(folder: Path, ks: Sequence[int], docs: Sequence[Encoded
             _write_heatmaps(Path(tmp) / "heatmaps", i, docs[i], scores[i], method, probs[i], classes)
 
 
+def _split_documents(data_dir: str | Path, split: str, tokenizer, classes: Sequence[str],
+                     max_length: int) -> Tuple[List[EncodedDoc], Dict[str, List[int]]]:
+    """The split's documents, tokenised, and the sentence lengths of each document."""
+    annotations = load_split(data_dir, split)
+    if not annotations:
+        raise ValueError(f"the {split} split of {data_dir} is empty")
+    sentences = load_documents(data_dir, {annotation_docid(a) for a in annotations})
+    documents = {d: [t for sent in doc for t in sent] for d, doc in sentences.items()}
+    sentence_lengths = {d: [len(sent) for sent in doc] for d, doc in sentences.items()}
+    check_evidence_offsets(annotations, documents)
+    return encode_documents(tokenizer, annotations, documents, classes, max_length), sentence_lengths
+
+
+def _classify(model, docs: Sequence[EncodedDoc], params: Dict[str, Any], pad_id: int, device: torch.device,
+              split: str, max_length: int) -> Tuple[Tensor, Dict[str, Any]]:
+    """Class probabilities of every document, and the summary they start."""
+    n_trunc = sum(d.truncated for d in docs)
+    probs = predict(model, docs, int(params["train"]["eval_batch_size"]), pad_id, device)
+    acc = _accuracy(probs, docs)
+    print(f"{split}: classification accuracy {acc:.4f} on {len(docs)} documents; "
+          f"{n_trunc} truncated to {max_length} wordpieces")
+    summary: Dict[str, Any] = {
+        "split": split, "documents": len(docs), "accuracy": acc, "max_length": max_length,
+        "truncated": n_trunc, "truncated_ids": [d.annotation_id for d in docs if d.truncated],
+        "methods": {}, "k": list(params["explain"]["k"]),
+        "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
+    }
+    return probs, summary
+
+
+def _provenance(params: Dict[str, Any], split: str, docs: Sequence[EncodedDoc], max_length: int,
+                classifier_sha256: str) -> Dict[str, Any]:
+    """What a method folder's rationales depend on (its ``run.json``, with the method)."""
+    import hashlib
+
+    ks = sorted(params["explain"]["k"])
+    return {
+        "split": split, "classifier_sha256": classifier_sha256, "max_length": max_length,
+        "k": ks, "documents": len(docs),
+        "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
+        "faithfulness": bool(params["explain"]["faithfulness"]),
+        "faithfulness_k": sorted(params["explain"]["faithfulness_k"] or ks) if params["explain"]["faithfulness"] else [],
+        "aopc_thresholds": list(params["explain"]["aopc_thresholds"]),
+        "data_sha256": hashlib.sha256(json.dumps(
+            [[d.annotation_id, d.docid, d.label, d.words] for d in docs]).encode()).hexdigest(),
+    }
+
+
+def _explain_methods(model, docs: Sequence[EncodedDoc], methods: Sequence[str], params: Dict[str, Any], out: Path,
+                     classes: Sequence[str], probs: Tensor, provenance: Dict[str, Any],
+                     sentence_lengths: Dict[str, List[int]], pad_id: int, device: torch.device,
+                     summary: Dict[str, Any], keep: Sequence[str] = ()) -> None:
+    """Explain ``docs`` with each method and publish its folder (methods in
+    ``keep``: a finished folder of the same run, left as it is)."""
+    ks = sorted(params["explain"]["k"])
+    for method in methods:
+        name = resolve_method(method).name
+        folder = out / name
+        if name in keep:
+            print(f"{name}: kept the finished {folder} (--resume)")
+            continue
+        t0 = time.time()
+        scores = explain_documents(model, docs, name, int(params["explain"]["batch_size"]), pad_id, device)
+        tie_break, tie_seed = params["explain"]["tie_break"], int(params["explain"]["tie_seed"])
+        faith = None
+        if params["explain"]["faithfulness"]:
+            faith_ks = sorted(params["explain"]["faithfulness_k"] or ks)
+            faith = faithfulness_probs(model, docs, scores, faith_ks, params["explain"]["aopc_thresholds"], probs,
+                                       int(params["train"]["eval_batch_size"]), pad_id, device,
+                                       tie_break, tie_seed, desc=f"{name} faithfulness")
+        _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]),
+                             provenance, tie_break, tie_seed, sentence_lengths, faith)
+        summary["methods"][name] = {"seconds": time.time() - t0}
+        print(f"{name}: wrote identifier_results_{{{','.join(map(str, ks))}}}.json to {folder} "
+              f"({time.time() - t0:.1f} s)")
+
+
 def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], methods: Sequence[str],
-        split: str = "test", device: str | torch.device = "cpu", pretrained: Optional[str] = None) -> Dict[str, Any]:
+        split: str = "test", device: str | torch.device = "cpu", pretrained: Optional[str] = None,
+        model: Optional[str | Path] = None, dtype: str = "float32", resume: bool = False, overwrite: bool = False,
+        all_methods: bool = False) -> Dict[str, Any]:
     """The whole pipeline: fine-tune (or load), classify ``split``, explain it
     with every method and write the rationale files.  Returns a summary dict
-    (also written to ``output_dir/summary_<split>.json``)."""
+    (also written to ``output_dir/summary_<split>.json``).
+
+    With ``model`` (a local Hugging Face sequence-classifier folder) nothing
+    is fine-tuned: :func:`run_unmodified`.  ``dtype`` ``"float64"`` runs the
+    classification and explanations in float64 (fine-tuning stays float32)."""
+    if dtype not in DTYPES:
+        raise cli.CLIError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if model is not None:
+        return run_unmodified(data_dir, output_dir, params, methods, model, split, device, dtype, resume, overwrite,
+                              all_methods)
+    if resume or overwrite:
+        raise cli.CLIError("--resume / --overwrite apply to --model runs; a fine-tuning run resumes by running the "
+                           "same command again")
     device = torch.device(device)
     out = Path(output_dir)
     cli.check_output_dir(str(out), flag="--output-dir")
+    if (out / RUN_IDENTITY_FILE).is_file():
+        raise cli.CLIError(f"--output-dir {out} holds a --model run ({RUN_IDENTITY_FILE}); fine-tune into another "
+                           "folder")
     classes = list(params["classes"])
     cls_dir = out / CLASSIFIER_DIR
     _check_classifier_dir(cls_dir)
@@ -872,84 +1145,126 @@ def run(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], me
         pretrained_dir = resolve_pretrained(spec, params.get("_path"))
     model_dir = cls_dir if trained else pretrained_dir
     tokenizer = load_tokenizer(model_dir)
-    model = load_or_train_classifier(params, data_dir, out, model_dir, tokenizer, device, pretrained_dir)
+    classifier = load_or_train_classifier(params, data_dir, out, model_dir, tokenizer, device, pretrained_dir)
+    if dtype != "float32":
+        classifier = classifier.to(DTYPES[dtype])
 
-    annotations = load_split(data_dir, split)
-    if not annotations:
-        raise ValueError(f"the {split} split of {data_dir} is empty")
-    sentences = load_documents(data_dir, {annotation_docid(a) for a in annotations})
-    documents = {d: [t for sent in doc for t in sent] for d, doc in sentences.items()}
-    sentence_lengths = {d: [len(sent) for sent in doc] for d, doc in sentences.items()}
-    check_evidence_offsets(annotations, documents)
     max_length = int(params["max_length"])
-    docs = encode_documents(tokenizer, annotations, documents, classes, max_length)
-    n_trunc = sum(d.truncated for d in docs)
-    probs = predict(model, docs, int(params["train"]["eval_batch_size"]), tokenizer.pad_token_id, device)
-    acc = _accuracy(probs, docs)
-    print(f"{split}: classification accuracy {acc:.4f} on {len(docs)} documents; "
-          f"{n_trunc} truncated to {max_length} wordpieces")
-    summary: Dict[str, Any] = {
-        "split": split, "documents": len(docs), "accuracy": acc, "max_length": max_length,
-        "truncated": n_trunc, "truncated_ids": [d.annotation_id for d in docs if d.truncated],
-        "methods": {}, "k": list(params["explain"]["k"]),
-        "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
-    }
-    ks = sorted(params["explain"]["k"])
-    import hashlib
-
+    docs, sentence_lengths = _split_documents(data_dir, split, tokenizer, classes, max_length)
+    probs, summary = _classify(classifier, docs, params, tokenizer.pad_token_id, device, split, max_length)
     from modules.checkpoints import file_sha256
-    provenance = {
-        "split": split, "classifier_sha256": file_sha256(str(cls_dir / "config.json"), str(cls_dir / "model.safetensors")), "max_length": max_length,
-        "k": ks, "documents": len(docs),
-        "tie_break": params["explain"]["tie_break"], "tie_seed": params["explain"]["tie_seed"],
-        "faithfulness": bool(params["explain"]["faithfulness"]),
-        "faithfulness_k": sorted(params["explain"]["faithfulness_k"] or ks) if params["explain"]["faithfulness"] else [],
-        "aopc_thresholds": list(params["explain"]["aopc_thresholds"]),
-        "data_sha256": hashlib.sha256(json.dumps(
-            [[d.annotation_id, d.docid, d.label, d.words] for d in docs]).encode()).hexdigest(),
-    }
-    for method in methods:
-        name = resolve_method(method).name
-        folder = out / name
-        t0 = time.time()
-        scores = explain_documents(model, docs, name, int(params["explain"]["batch_size"]),
-                                   tokenizer.pad_token_id, device)
-        tie_break, tie_seed = params["explain"]["tie_break"], int(params["explain"]["tie_seed"])
-        faith = None
-        if params["explain"]["faithfulness"]:
-            faith_ks = sorted(params["explain"]["faithfulness_k"] or ks)
-            faith = faithfulness_probs(model, docs, scores, faith_ks, params["explain"]["aopc_thresholds"], probs,
-                                       int(params["train"]["eval_batch_size"]), tokenizer.pad_token_id, device,
-                                       tie_break, tie_seed, desc=f"{name} faithfulness")
-        _write_method_folder(folder, ks, docs, scores, probs, classes, name, int(params["explain"]["heatmaps"]),
-                             provenance, tie_break, tie_seed, sentence_lengths, faith)
-        summary["methods"][name] = {"seconds": time.time() - t0}
-        print(f"{name}: wrote identifier_results_{{{','.join(map(str, ks))}}}.json to {folder} "
-              f"({time.time() - t0:.1f} s)")
+    provenance = _provenance(params, split, docs, max_length,
+                             file_sha256(str(cls_dir / "config.json"), str(cls_dir / "model.safetensors")))
+    if dtype != "float32":
+        provenance["dtype"] = dtype
+    _explain_methods(classifier, docs, methods, params, out, classes, probs, provenance, sentence_lengths,
+                     tokenizer.pad_token_id, device, summary)
+    cli.atomic_write_json(str(out / f"summary_{split}.json"), summary)
+    return summary
+
+
+def _finished_folder(folder: Path, provenance: Dict[str, Any], method: str) -> bool:
+    """Whether ``folder`` is a published method folder of this very run."""
+    try:
+        return json.loads((folder / RUN_FILE).read_text(encoding="utf-8")) == dict(provenance, method=method)
+    except (OSError, ValueError):
+        return False
+
+
+def run_unmodified(data_dir: str | Path, output_dir: str | Path, params: Dict[str, Any], methods: Sequence[str],
+                   model_dir: str | Path, split: str = "test", device: str | torch.device = "cpu",
+                   dtype: str = "float32", resume: bool = False, overwrite: bool = False,
+                   all_methods: bool = False) -> Dict[str, Any]:
+    """Steps 2-4 of the module docstring for an unmodified Hugging Face
+    sequence classifier (``--model DIR``), fine-tuning nothing.
+
+    The run's identity (the model's and tokenizer's content hashes, model
+    class, dtype, data and explanation parameters) is kept in
+    ``output_dir/run_identity.json`` (:func:`modules.cli.prepare_run_folder`):
+    ``resume`` keeps the method folders of the same identity and refuses
+    another's in one line; without ``resume`` or ``overwrite`` earlier
+    results are refused.  ``all_methods``: the methods the model does not
+    support are named and skipped (an explicit one is refused)."""
+    device = torch.device(device)
+    out = Path(output_dir)
+    cli.check_output_dir(str(out), flag="--output-dir")
+    classes = list(params["classes"])
+    loaded = load_unmodified_classifier(model_dir, classes, device, dtype)
+    what = loaded.identity["model_class"]
+    max_length = int(params["max_length"])
+    if max_length > loaded.max_positions:
+        raise cli.CLIError(f"max_length {max_length} exceeds the {loaded.max_positions} positions of {what} in "
+                           f"--model {model_dir}; set max_length in --model-params")
+    names = list(dict.fromkeys(resolve_method(m).name for m in methods))
+    missing = [n for n in names if n not in loaded.methods]
+    if missing and not all_methods:
+        raise cli.CLIError(f"{what} does not support --method {', '.join(missing)}; it supports: "
+                           f"{', '.join(loaded.methods)}")
+    if missing:
+        print(f"--all-methods: {what} supports {', '.join(loaded.methods)}; skipped: {', '.join(missing)}")
+    names = [n for n in names if n in loaded.methods]
+    tokenizer = loaded.tokenizer
+    docs, sentence_lengths = _split_documents(data_dir, split, tokenizer, classes, max_length)
+    vocab = int(getattr(loaded.model.config, "vocab_size", 0) or 0)
+    if vocab and max(max(d.input_ids) for d in docs) >= vocab:
+        raise cli.CLIError(f"--model {model_dir}: its tokenizer produces ids beyond the model's vocabulary "
+                           f"({vocab} entries)")
+    provenance = _provenance(params, split, docs, max_length, loaded.identity["classifier_sha256"])
+    provenance.update(loaded.identity)
+    resumed = cli.prepare_run_folder(str(out), provenance, resume=resume, overwrite=overwrite,
+                                     record=RUN_IDENTITY_FILE, finished=(f"summary_{split}.json",),
+                                     partial=tuple(METHOD_NAMES) + (CLASSIFIER_DIR, TRAINING_DIR))
+    keep = [n for n in names if resumed and _finished_folder(out / n, provenance, n)]
+    print(f"explaining {what} from {model_dir} unmodified ({dtype}, {len(names)} method(s))")
+    probs, summary = _classify(loaded.model, docs, params, tokenizer.pad_token_id, device, split, max_length)
+    summary.update(model=str(model_dir), model_class=what, dtype=dtype)
+    old_summary = out / f"summary_{split}.json"
+    if resumed and old_summary.is_file():
+        try:
+            old = json.loads(old_summary.read_text(encoding="utf-8")).get("methods", {})
+        except (OSError, ValueError, AttributeError):
+            old = {}
+        summary["methods"].update({n: old[n] for n in keep if isinstance(old, dict) and n in old})
+    _explain_methods(loaded.model, docs, names, params, out, classes, probs, provenance, sentence_lengths,
+                     tokenizer.pad_token_id, device, summary, keep)
     cli.atomic_write_json(str(out / f"summary_{split}.json"), summary)
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Fine-tune BERT on an ERASER data set (Movie Reviews) and write top-k word rationales of "
-                    "each explanation method (METHODS.md section 6).",
+        description="Fine-tune BERT on an ERASER data set (Movie Reviews), or take a fine-tuned Hugging Face "
+                    "classifier as it is (--model), and write top-k word rationales of each explanation method "
+                    "(METHODS.md section 6).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True,
                         help="ERASER directory with {train,val,test}.jsonl and docs/")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
                         help="where the classifier (classifier/) and <method>/identifier_results_<k>.json go")
-    parser.add_argument("--model-params", "--model_params", dest="model_params", required=True,
-                        help="JSON parameters, e.g. BERT_params/movies_bert.json")
+    parser.add_argument("--model-params", "--model_params", dest="model_params", default=None,
+                        help="JSON parameters, e.g. BERT_params/movies_bert.json (required unless --model; with "
+                             "--model its classes, max_length and explain sections apply)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a local Hugging Face folder holding a fine-tuned *ForSequenceClassification (config, "
+                             "weights, its tokenizer): explained unmodified with every method its family supports, "
+                             "nothing fine-tuned")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--method", choices=METHOD_CHOICES, default="transformer_attribution",
                        help="explanation method")
-    which.add_argument("--all-methods", action="store_true", help=f"run every method: {', '.join(METHOD_NAMES)}")
+    which.add_argument("--all-methods", action="store_true",
+                       help=f"run every method (with --model: every one the model supports): {', '.join(METHOD_NAMES)}")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to classify and explain")
     cli.add_device_arg(parser)
     cli.add_threads_arg(parser)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="precision of classification and explanation (fine-tuning stays float32)")
     parser.add_argument("--pretrained", default=None,
                         help="override the params' pretrained model directory (or pkg:<package>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="--model runs: keep the finished method folders of the same run (model, tokenizer, "
+                             "data, parameters), refuse another run's")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--model runs: replace the results of an earlier run in --output-dir")
     return parser
 
 
@@ -960,11 +1275,24 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         device = cli.resolve_device(args.device)
         cli.set_tf32(False)
-        params = load_params(args.model_params)
+        if args.model is not None:
+            if args.pretrained is not None:
+                raise cli.CLIError("--pretrained names the model to fine-tune, --model a fine-tuned classifier "
+                                   "explained as it is: give one of them")
+            from modules.checkpoints import check_model_dir
+            check_model_dir(args.model, "--model")  # before the output folder is made
+            params = load_params(args.model_params, need_pretrained=False) if args.model_params is not None \
+                else default_params()
+        elif args.model_params is None:
+            raise cli.CLIError("--model-params is required (the fine-tuning run), unless --model DIR names a "
+                               "fine-tuned Hugging Face classifier")
+        else:
+            params = load_params(args.model_params)
         methods = list(METHOD_NAMES) if args.all_methods else [args.method]
         cli.check_output_dir(args.output_dir, flag="--output-dir")
         with cli.file_lock(args.output_dir, what=args.output_dir):  # one run per output folder
-            run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained)
+            run(args.data_dir, args.output_dir, params, methods, args.split, device, args.pretrained, args.model,
+                args.dtype, args.resume, args.overwrite, args.all_methods)
     except (ValueError, RuntimeError) as e:  # e.g. the tokenizer refusing a document; cli handles the rest
         if isinstance(e, cli.input_error_types()):
             raise
@@ -976,7 +1304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the pipeline; bad input exits 2 with one line, Ctrl-C exits 130
     keeping every finished epoch and method folder."""
     code = cli.run_main(_main, argv, interrupt_message="interrupted; finished epochs and method folders are kept, "
-                                                       "run the same command again to resume")
+                                                       "run the same command again to resume (--model runs: "
+                                                       "with --resume)")
     if code:
         raise SystemExit(code)
     return 0
