@@ -27,12 +27,11 @@ caption retrieval accuracy on held-out scenes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -45,8 +44,10 @@ from tqdm import tqdm
 from data.scenes import CLASS_NAMES, COLOUR_NAMES, SCENE_VERSION, SIZES, SceneConfig, generate_scene, scene_caption, \
     word_tokenizer
 from data.scenes import check_scenes_memory, scene_count_arg  # noqa: E402
-from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, float_range, int_range,
-                         positive_float, positive_int, resolve_device, run_main)
+from modules.checkpoints import file_sha256
+from modules.cli import CLIError, float_range, positive_int, run_main
+from modules.training import (add_run_args, optimizer_step, parse_run_args, save_standin, shuffled_batches,
+                              warmup_cosine_lr)
 
 __all__ = ["CAPTION_WORDS", "build_tokenizer", "make_model", "vision_from_vit_copy", "scene_captions_pool",
            "to_pixels", "retrieval_accuracy"]
@@ -151,28 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ViT copy model directory (e.g. samples/synthetic_scenes_vit) to start the vision tower from")
     p.add_argument("--train-scenes", type=scene_count_arg, default=8000)
     p.add_argument("--val-scenes", type=scene_count_arg, default=500)
-    p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--steps", type=positive_int, default=1500, help="optimiser steps (warm-up, then cosine)")
-    p.add_argument("--minutes", type=positive_float, default=15.0, help="stop early after this much wall clock")
-    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--phrase-prob", type=float_range(0.0, 1.0), default=0.5,
                    help="probability that a training picture's text is one of its objects instead of its caption")
-    p.add_argument("--lr", type=positive_float, default=5e-4)
-    p.add_argument("--threads", type=int_range(1, 64), default=1, help="torch CPU threads (determinism needs the same)")
-    p.add_argument("--eval-every", type=positive_int, default=250)
-    add_device_arg(p, default="cpu")
+    add_run_args(p, minutes=15.0, batch_size=64, lr=5e-4, eval_every=250)
     return p
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
-
-
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
-    check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    args, device = parse_run_args(build_parser(), argv)
     check_scenes_memory(args.train_scenes + args.val_scenes, what="--train-scenes + --val-scenes")
     if args.init_vision:  # refused before any scene is generated
         from baselines.ViT.ViT_LRP import load_model_dir
@@ -194,68 +182,48 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                            f"({vcfg.hidden_size}/{vcfg.num_hidden_layers}/{vcfg.patch_size}/{vcfg.image_size})")
         vision_from_vit_copy(model, vit)
         init = {"init_vision": os.path.relpath(os.path.abspath(args.init_vision)),
-                "init_vision_sha256": _sha256(os.path.join(args.init_vision, "model.safetensors"))}
+                "init_vision_sha256": file_sha256(os.path.join(args.init_vision, "model.safetensors"))}
     model.to(device)
     train = scene_captions_pool(args.train_scenes, args.seed, "train")
     val = scene_captions_pool(args.val_scenes, args.seed, "val")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     g = np.random.default_rng(args.seed)
-    warmup, step, start, history = 100, 0, time.time(), []
-    n = len(train["captions"])
+    step, start, history = 0, time.time(), []
     bar = tqdm(total=args.steps, desc="training", mininterval=5)
     try:
-        while step < args.steps and time.time() - start < args.minutes * 60:
-            order = g.permutation(n)
-            for s in range(0, n - args.batch_size + 1, args.batch_size):
-                model.train()
-                idx = order[s:s + args.batch_size]
-                texts = [train["phrases"][i][g.integers(len(train["phrases"][i]))]
-                         if train["phrases"][i] and g.random() < args.phrase_prob else train["captions"][i] for i in idx]
-                enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
-                loss = model(**enc, pixel_values=to_pixels(train["images"][idx]).to(device), return_loss=True).loss
-                if not torch.isfinite(loss):
-                    raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
-                lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                bar.update(1)
-                if step % args.eval_every == 0:
-                    rec = {"step": step, "minutes": round((time.time() - start) / 60, 2),
-                           "loss": round(float(loss.detach()), 4),
-                           **retrieval_accuracy(model, tokenizer, val, device)}
-                    history.append(rec)
-                    bar.write(str(rec))
-                if step >= args.steps or time.time() - start >= args.minutes * 60:
-                    break
+        for idx in shuffled_batches(g, len(train["captions"]), args.batch_size, args.steps, args.minutes * 60, start):
+            model.train()
+            texts = [train["phrases"][i][g.integers(len(train["phrases"][i]))]
+                     if train["phrases"][i] and g.random() < args.phrase_prob else train["captions"][i] for i in idx]
+            enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+            loss = model(**enc, pixel_values=to_pixels(train["images"][idx]).to(device), return_loss=True).loss
+            optimizer_step(opt, loss, model.parameters(), 1.0, step,
+                           lr=warmup_cosine_lr(step, args.lr, 100, args.steps, pi_times_step_first=True))
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            bar.update(1)
+            if step % args.eval_every == 0:
+                rec = {"step": step, "minutes": round((time.time() - start) / 60, 2),
+                       "loss": round(float(loss.detach()), 4),
+                       **retrieval_accuracy(model, tokenizer, val, device)}
+                history.append(rec)
+                bar.write(str(rec))
     finally:
         bar.close()
     acc = retrieval_accuracy(model, tokenizer, val, device)
     print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
-    model.config.standin = {
-        "what": "image-text stand-in on the synthetic scenes of data/scenes.py and their captions (not CLIP's data)",
-        "command": "python baselines/CLIP/train_scenes_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data_seed": args.seed, "scene_version": SCENE_VERSION, "train_scenes": args.train_scenes,
-        "val_scenes": args.val_scenes, "steps": step, "minutes": round((time.time() - start) / 60, 2),
-        "threads": args.threads, "mean": list(MEAN), "std": list(STD), **init, "val_retrieval": acc,
-        "history": history,
-    }
     from transformers import CLIPImageProcessor
 
     size = model.config.vision_config.image_size
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                    image_mean=list(MEAN), image_std=list(STD))
-    with atomic_directory(args.out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    print(f"wrote {args.out_dir}")
+    save_standin(args.out_dir, model, tokenizer, processor, script=__file__, argv=argv, seed=args.seed, steps=step,
+                 start=start, threads=args.threads, history=history,
+                 what="image-text stand-in on the synthetic scenes of data/scenes.py and their captions (not CLIP's "
+                      "data)",
+                 scene_version=SCENE_VERSION, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
+                 mean=list(MEAN), std=list(STD), **init, val_retrieval=acc)
     return 0
 
 

@@ -24,7 +24,6 @@ AP50 (with and without class-wise suppression at IoU 0.5).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -40,8 +39,9 @@ from tqdm import tqdm
 
 from data.scenes import NUM_CLASSES, SCENE_VERSION, SceneConfig, generate_scene
 from data.scenes import check_scenes_memory, scene_count_arg  # noqa: E402
-from modules.cli import (CLIError, add_device_arg, atomic_directory, check_output_dir, int_range, positive_float,
-                         positive_int, resolve_device, run_main)
+from modules.cli import CLIError, int_range, positive_int, run_main
+from modules.training import (add_run_args, optimizer_step, parse_run_args, save_standin, shuffled_batches,
+                              warmup_cosine_lr)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -213,28 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-scenes", type=scene_count_arg, default=8000)
     p.add_argument("--val-scenes", type=scene_count_arg, default=200)
     p.add_argument("--size", type=int_range(64, 512), default=96, help="picture side (pixels)")
-    p.add_argument("--seed", type=int, default=0, help="data and training seed")
-    p.add_argument("--minutes", type=positive_float, default=20.0, help="training time budget (wall clock)")
     p.add_argument("--max-steps", type=positive_int, default=100000)
     p.add_argument("--cosine-steps", type=positive_int, default=None,
                    help="decay the learning rate over this many steps (deterministic; training stops there) "
                         "instead of over the --minutes budget (the default: how many steps that is depends on "
                         "the machine)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive_float, default=2.5e-4)
     p.add_argument("--queries", type=int_range(1, 100), default=10)
     p.add_argument("--d-model", type=int_range(16, 512), default=128)
     p.add_argument("--aux-weight", type=float, default=2.0, help="weight of the auxiliary box-classification loss")
-    p.add_argument("--threads", type=int_range(1, 64), default=1)
-    p.add_argument("--eval-every", type=positive_int, default=500)
-    add_device_arg(p, default="cpu")
+    add_run_args(p, minutes=20.0, batch_size=32, lr=2.5e-4, eval_every=500)
     return p
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
-    check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    args, device = parse_run_args(build_parser(), argv)
     check_scenes_memory(args.train_scenes + args.val_scenes, args.size, what="--train-scenes + --val-scenes")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -252,56 +244,42 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     total = min(args.max_steps, args.cosine_steps or args.max_steps)
-    warmup = 100
     g = np.random.default_rng(args.seed)
-    n = len(train["images"])
     step, start, history = 0, time.time(), []
     bar = tqdm(total=total, desc="training", mininterval=5)
     budget = args.minutes * 60
     try:
-        while step < total and time.time() - start < budget:
-            order = g.permutation(n)
-            for s in range(0, n - args.batch_size + 1, args.batch_size):
-                idx = order[s:s + args.batch_size]
-                images = train["images"][idx]
-                flip = g.random(len(idx)) < 0.5
-                images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-                labels = []
-                for k, i in enumerate(idx):
-                    b = train["boxes"][i].copy()
-                    if flip[k]:
-                        b[:, 0] = 1.0 - b[:, 0]
-                    labels.append({"class_labels": torch.from_numpy(train["labels"][i]).to(device),
-                                   "boxes": torch.from_numpy(b).to(device)})
-                model.train()
-                aux.train()
-                out = model(pixel_values=to_pixels(np.ascontiguousarray(images)).to(device), labels=labels)
-                loss = out.loss
-                if args.aux_weight > 0:
-                    logits = aux(feats["map"], [cxcywh_to_xyxy(t["boxes"]) for t in labels])
-                    target = torch.cat([t["class_labels"] for t in labels])
-                    loss = loss + args.aux_weight * nn.functional.cross_entropy(logits, target)
-                if not torch.isfinite(loss):
-                    raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
-                # warm-up then cosine over --cosine-steps, or over the time budget (reproducible only in steps)
-                progress = min(step / args.cosine_steps if args.cosine_steps else (time.time() - start) / budget, 1.0)
-                lr = args.lr * (min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress)))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 0.1)
-                opt.step()
-                step += 1
-                bar.update(1)
-                if step % args.eval_every == 0:
-                    preds = predict(model, val, device)
-                    rec = {"step": step, "minutes": round((time.time() - start) / 60, 2),
-                           "ap50": ap50(preds, val, False), "ap50_nms": ap50(preds, val, True)}
-                    history.append(rec)
-                    bar.write(str(rec))
-                if step >= total or time.time() - start >= budget:
-                    break
+        for idx in shuffled_batches(g, len(train["images"]), args.batch_size, total, budget, start):
+            images = train["images"][idx]
+            flip = g.random(len(idx)) < 0.5
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+            labels = []
+            for k, i in enumerate(idx):
+                b = train["boxes"][i].copy()
+                if flip[k]:
+                    b[:, 0] = 1.0 - b[:, 0]
+                labels.append({"class_labels": torch.from_numpy(train["labels"][i]).to(device),
+                               "boxes": torch.from_numpy(b).to(device)})
+            model.train()
+            aux.train()
+            out = model(pixel_values=to_pixels(np.ascontiguousarray(images)).to(device), labels=labels)
+            loss = out.loss
+            if args.aux_weight > 0:
+                logits = aux(feats["map"], [cxcywh_to_xyxy(t["boxes"]) for t in labels])
+                target = torch.cat([t["class_labels"] for t in labels])
+                loss = loss + args.aux_weight * nn.functional.cross_entropy(logits, target)
+            # warm-up then cosine over --cosine-steps, or over the time budget (reproducible only in steps)
+            lr = warmup_cosine_lr(step, args.lr, 100, args.cosine_steps, peak_last=True,
+                                  progress=None if args.cosine_steps else (time.time() - start) / budget)
+            optimizer_step(opt, loss, params, 0.1, step, lr=lr)
+            step += 1
+            bar.update(1)
+            if step % args.eval_every == 0:
+                preds = predict(model, val, device)
+                rec = {"step": step, "minutes": round((time.time() - start) / 60, 2),
+                       "ap50": ap50(preds, val, False), "ap50_nms": ap50(preds, val, True)}
+                history.append(rec)
+                bar.write(str(rec))
     finally:
         bar.close()
         hook.remove()
@@ -315,17 +293,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     preds = predict(frozen, val, device)
     result = {"ap50": ap50(preds, val, False), "ap50_class_nms_iou0.5": ap50(preds, val, True)}
     print(f"validation: {result}", flush=True)
-    frozen.config.standin = {
-        "what": "detector stand-in on the synthetic scenes of data/scenes.py (not COCO)",
-        "command": "python baselines/DETR/train_scenes_detr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data_seed": args.seed, "scene_version": SCENE_VERSION, "size": args.size, "steps": step,
-        "minutes": round((time.time() - start) / 60, 2), "threads": args.threads,
-        "val_scenes": args.val_scenes, "val": result, "frozen_copy_max_logit_difference": diff, "history": history,
-        "mean": list(MEAN), "std": list(STD),
-    }
-    with atomic_directory(args.out_dir) as tmp:
-        frozen.save_pretrained(tmp)
-    print(f"wrote {args.out_dir}")
+    save_standin(args.out_dir, frozen, script=__file__, argv=argv, seed=args.seed, steps=step, start=start,
+                 threads=args.threads, history=history,
+                 what="detector stand-in on the synthetic scenes of data/scenes.py (not COCO)",
+                 scene_version=SCENE_VERSION, size=args.size, val_scenes=args.val_scenes, val=result,
+                 frozen_copy_max_logit_difference=diff, mean=list(MEAN), std=list(STD))
     return 0
 
 

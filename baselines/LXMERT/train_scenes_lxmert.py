@@ -12,11 +12,10 @@ command, the data seed and the validation accuracy per question type.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -29,8 +28,9 @@ from baselines.LXMERT.scene_vqa import (ANSWERS, FEATURE_DIM, FEATURE_VERSION, M
                                         encode_questions, scene_boxes)
 from data.scenes import SCENE_VERSION, generate_scene, scene_questions
 from data.scenes import scene_count_arg  # noqa: E402
-from modules.cli import (CLIError, add_device_arg, atomic_directory, check_memory, check_output_dir, int_range,
-                         positive_float, positive_int, resolve_device, run_main)
+from modules.cli import check_memory, int_range, positive_int, run_main
+from modules.training import (add_run_args, optimizer_step, parse_run_args, save_standin, shuffled_batches,
+                              warmup_cosine_lr)
 
 QTYPES = ("existence", "count", "colour", "shape", "relation")
 
@@ -101,24 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained + tokenizer)")
     p.add_argument("--train-scenes", type=scene_count_arg, default=6000, help="training scenes (split 'train')")
     p.add_argument("--val-scenes", type=scene_count_arg, default=600, help="validation scenes (split 'val')")
-    p.add_argument("--seed", type=int, default=0, help="data seed (scenes) and training seed")
-    p.add_argument("--minutes", type=positive_float, default=18.0, help="training time budget (wall clock)")
     p.add_argument("--max-steps", type=positive_int, default=100000, help="stop after this many steps")
     p.add_argument("--cosine-steps", type=positive_int, default=None,
                    help="warm up for 100 steps, then a cosine decay reaching 0 at this step (default: constant lr)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--hidden", type=int_range(16, 1024), default=128)
-    p.add_argument("--threads", type=int_range(1, 64), default=1, help="torch CPU threads (determinism needs the same)")
-    p.add_argument("--eval-every", type=positive_int, default=500, help="steps between validation passes")
-    add_device_arg(p, default="cpu")
+    add_run_args(p, minutes=18.0, batch_size=128, lr=5e-4, eval_every=500)
     return p
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
-    check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    args, device = parse_run_args(build_parser(), argv)
     n = args.train_scenes + args.val_scenes  # the questions' box features are kept: about 64 KiB a scene
     check_memory(n * 64 * 1024, f"--train-scenes + --val-scenes {n}")
     torch.set_num_threads(args.threads)
@@ -132,36 +124,22 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     model = make_model(tokenizer.vocab_size, args.hidden).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = np.random.default_rng(args.seed)
-    n = len(train["label"])
     step, start, history = 0, time.time(), []
     labels = torch.from_numpy(train["label"])
     bar = tqdm(total=args.max_steps, desc="training", mininterval=5)
     try:
-        while step < args.max_steps and time.time() - start < args.minutes * 60:
-            order = g.permutation(n)
-            for s in range(0, n - args.batch_size + 1, args.batch_size):
-                model.train()
-                idx = order[s:s + args.batch_size]
-                out = model(**batches(train, idx, device), labels=labels[idx].to(device))
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
-                if args.cosine_steps:  # counted in steps, so the run stays deterministic
-                    t = min(step / args.cosine_steps, 1.0)
-                    for group in opt.param_groups:
-                        group["lr"] = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * t))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                step += 1
-                bar.update(1)
-                if step % args.eval_every == 0:
-                    acc = accuracy_by_type(model, val, device)
-                    history.append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-                if step >= args.max_steps or time.time() - start >= args.minutes * 60:
-                    break
+        for idx in shuffled_batches(g, len(train["label"]), args.batch_size, args.max_steps, args.minutes * 60, start):
+            model.train()
+            out = model(**batches(train, idx, device), labels=labels[idx].to(device))
+            # without --cosine-steps the rate stays --lr; counted in steps, so the run stays deterministic
+            lr = warmup_cosine_lr(step, args.lr, 100, args.cosine_steps) if args.cosine_steps else None
+            optimizer_step(opt, out.loss, model.parameters(), 1.0, step, lr=lr)
+            step += 1
+            bar.update(1)
+            if step % args.eval_every == 0:
+                acc = accuracy_by_type(model, val, device)
+                history.append({"step": step, "minutes": round((time.time() - start) / 60, 2), **acc})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     finally:
         bar.close()
     acc = accuracy_by_type(model, val, device)
@@ -169,18 +147,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 for k, t in enumerate(QTYPES) if (val["qtype"] == k).any()}
     print("validation accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     model.eval()
-    model.config.standin = {
-        "what": "VQA stand-in on the synthetic scenes of data/scenes.py (not VQA v2)",
-        "command": "python baselines/LXMERT/train_scenes_lxmert.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data_seed": args.seed, "scene_version": SCENE_VERSION, "feature_version": FEATURE_VERSION,
-        "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "steps": step,
-        "minutes": round((time.time() - start) / 60, 2), "threads": args.threads,
-        "val_accuracy": acc, "majority_baseline": majority, "history": history,
-    }
-    with atomic_directory(args.out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    print(f"wrote {args.out_dir}")
+    save_standin(args.out_dir, model, tokenizer, script=__file__, argv=argv, seed=args.seed, steps=step, start=start,
+                 threads=args.threads, history=history,
+                 what="VQA stand-in on the synthetic scenes of data/scenes.py (not VQA v2)",
+                 scene_version=SCENE_VERSION, feature_version=FEATURE_VERSION, train_scenes=args.train_scenes,
+                 val_scenes=args.val_scenes, val_accuracy=acc, majority_baseline=majority)
     return 0
 
 

@@ -50,11 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.ViT.train_synthetic import (DEFAULT_SAMPLE_DIR, HALF, _lr_at, dihedral, load_synthetic_model,
-                                           save_model, sincos_pos_embed)
+from baselines.ViT.train_synthetic import (DEFAULT_SAMPLE_DIR, HALF, dihedral, load_synthetic_model, save_model,
+                                           sincos_pos_embed)
 from baselines.ViT.ViT_LRP import VisionTransformer
 from data.scenes import CLASS_NAMES, NUM_CLASSES, SCENE_VERSION, SceneConfig, SceneDataset, generate_scene
 from modules.checkpoints import weights_sha256
+from modules.training import command_line, eval_due, set_lr, track_loss, warmup_cosine_lr
 
 __all__ = ["DEFAULT_OUT_DIR", "VAL_CONFIG", "top_k_all_present", "scene_loss", "evaluate", "patch_targets", "make_pool", "train", "build_parser",
            "main"]
@@ -228,8 +229,7 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
                desc="training", disable=args.quiet)
     running = None
     for step, (x, y, pt) in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, args.steps, args.warmup, args.lr)
+        set_lr(opt, warmup_cosine_lr(step, args.lr, args.warmup, args.steps, cosine_after_warmup=True))
         feats = model.forward_features(x.to(args.device))
         loss = scene_loss(model.forward_head(feats), y.to(args.device), args.loss)
         if aux is not None:  # training-only dense loss: each patch token names the object under it
@@ -240,11 +240,8 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         value = loss.item()
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if step % 20 == 0:
-            history["loss"].append([step, round(running, 4)])
-        bar.set_postfix(loss=f"{running:.3f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+        running = track_loss(history["loss"], running, value, step, bar)
+        if eval_due(step, args.eval_every, args.steps):
             r = evaluate(model, val_loader, args.device)
             history["val"][step + 1] = r
             msg = (f"step {step + 1}: top-k {r['top_k_all_present']:.3f}, top-(k+1) "
@@ -279,7 +276,7 @@ def run_config(args: argparse.Namespace, history: Dict, final: Dict, argv: Optio
         "val_label_accuracy": final["label_accuracy"],
         "history": history,
         "torch_version": torch.__version__,
-        "command": "python baselines/ViT/train_scenes.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(__file__, argv),
     }
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from baselines.ViT.ViT_LRP import CONFIG_NAME, WEIGHTS_NAME, VisionTransformer, load_model_dir, save_model_dir
 from modules import cli
 from modules.checkpoints import file_sha256, read_model_config
+from modules.training import command_line, eval_due, set_lr, track_loss, warmup_cosine_lr
 from data.synthetic import CLASS_NAMES, GENERATOR_VERSION, SyntheticShapes
 
 __all__ = ["CONFIG_FORMAT", "MODEL_FILE", "CONFIG_FILE", "DEFAULT_SAMPLE_DIR", "model_kwargs_from_args",
@@ -131,13 +132,6 @@ def model_kwargs_from_args(args: argparse.Namespace) -> Dict:
     return dict(img_size=args.size, patch_size=args.patch_size, in_chans=3, num_classes=len(CLASS_NAMES),
                 embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
                 qkv_bias=True, distilled=False)
-
-
-def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class _RawShapes(SyntheticShapes):
@@ -240,8 +234,7 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
     bar = tqdm(batches, total=args.steps, desc="training", disable=args.quiet)
     running = None
     for step, (x, y) in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, args.steps, args.warmup, args.lr)
+        set_lr(opt, warmup_cosine_lr(step, args.lr, args.warmup, args.steps, cosine_after_warmup=True))
         loss = F.cross_entropy(model(x.to(args.device)), y.to(args.device), label_smoothing=args.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -251,11 +244,8 @@ def train(args: argparse.Namespace) -> Tuple[VisionTransformer, Dict]:
         if not math.isfinite(value):
             raise cli.NonFiniteError(f"training diverged: the loss is {value} at step {step + 1}; nothing saved "
                                      "(lower --lr)")
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if step % 20 == 0:
-            history["loss"].append([step, round(running, 4)])
-        bar.set_postfix(loss=f"{running:.3f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+        running = track_loss(history["loss"], running, value, step, bar)
+        if eval_due(step, args.eval_every, args.steps):
             acc = evaluate_accuracy(model, val_loader, args.device)
             history["val_accuracy"][step + 1] = acc
             bar.write(f"step {step + 1}: validation accuracy {acc:.4f}, loss {running:.3f} "
@@ -356,7 +346,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "val_accuracy": history["final_val_accuracy"],
         "history": history,
         "torch_version": torch.__version__,
-        "command": "python baselines/ViT/train_synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(__file__, argv),
     }
     with cli.file_lock(args.out_dir, blocking=True):
         weights, cfg_path = save_model(model, args.out_dir, config, fp16=args.fp16)  # two runs never mix files

@@ -21,7 +21,6 @@ captions.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -36,8 +35,9 @@ from tqdm import tqdm
 
 from data.scenes import CLASS_NAMES, COLOUR_NAMES, SIZES, join_phrases, word_tokenizer
 from data.scenes import scene_count_arg  # noqa: E402
-from modules.cli import (CLIError, add_device_arg, atomic_directory, check_memory, check_output_dir, int_range,
-                         positive_float, positive_int, resolve_device, run_main)
+from modules.cli import check_memory, int_range, positive_int, run_main
+from modules.training import (add_run_args, optimizer_step, parse_run_args, save_standin, shuffled_batches,
+                              warmup_cosine_lr)
 
 __all__ = ["FRENCH_SHAPES", "FRENCH_COLOURS", "FRENCH_SIZES", "translate", "sample_pairs", "build_tokenizer",
            "make_model", "exact_match"]
@@ -137,22 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="model directory to write (save_pretrained + tokenizer)")
     p.add_argument("--train-pairs", type=scene_count_arg, default=20000)
     p.add_argument("--val-pairs", type=scene_count_arg, default=500)
-    p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (warm-up, then cosine)")
-    p.add_argument("--minutes", type=positive_float, default=15.0, help="stop early after this much wall clock")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--d-model", type=int_range(16, 1024), default=64)
-    p.add_argument("--threads", type=int_range(1, 64), default=1, help="torch CPU threads (determinism needs the same)")
-    p.add_argument("--eval-every", type=positive_int, default=500)
-    add_device_arg(p, default="cpu")
+    add_run_args(p, minutes=15.0, batch_size=64, lr=1e-3, eval_every=500)
     return p
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
-    check_output_dir(os.path.dirname(os.path.abspath(args.out_dir)) or ".", flag="--out-dir")
+    args, device = parse_run_args(build_parser(), argv)
     n = args.train_pairs + args.val_pairs  # sentence pairs and their ids are kept: about 1 KiB a pair
     check_memory(n * 1024, f"--train-pairs + --val-pairs {n}")
     torch.set_num_threads(args.threads)
@@ -163,50 +155,32 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     model = make_model(len(tokenizer.get_vocab()), args.d_model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = np.random.default_rng(args.seed)
-    warmup, step, start, history = 100, 0, time.time(), []
+    step, start, history = 0, time.time(), []
     bar = tqdm(total=args.steps, desc="training", mininterval=5)
     try:
-        while step < args.steps and time.time() - start < args.minutes * 60:
-            order = g.permutation(len(train))
-            for s in range(0, len(train) - args.batch_size + 1, args.batch_size):
-                model.train()
-                batch = {k: v.to(device) for k, v in encode(tokenizer, [train[i] for i in order[s:s + args.batch_size]]).items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise CLIError(f"the loss became {float(loss)} at step {step}; nothing saved")
-                lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                step += 1
-                bar.update(1)
-                if step % args.eval_every == 0:
-                    rec = {"step": step, "minutes": round((time.time() - start) / 60, 2),
-                           "loss": round(float(loss.detach()), 4),
-                           "exact_match": exact_match(model, tokenizer, val[:200], device)}
-                    history.append(rec)
-                    bar.write(str(rec))
-                if step >= args.steps or time.time() - start >= args.minutes * 60:
-                    break
+        for idx in shuffled_batches(g, len(train), args.batch_size, args.steps, args.minutes * 60, start):
+            model.train()
+            batch = {k: v.to(device) for k, v in encode(tokenizer, [train[i] for i in idx]).items()}
+            loss = model(**batch).loss
+            optimizer_step(opt, loss, model.parameters(), 1.0, step,
+                           lr=warmup_cosine_lr(step, args.lr, 100, args.steps, pi_times_step_first=True))
+            step += 1
+            bar.update(1)
+            if step % args.eval_every == 0:
+                rec = {"step": step, "minutes": round((time.time() - start) / 60, 2),
+                       "loss": round(float(loss.detach()), 4),
+                       "exact_match": exact_match(model, tokenizer, val[:200], device)}
+                history.append(rec)
+                bar.write(str(rec))
     finally:
         bar.close()
     acc = exact_match(model, tokenizer, val, device)
     print(f"exact match on {len(val)} held-out captions: {acc:.3f}", flush=True)
-    model.config.standin = {
-        "what": "translation stand-in: scene captions (data/scenes.py template) into French; not a real translator",
-        "command": "python baselines/generation/train_scenes_translation.py "
-                   + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data_seed": args.seed, "train_pairs": args.train_pairs, "val_pairs": args.val_pairs, "steps": step,
-        "minutes": round((time.time() - start) / 60, 2), "threads": args.threads,
-        "val_exact_match": acc, "history": history,
-    }
-    with atomic_directory(args.out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    print(f"wrote {args.out_dir}")
+    save_standin(args.out_dir, model, tokenizer, script=__file__, argv=argv, seed=args.seed, steps=step, start=start,
+                 threads=args.threads, history=history,
+                 what="translation stand-in: scene captions (data/scenes.py template) into French; not a real "
+                      "translator",
+                 train_pairs=args.train_pairs, val_pairs=args.val_pairs, val_exact_match=acc)
     return 0
 
 
