@@ -49,6 +49,9 @@ __all__ = [
     "UnsupportedModelError",
     "find_attention_layers",
     "capture_attention",
+    "hf_attention_specs",
+    "hf_attention_layers",
+    "dropout_after_softmax_layers",
 ]
 
 _LOOKED_FOR = (
@@ -185,7 +188,7 @@ def _timm_layers(model: nn.Module) -> Optional[List[AttentionLayer]]:
     return layers
 
 
-def _hf_attention_specs(pretrained: nn.Module) -> list:
+def hf_attention_specs(pretrained: nn.Module) -> list:
     """(target_class, class_name, index, layer_name) for each ``attentions``
     entry of a Hugging Face model's ``_can_record_outputs``."""
     specs = (getattr(pretrained, "_can_record_outputs", None) or {}).get("attentions")
@@ -205,7 +208,7 @@ def _hf_attention_specs(pretrained: nn.Module) -> list:
     return out
 
 
-def _hf_layers(model: nn.Module) -> Optional[List[AttentionLayer]]:
+def hf_attention_layers(model: nn.Module) -> Optional[List[AttentionLayer]]:
     """The self-attention layers of a Hugging Face model (each sub-model
     uses its own ``_can_record_outputs``, as transformers does), None if
     ``model`` is no Hugging Face model."""
@@ -232,17 +235,33 @@ def _hf_layers(model: nn.Module) -> Optional[List[AttentionLayer]]:
                 return  # an attention module holds no further attention modules
         for child_name, child in module.named_children():
             child_path = f"{name}.{child_name}" if name else child_name
-            walk(child, child_path, _hf_attention_specs(child) if isinstance(child, PreTrainedModel) else specs)
+            walk(child, child_path, hf_attention_specs(child) if isinstance(child, PreTrainedModel) else specs)
 
-    walk(model, "", _hf_attention_specs(model))
+    walk(model, "", hf_attention_specs(model))
     return found
+
+
+def dropout_after_softmax_layers(model: nn.Module, class_name: str) -> List[AttentionLayer]:
+    """Every ``class_name`` module of ``model``, recorded at its ``dropout``
+    child, which is applied to the probabilities right after the softmax
+    (identity in eval mode): the attention classes that no
+    ``_can_record_outputs`` names (DeBERTa-v2, VisualBERT, ViLT).  A module
+    without that child is a one-line :class:`UnsupportedModelError`."""
+    layers = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == class_name:
+            drop = getattr(module, "dropout", None)
+            if not isinstance(drop, nn.Module):
+                raise UnsupportedModelError(f"{name} ({class_name}) has no dropout module after its softmax")
+            layers.append(AttentionLayer(name, module, drop, None))
+    return layers
 
 
 def find_attention_layers(model: nn.Module) -> Tuple[str, List[AttentionLayer]]:
     """The family (``"timm"``/``"huggingface"``) and self-attention layers of
     ``model``; an unsupported model raises :class:`UnsupportedModelError`
     naming its class and what was looked for."""
-    for family, finder in (("timm", _timm_layers), ("huggingface", _hf_layers)):
+    for family, finder in (("timm", _timm_layers), ("huggingface", hf_attention_layers)):
         layers = finder(model)
         if layers is None:
             continue

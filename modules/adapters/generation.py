@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from modules.adapters import InputsError, check_images, check_text, feed_dict, hf_class, model_device, register_adapter
 from modules.adapters.hooks import HookAdapter, module_path
-from modules.attention_capture import AttentionLayer, UnsupportedModelError, _hf_attention_specs
+from modules.attention_capture import AttentionLayer, UnsupportedModelError, hf_attention_specs
 from modules.methods import resolve_index
 from modules.trace import AttentionCall, Coupled, Output
 
@@ -81,13 +81,13 @@ def _specs(pretrained: nn.Module, key: str) -> list:
     """(target_class, class_name, index, layer_name) of ``_can_record_outputs[key]``."""
     records = getattr(pretrained, "_can_record_outputs", None) or {}
     if key == "attentions":
-        return _hf_attention_specs(pretrained)
+        return hf_attention_specs(pretrained)
     saved = records.get(key)
     if saved is None:
         return []
     # the same conversion as for "attentions", on the cross-attention entry
     holder = type("_Holder", (), {"_can_record_outputs": {"attentions": saved}})()
-    return _hf_attention_specs(holder)
+    return hf_attention_specs(holder)
 
 
 def _matches(module: nn.Module, name: str, spec) -> bool:

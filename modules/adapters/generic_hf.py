@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from modules.adapters import UnsupportedModelError, register_adapter
 from modules.adapters.hf_models import HFImageClassifierAdapter, HFTextClassifierAdapter
-from modules.attention_capture import AttentionLayer, _hf_layers, capture_attention
+from modules.attention_capture import AttentionLayer, capture_attention, hf_attention_layers
 
 __all__ = ["HFGenericTextAdapter", "HFGenericImageAdapter", "head_rows"]
 
@@ -67,7 +67,7 @@ def _output_attentions_layers(model: nn.Module) -> List[AttentionLayer]:
 
 def attention_layers_of(model: nn.Module) -> List[AttentionLayer]:
     """The declared attention modules, else the ``output_attentions`` ones."""
-    return _hf_layers(model) or _output_attentions_layers(model)
+    return hf_attention_layers(model) or _output_attentions_layers(model)
 
 
 def _generic_match(model: nn.Module, suffixes) -> bool:

@@ -53,7 +53,7 @@ from modules.adapters import (InputsError, UnsupportedModelError, check_text, co
                               model_device, one_hot_rows, register_adapter)
 from modules.adapters.hooks import HookAdapter
 from modules.adapters.patch_grid import PatchGrid, patch_grid
-from modules.attention_capture import AttentionLayer, _hf_layers
+from modules.attention_capture import AttentionLayer, dropout_after_softmax_layers, hf_attention_layers
 from modules.methods import resolve_index
 from modules.mha import mha_module_forward
 from modules.trace import AttentionCall, Readout, Stream
@@ -92,24 +92,11 @@ TEXT_CLASSES.update({f"{family}ForTokenClassification": "token" for family in (
 IMAGE_TEXT_CLASSES: Tuple[str, ...] = ("CLIPModel", "SiglipModel")
 
 
-def _dropout_after_softmax_layers(model: nn.Module, attention_class: str) -> List[AttentionLayer]:
-    """Modules of class ``attention_class`` whose ``dropout`` child is applied
-    to the probabilities right after the softmax (DeBERTa-v2)."""
-    layers = []
-    for name, module in model.named_modules():
-        if type(module).__name__ == attention_class:
-            drop = getattr(module, "dropout", None)
-            if not isinstance(drop, nn.Module):
-                raise UnsupportedModelError(f"{name} ({attention_class}) has no dropout module after its softmax")
-            layers.append(AttentionLayer(name, module, drop, None))
-    return layers
-
-
 def _layers(model: nn.Module) -> List[AttentionLayer]:
-    layers = _hf_layers(model) or []
+    layers = hf_attention_layers(model) or []
     if not layers and hf_class(model, {"DebertaV2ForSequenceClassification",
                                          "DebertaV2ForTokenClassification"}):
-        layers = _dropout_after_softmax_layers(model, "DisentangledSelfAttention")
+        layers = dropout_after_softmax_layers(model, "DisentangledSelfAttention")
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__}: no attention modules found")
     return layers

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from modules.adapters import CoupledLRP, InputsError, UnsupportedModelError, feed_dict, hf_class, model_device, \
     one_hot_rows, register_adapter
 from modules.adapters.hooks import HookAdapter
-from modules.attention_capture import AttentionCapture, AttentionLayer
+from modules.attention_capture import AttentionCapture, AttentionLayer, dropout_after_softmax_layers
 from modules.methods import Method
 from modules.trace import Part, Readout, Stream
 
@@ -80,15 +80,8 @@ __all__ = ["VisualBertAdapter", "ViltAdapter", "visualbert_pooled_index", "text_
 
 
 def _self_attention_layers(model: nn.Module, class_name: str) -> List[AttentionLayer]:
-    """Every ``class_name`` module; its ``dropout`` (applied right after the
-    softmax, identity in eval mode) outputs the probabilities."""
-    layers = []
-    for name, module in model.named_modules():
-        if type(module).__name__ == class_name:
-            drop = getattr(module, "dropout", None)
-            if not isinstance(drop, nn.Module):
-                raise UnsupportedModelError(f"{name} ({class_name}) has no dropout module after its softmax")
-            layers.append(AttentionLayer(name, module, drop, None))
+    """Every ``class_name`` module, recorded at its ``dropout`` (right after the softmax)."""
+    layers = dropout_after_softmax_layers(model, class_name)
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__}: no {class_name} modules found")
     return layers
