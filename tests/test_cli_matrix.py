@@ -29,6 +29,18 @@ gets its required flags filled from their types and names.
 ``test_a_broken_script_fails_the_matrix`` runs the same checks on a script
 that loads its checkpoint with a plain pickle and lets a missing file raise:
 the matrix must report both.
+
+Run folders (issue 27 item 2): a script that writes results (a --resume or
+--overwrite flag, or results.json / results.hdf5 in its source) must be in
+:data:`RUN_FOLDER` (its smallest working arguments) or say where it is
+covered.  Each runs once uninterrupted (the reference; its atomic writes
+counted), once forked and stopped after half of them while a second run into
+the same folder must be refused in one line without touching it, then is
+SIGKILLed and resumed (the results must equal the reference's, timings
+aside), then rerun with the same arguments (refused, or exit 0 with nothing
+finished changed) and with arguments of another identity (refused in one
+line, nothing changed).  ``test_a_script_without_the_run_folder_fails_it``
+does the same to a copy of data/scenes.py without the run-folder helper.
 """
 from __future__ import annotations
 
@@ -38,6 +50,7 @@ import hashlib
 import importlib
 import io
 import itertools
+import json
 import os
 import pickle
 import re
@@ -195,6 +208,19 @@ def fx(tmp_path_factory):
     return Fixtures(str(tmp_path_factory.mktemp("cli_matrix")))
 
 
+def _maps(f: Fixtures) -> str:
+    """results.hdf5 of two pictures (generate_visualizations), made once."""
+    out = os.path.join(f.root, "maps")
+    if not os.path.isfile(os.path.join(out, "results.hdf5")):
+        from baselines.ViT.generate_visualizations import main as gv_main
+        code, text, escaped = run_case(gv_main, [
+            "--imagenet-validation-path", f"{f.scenes}/imagefolder_val", "--weights", f"{SAMPLES}/synthetic_vit",
+            "--method", "rollout", "--limit", "2", "--batch-size", "1", "--num-workers", "0", "--device", "cpu",
+            "--output-dir", out], alarm_s=300)
+        assert code == 0 and escaped is None, text[-500:]
+    return out
+
+
 # Working argument lists ("{out}" is the case's own output folder): they get
 # each case past the checks that come before the code it targets.
 BASE: Dict[str, Callable[[Fixtures], List[str]]] = {
@@ -230,6 +256,10 @@ BASE: Dict[str, Callable[[Fixtures], List[str]]] = {
     "BERT_explainability.explain_generation": lambda f: [
         "--model-dir", f"{SAMPLES}/synthetic_translation_bart", "--text", "a red cube", "--out", "{out}/g.html"],
     "data.scenes": lambda f: ["--out-dir", "{out}", "--count", "1", "--size", "48", "--quiet"],
+    "baselines.ViT.perturbation_eval": lambda f: [
+        "--results", _maps(f), "--num-workers", "0", "--device", "cpu", "--output-dir", "{out}"],
+    "baselines.ViT.pertubation_eval_from_hdf5": lambda f: [
+        "--results", _maps(f), "--num-workers", "0", "--device", "cpu", "--output-dir", "{out}"],
     "baselines.ViT.demo_segmentation": lambda f: [
         "--weights", f"{SAMPLES}/synthetic_vit", "--out-dir", "{out}", "--n-images", "1", "--num-overlays", "0",
         "--quiet"],
@@ -422,6 +452,13 @@ def _restored_process_state():
 
 def run_case(main: Callable, argv: List[str], alarm_s: int = ALARM_S) -> Tuple[Optional[int], str, Optional[str]]:
     """(exit status, captured stderr+stdout, escaped exception or None)."""
+    code, err, out, escaped = run_captured(main, argv, alarm_s)
+    return code, err + out, escaped
+
+
+def run_captured(main: Callable, argv: List[str], alarm_s: int = ALARM_S
+                 ) -> Tuple[Optional[int], str, str, Optional[str]]:
+    """(exit status, captured stderr, captured stdout, escaped exception or None)."""
     err, out = io.StringIO(), io.StringIO()
     escaped = None
     code: Optional[int] = None
@@ -445,7 +482,7 @@ def run_case(main: Callable, argv: List[str], alarm_s: int = ALARM_S) -> Tuple[O
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    return code, err.getvalue() + out.getvalue(), escaped
+    return code, err.getvalue(), out.getvalue(), escaped
 
 
 def matrix_failures(module: str, main: Callable, parser: argparse.ArgumentParser, f: Fixtures,
@@ -554,3 +591,292 @@ def test_a_broken_script_fails_the_matrix(fx, tmp_path):
     assert "[hostile-weights --weights]" in text and "marker created" in text  # the pickle ran
     assert "[negative-size --batch-size]" in text and "exit 0" in text
     assert not os.path.exists(fx.marker)
+
+
+# --------------------------------------------------------------------------
+# Run folders (issue 27 item 2): every benchmark that writes results, killed
+# and resumed, run twice at once, rerun over finished results
+# --------------------------------------------------------------------------
+class RunSpec:
+    """How one benchmark is run on the smallest inputs: ``argv`` (``{out}``:
+    its run folder), the result files compared after a resume (relative to
+    ``{out}``), ``other``: flags that change the run's identity (a rerun with
+    them must be refused), ``resume``: the flags that continue a killed run
+    (none: the script resumes a run of the same identity by itself)."""
+
+    def __init__(self, argv: Callable[[Fixtures], List[str]], results: Sequence[str], other: Sequence[str],
+                 resume: Sequence[str] = ("--resume",)):
+        self.argv, self.results, self.other, self.resume = argv, tuple(results), list(other), list(resume)
+
+
+RUN_FOLDER: Dict[str, RunSpec] = {
+    "data.scenes": RunSpec(
+        lambda f: ["--out-dir", "{out}", "--count", "2", "--size", "48", "--formats", "coco", "vqa", "scenes",
+                   "--quiet"],
+        ["annotations/instances_val.json", "annotations/v2_OpenEnded_scenes_val_questions.json",
+         "annotations/v2_scenes_val_annotations.json", "val_scenes.json", "val/000000.png", "val/000001.png"],
+        ["--seed", "5"]),
+    "baselines.ViT.imagenet_seg_eval": RunSpec(
+        lambda f: ["--imagenet-seg-path", f"{f.scenes}/val_gtsegs.mat", "--weights", f"{SAMPLES}/synthetic_scenes_vit",
+                   "--method", "rollout", "--limit", "2", "--batch-size", "1", "--save-every", "1",
+                   "--num-overlays", "0", "--device", "cpu", "--output-dir", "{out}", "--quiet"],
+        ["results.json", "results_rollout.json"], ["--limit", "1"]),
+    "baselines.ViT.class_specificity": RunSpec(
+        lambda f: ["--annotations", f"{f.scenes}/annotations/instances_val.json", "--image-dir", f"{f.scenes}/val",
+                   "--weights", f"{SAMPLES}/synthetic_scenes_vit", "--methods", "rollout", "--limit", "2",
+                   "--batch-size", "1", "--num-overlays", "0", "--device", "cpu", "--output-dir", "{out}", "--quiet"],
+        ["results.json", "per_image.jsonl"], ["--limit", "1"]),
+    "baselines.ViT.perturbation_eval": RunSpec(
+        lambda f: ["--results", _maps(f), "--pos", "--batch-size", "1", "--num-workers", "0", "--device", "cpu",
+                   "--output-dir", "{out}"],
+        ["results.json", "positive/model_hits.npy", "positive/perturbations_hits.npy", "positive/tied_share.npy"],
+        ["--tie-seed", "7"]),
+    "baselines.LXMERT.vqa_perturbation": RunSpec(
+        lambda f: ["--model-dir", f"{SAMPLES}/synthetic_scenes_lxmert", "--scenes", "2", "--methods", "random",
+                   "--batch-size", "1", "--device", "cpu", "--output-dir", "{out}"],
+        ["results.json"], ["--seed", "3"], resume=()),
+    "baselines.DETR.detr_mask_eval": RunSpec(
+        lambda f: ["--model-dir", f"{SAMPLES}/synthetic_scenes_detr", "--scenes", "2", "--methods", "rollout",
+                   "--batch-size", "1", "--device", "cpu", "--output-dir", "{out}"],
+        ["results.json"], ["--threshold", "0.3"], resume=()),
+    "baselines.DETR.detr_masks": RunSpec(
+        lambda f: ["--model-dir", f"{SAMPLES}/synthetic_scenes_detr", "--image", f"{f.scenes}/val/000000.png",
+                   "--image", f"{f.scenes}/val/000001.png", "--method", "rollout", "--batch-size", "1",
+                   "--threshold", "0", "--shortest", "48", "--longest", "64", "--device", "cpu",
+                   "--out", "{out}/m.png"],
+        ["m.json", "m-0.png", "m-1.png"], ["--alpha", "0.3"]),
+    "baselines.faithfulness_eval": RunSpec(
+        lambda f: ["--weights", f"{SAMPLES}/synthetic_vit", "--synthetic", "2", "--limit", "2", "--batch-size", "1",
+                   "--steps", "2", "--methods", "rollout", "--no-control", "--road-limit", "0",
+                   "--randomization-limit", "0", "--device", "cpu", "--output-dir", "{out}", "--quiet"],
+        ["results.json"], ["--steps", "3"], resume=()),
+}
+
+# Benchmarks by the rule below that the run-folder cases do not run here, and why.
+RUN_FOLDER_ELSEWHERE: Dict[str, str] = {
+    "baselines.ViT.generate_visualizations": "tests/test_generate_visualizations.py: SIGKILL then resume, torchrun",
+    "baselines.ViT.demo_perturbation": "a driver of generate_visualizations and perturbation_eval, which are here",
+    "BERT_rationale_benchmark.models.pipeline.bert_pipeline": "tests/test_adversarial_bert_pipeline.py",
+    "baselines.ViT.pertubation_eval_from_hdf5": "the published name of perturbation_eval (its parser and main)",
+}
+
+# what differs between two runs of the same results: timings (and any key seconds*) and the machine
+VOLATILE = {"date", "machine", "threads", "load_before", "load_after"}
+
+
+def is_benchmark(module: str, parser: argparse.ArgumentParser, source: str) -> bool:
+    """A script that writes results a later run could resume, reuse or
+    replace: a --resume or --overwrite flag, or results.json / results.hdf5."""
+    flags = {s for a in parser._actions for s in a.option_strings}
+    return bool(flags & {"--resume", "--overwrite"}) or "results.json" in source or "results.hdf5" in source
+
+
+def _source(module: str) -> str:
+    with open(importlib.import_module(module).__file__, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _comparable(path: str, folder: str):
+    """A result file's content without the timings and with its run folder's
+    path written ``{out}`` (JSON, JSON lines), or its bytes."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in VOLATILE and not k.startswith("seconds")}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        if isinstance(obj, str):
+            return obj.replace(folder, "{out}")
+        return obj
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if path.endswith(".json"):
+        return strip(json.loads(data))
+    if path.endswith(".jsonl"):
+        return [strip(json.loads(line)) for line in data.splitlines() if line.strip()]
+    return data
+
+
+@contextlib.contextmanager
+def _counting_writes(module, stop_at: Optional[int] = None):
+    """Count the finished atomic writes (every run folder writes through
+    modules.cli.atomic_write_bytes); with ``stop_at`` the process stops
+    itself (SIGSTOP) right after that many."""
+    from modules import cli
+    original = cli.atomic_write_bytes
+    count = [0]
+
+    def counted(path, data):
+        out = original(path, data)
+        count[0] += 1
+        if stop_at is not None and count[0] == stop_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return out
+    patched = [m for m in (cli, module) if getattr(m, "atomic_write_bytes", None) is original]
+    for m in patched:
+        m.atomic_write_bytes = counted
+    try:
+        yield count
+    finally:
+        for m in patched:
+            m.atomic_write_bytes = original
+
+
+def _run(main: Callable, argv: List[str]) -> Tuple[Optional[int], str, str, Optional[str]]:
+    """(exit status, stderr, stdout, escaped exception) of a run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same rounding in the forked run and here
+    try:
+        return run_captured(main, argv, alarm_s=300)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _refusal_problem(code: Optional[int], err: str, out: str, escaped: Optional[str]) -> Optional[str]:
+    """What is wrong with a refusal (None: exit != 0, one line on stderr, no traceback)."""
+    if escaped or "Traceback" in err + out:
+        return escaped or "printed a traceback"
+    if code == 0:
+        return "exit 0"
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    if len(lines) != 1:
+        return f"refused in {len(lines)} lines on stderr, not one: {err.strip()!r}"
+    return None
+
+
+def _stopped_run(module, main: Callable, argv: List[str], stop_at: int) -> int:
+    """Fork a run that stops itself after ``stop_at`` finished writes; its pid
+    once stopped (it holds whatever lock the script takes)."""
+    pid = os.fork()
+    if pid == 0:  # the child: no output, no return into pytest
+        code = 1
+        try:
+            signal.alarm(0)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            torch.set_num_threads(1)
+            with _counting_writes(module, stop_at):
+                code = main(argv) or 0
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        return -1
+    return pid
+
+
+def _finish(pid: int) -> None:
+    if pid > 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def run_folder_failures(module: str, mod, spec: RunSpec, f: Fixtures, work: str) -> List[str]:
+    """The run-folder cases of one benchmark; what went wrong (empty: none)."""
+    failures: List[str] = []
+
+    def argv_in(folder: str, *extra: str) -> List[str]:
+        return [a.replace("{out}", folder) for a in spec.argv(f)] + list(extra)
+
+    def results_of(folder: str):
+        return {name: _comparable(os.path.join(folder, name), folder) if os.path.isfile(os.path.join(folder, name))
+                else None for name in spec.results}
+
+    # an uninterrupted run: the reference, and how many writes it makes
+    ref = os.path.join(work, "reference")
+    with _counting_writes(mod) as count:
+        code, err, out, escaped = _run(mod.main, argv_in(ref))
+    if code != 0 or escaped:
+        return [f"{module}: the tiny run failed (exit {code}, {escaped}): {(err + out).strip()[-300:]}"]
+    expected = results_of(ref)
+    missing = [n for n, v in expected.items() if v is None]
+    if missing:
+        return [f"{module}: the tiny run did not write {', '.join(missing)}"]
+    # a run stopped after half its writes, then a second run into its folder while it holds it
+    folder = os.path.join(work, "run")
+    pid = _stopped_run(mod, mod.main, argv_in(folder), max(1, count[0] // 2))
+    try:
+        if pid < 0:
+            failures.append(f"{module}: the forked run ended before its write {max(1, count[0] // 2)}")
+        else:
+            before = _tree_digest([folder])
+            code, err, out, escaped = _run(mod.main, argv_in(folder, *spec.resume))
+            problem = _refusal_problem(code, err, out, escaped)
+            if problem == "exit 0":
+                failures.append(f"{module} [concurrent]: a second run into the folder of a running one was accepted")
+            elif problem:
+                failures.append(f"{module} [concurrent]: {problem}")
+            if _tree_digest([folder]) != before:
+                failures.append(f"{module} [concurrent]: the refused run changed files of the running one")
+    finally:
+        _finish(pid)  # SIGKILL
+    # the killed run resumed: the same results as the uninterrupted run
+    code, err, out, escaped = _run(mod.main, argv_in(folder, *spec.resume))
+    if code != 0 or escaped:
+        failures.append(f"{module} [kill-resume]: the resumed run failed (exit {code}, {escaped}): "
+                        f"{(err + out).strip()[-300:]}")
+    else:
+        got = results_of(folder)
+        differ = [n for n in spec.results if got[n] != expected[n]]
+        if differ:
+            failures.append(f"{module} [kill-resume]: results differ from an uninterrupted run's: {', '.join(differ)}")
+    # reruns over the finished results: the same arguments (refused, or exit 0 reusing them unchanged), other
+    # arguments (refused in one line), nothing finished changed either way
+    finished = results_of(folder)
+    for case, extra in (("rerun", []), ("rerun-other-args", spec.other)):
+        code, err, out, escaped = _run(mod.main, argv_in(folder, *extra))
+        problem = _refusal_problem(code, err, out, escaped)
+        if problem == "exit 0" and case == "rerun-other-args":
+            failures.append(f"{module} [{case}]: another run's results replaced without --overwrite")
+        elif problem and problem != "exit 0":
+            failures.append(f"{module} [{case}]: {problem}")
+        now = results_of(folder)  # timings aside: a rerun that reuses them may write its own
+        changed = [n for n in spec.results if now[n] != finished[n]]
+        if changed:
+            failures.append(f"{module} [{case}]: finished results changed: {', '.join(changed)}")
+    return failures
+
+
+def test_every_benchmark_is_on_the_run_folder():
+    """A script that writes results (by the rule of is_benchmark) runs the
+    run-folder cases here, or says where they are covered."""
+    benchmarks = [m for m in SCRIPTS if is_benchmark(m, importlib.import_module(m).build_parser(), _source(m))]
+    missing = sorted(set(benchmarks) - set(RUN_FOLDER) - set(RUN_FOLDER_ELSEWHERE))
+    assert not missing, f"benchmarks without the run-folder cases: {missing}"
+    assert set(RUN_FOLDER) <= set(benchmarks), sorted(set(RUN_FOLDER) - set(benchmarks))
+
+
+@pytest.mark.parametrize("module", sorted(RUN_FOLDER))
+def test_run_folder_kill_resume_concurrent_rerun(module, fx, tmp_path):
+    mod = importlib.import_module(module)
+    failures = run_folder_failures(module, mod, RUN_FOLDER[module], fx, str(tmp_path))
+    assert not failures, "\n".join(failures)
+
+
+def test_a_script_without_the_run_folder_fails_it(fx, tmp_path):
+    """A copy of data/scenes.py that writes its files without the run-folder
+    helper (no lock, no identity, no refusal): a benchmark by the rule, not
+    in the table, and its cases fail."""
+    pkg = tmp_path / "broken_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    source = _source("data.scenes")
+    call = "        written = write_run(args, cfg)\n"
+    assert call in source
+    (pkg / "scenes_copy.py").write_text(source.replace(call, (
+        "        written = write_dataset(args.out_dir, args.split, args.count, args.seed, cfg, args.formats,\n"
+        "                                args.mask_format, args.questions_per_type, args.start, quiet=args.quiet)\n")))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mod = importlib.import_module("broken_pkg.scenes_copy")
+        assert is_benchmark("broken_pkg.scenes_copy", mod.build_parser(), source)
+        assert "broken_pkg.scenes_copy" not in RUN_FOLDER
+        failures = run_folder_failures("broken_pkg.scenes_copy", mod, RUN_FOLDER["data.scenes"], fx,
+                                       str(tmp_path / "work"))
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("broken_pkg.scenes_copy", "broken_pkg"):
+            sys.modules.pop(name, None)
+    text = "\n".join(failures)
+    assert "[concurrent]: a second run into the folder of a running one was accepted" in text, text
+    assert "[rerun-other-args]: another run's results replaced without --overwrite" in text, text
