@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import InputsError, UnsupportedMethodError, adapter_for
+from modules.adapters import InputsError, adapter_for
 from modules.adapters.detr import DetrAdapter, detection_probabilities
 from modules.explain import explain_trace
-from modules.methods import Method, resolve_method
+from modules.methods import Method
 from modules.trace import AttentionCall
 
 __all__ = ["Detections", "explain_detections", "explain_queries", "masks_from_maps", "otsu_binarize",
@@ -165,17 +165,6 @@ def _unpadded(pixel_mask: Tensor) -> Tuple[int, int]:
 # --------------------------------------------------------------------------
 # Explaining several queries of each image
 # --------------------------------------------------------------------------
-def _check_method(adapter: DetrAdapter, method: Union[str, Method], options: Dict[str, Any]) -> Method:
-    m = resolve_method(method)
-    if m.name not in adapter.methods() or m.compute_coupled is None:
-        raise UnsupportedMethodError(f"{m.name} does not run on {type(adapter.model).__name__}; "
-                                     f"choose one of {', '.join(adapter.methods())}")
-    unknown = sorted(set(options) - set(m.options))
-    if unknown:
-        raise ValueError(f"{m.name} takes no option {', '.join(unknown)}")
-    return m
-
-
 def _maps_from_graph(adapter: DetrAdapter, m: Method, calls: List[AttentionCall], feature_mask: Tensor,
                      logits: Tensor, b: int, queries: Tensor, classes: Tensor, strategy: str,
                      options: Dict[str, Any]) -> Tensor:
@@ -228,7 +217,7 @@ def _explain(model, inputs, method, strategy, options, select):
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     adapter = _detr_adapter(model)
-    m = _check_method(adapter, method, options)
+    m = adapter.check_method(method, options)
     feed = adapter.prepare(inputs, None)
     B = feed["pixel_values"].shape[0]
     if strategy == "repeat":

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.adapters import (UnsupportedMethodError, UnsupportedModelError, adapter_for, copies_offering,
-                              supported_models)
+from modules.adapters import UnsupportedMethodError, UnsupportedModelError, adapter_for, supported_models
 from modules.aggregation import check_start_layer, masked_min, minmax_normalize
-from modules.methods import Index, Method, resolve_method
+from modules.methods import Index, Method
 from modules.trace import Stream, Trace
 
 __all__ = ["explain", "explain_trace", "Explanation", "StreamMaps", "UnsupportedModelError",
@@ -139,12 +138,8 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
                   index: Index = None, start_layer: Optional[int] = None, readout: Any = None,
                   **options: Any) -> Explanation:
     """:func:`explain`, returning also the explained score, class and the trace."""
-    m = resolve_method(method)
-    unknown = sorted(set(options) - set(m.options))
-    if unknown:
-        raise ValueError(f"{m.name} takes no option {', '.join(unknown)}"
-                         + (f" (it takes {', '.join(m.options)})" if m.options else ""))
     adapter = adapter_for(model)
+    m = adapter.check_method(method, options)
     if readout is not None:
         if not hasattr(adapter, "set_readout"):
             raise ValueError(f"readout= applies to the generic path (Hugging Face classifiers no adapter names); "
@@ -156,11 +151,6 @@ def explain_trace(model: nn.Module, inputs: Any, method: Union[str, Method] = "g
         raise ValueError(f"option {', '.join(foreign)} does not apply to {type(model).__name__}")
     if own:
         adapter.configure(**own)
-    if m.name not in adapter.methods():
-        offering = copies_offering(m.name)
-        raise UnsupportedMethodError(
-            f"{m.name} needs an LRP pass, which {type(model).__name__} does not offer yet (families that do: "
-            f"{'; '.join(offering)}); {type(model).__name__} supports {', '.join(adapter.methods())}")
     for stream, depth in adapter.depths().items():
         check_start_layer(start_layer, depth)
     trace = adapter.record(inputs, m, index, start_layer)

@@ -42,9 +42,9 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from modules.adapters import InputsError, UnsupportedMethodError, adapter_for, model_device
+from modules.adapters import InputsError, adapter_for, model_device
 from modules.adapters.generation import CausalLMAdapter, GenerationAdapter, Seq2SeqAdapter
-from modules.methods import Method, resolve_method
+from modules.methods import Method
 
 __all__ = ["GenerationExplanation", "explain_generation", "generation_html", "left_pad"]
 
@@ -155,17 +155,11 @@ def explain_generation(model: nn.Module, inputs: Any, max_new_tokens: int = 20,
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    m = resolve_method(method)
     adapter = adapter_for(model)
     if not isinstance(adapter, GenerationAdapter):
         raise InputsError(f"{type(model).__name__} is no generation model; supported: "
                           + ", ".join(Seq2SeqAdapter.examples + CausalLMAdapter.examples))
-    if m.name not in adapter.methods() or m.compute_coupled is None:
-        raise UnsupportedMethodError(f"{m.name} does not apply to {type(model).__name__}; it supports "
-                                     f"{', '.join(n for n in adapter.methods() if resolve_method(n).compute_coupled)}")
-    unknown = sorted(set(options) - set(m.options))
-    if unknown:
-        raise ValueError(f"{m.name} takes no option {', '.join(unknown)}")
+    m = adapter.check_method(method, options)
     device = model_device(model)
     image = isinstance(adapter, Seq2SeqAdapter) and adapter.image
     main = "pixel_values" if image else "input_ids"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Any, ClassVar, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from modules.aggregation import check_start_layer
 from modules.attention_capture import UnsupportedModelError
-from modules.methods import ATTENTION_METHODS, METHOD_NAMES, Index, Method, resolve_index
+from modules.methods import ATTENTION_METHODS, METHOD_NAMES, Index, Method, resolve_index, resolve_method
 from modules.trace import AttentionCall, Coupled, Stream, Trace, last_call
 
 __all__ = ["Adapter", "CoupledLRP", "register_adapter", "adapter_for", "supported_models", "copies_offering",
@@ -165,6 +165,25 @@ class Adapter:
 
     def methods(self) -> Tuple[str, ...]:
         return self.method_names()
+
+    def check_method(self, method: Union[str, Method], options: Dict[str, Any]) -> Method:
+        """The one check of a method and its options, for every entry point
+        (:func:`modules.explain.explain`, detections, generation): the
+        :class:`Method`, or a one-line error — an option the method does not
+        take (ValueError), a method this family does not run
+        (:class:`UnsupportedMethodError`, naming what it runs and, for an
+        LRP method, the families that offer it)."""
+        m = resolve_method(method)
+        unknown = sorted(set(options) - set(m.options))
+        if unknown:
+            raise ValueError(f"{m.name} takes no option {', '.join(unknown)}"
+                             + (f" (it takes {', '.join(m.options)})" if m.options else ""))
+        if m.name not in self.methods():
+            name = type(self.model).__name__
+            why = (f" needs an LRP pass, which {name} does not offer yet (families that do: "
+                   f"{'; '.join(copies_offering(m.name))})" if m.needs_copy else f" does not run on {name}")
+            raise UnsupportedMethodError(f"{m.name}{why}; {name} supports {', '.join(self.methods())}")
+        return m
 
     def depths(self) -> Dict[str, int]:
         """Number of self-attention layers of each stream (for the start-layer check)."""
