@@ -16,6 +16,8 @@ Errors and the top-level runner
                             ``SegmentationDataError``, ``UnknownMethodError``,
                             ``OSError``, ...) ``error: <one line>`` + exit 2.
     ``cli_entry``           decorator form: ``main = cli_entry(_main)``.
+    ``quiet_ctrl_c_while_importing()``  first thing in ``__main__``: Ctrl-C
+                            while torch imports is one line and exit 130.
     ``one_line(exc)``       the first line of an exception's message.
 
 argparse types (range-checked; the message names the rule that failed)
@@ -82,7 +84,7 @@ __all__ = [
     "default_device", "resolve_device", "set_tf32", "check_finite", "check_output_dir", "check_output_file",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory", "publish_dir",
     "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS", "resume_results", "prepare_run_folder",
-    "files_sha256", "check_memory", "workers_ignore_sigint",
+    "files_sha256", "check_memory", "workers_ignore_sigint", "quiet_ctrl_c_while_importing",
 ]
 
 EXIT_INPUT = 2
@@ -154,6 +156,24 @@ def one_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _exit_interrupted_while_importing(signum, frame) -> None:
+    sys.stderr.write("\ninterrupted while starting; nothing was done\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def quiet_ctrl_c_while_importing() -> None:
+    """Call first thing in a script run as ``__main__``, before torch and the
+    models import: Ctrl-C then ends it with one line and exit 130 instead of
+    an import traceback.  :func:`run_main` hands Ctrl-C back to Python's
+    ``KeyboardInterrupt`` (finished work kept, one line) when the work starts."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_interrupted_while_importing)
+
+
 def run_main(fn: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None, *,
              interrupt_message: str = "interrupted; finished work is kept") -> int:
     """Run a script's body and turn the expected failures into exit codes.
@@ -164,6 +184,12 @@ def run_main(fn: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequen
     (its own message if it carries one) and returns 130.  ``SystemExit``
     (argparse) passes through; anything else is a bug and keeps its traceback.
     """
+    import signal
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is _exit_interrupted_while_importing):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = fn(argv)
     except KeyboardInterrupt as exc:

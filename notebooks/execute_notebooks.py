@@ -106,19 +106,37 @@ def execute(path: Path, timeout: int = 600) -> Tuple["nbformat.NotebookNode", fl
     km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=_ThisInterpreter())
     client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL_NAME, allow_errors=False,
                             record_timing=False, resources={"metadata": {"path": str(Path(path).parent)}})
+    running = [-1]  # the cell being executed (nbclient's hook), named when it fails
+    client.on_cell_execute = lambda cell, cell_index: running.__setitem__(0, cell_index)
     start = time.perf_counter()
     try:
         client.execute()
     except CellExecutionError as exc:
-        raise NotebookError(f"{Path(path).name}: a cell raised\n{_ANSI.sub('', str(exc))}") from None
-    except (CellTimeoutError, DeadKernelError) as exc:
-        raise NotebookError(f"{Path(path).name}: {type(exc).__name__}: {exc}") from None
+        error = f"{exc.ename}: {_first_line(exc.evalue)}" if getattr(exc, "ename", None) else _first_line(str(exc))
+        raise NotebookError(f"{_where(path, nb, running[0])} raised {error}") from None
+    except CellTimeoutError:
+        raise NotebookError(f"{_where(path, nb, running[0])} ran longer than {timeout} s (--timeout)") from None
+    except DeadKernelError as exc:
+        raise NotebookError(f"{_where(path, nb, running[0])}: the kernel died ({_first_line(str(exc))})") from None
     seconds = time.perf_counter() - start
     probe = nb.cells.pop()
     lines = "".join(o.get("text", "") for o in probe.outputs if o.output_type == "stream").strip().splitlines()
     if len(lines) != 2:
         raise NotebookError(f"{Path(path).name}: the kernel probe printed {lines!r}")
     return nb, seconds, float(lines[1]), lines[0]
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in _ANSI.sub("", str(text)).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _where(path: Path, nb, index: int) -> str:
+    """``<notebook>, cell <n> (`<its first line>`)``: where a run failed, in one line."""
+    if not 0 <= index < len(nb.cells):
+        return Path(path).name
+    first = _first_line(nb.cells[index].source)
+    return f"{Path(path).name}, cell {index + 1} (`{first[:60]}{'...' if len(first) > 60 else ''}`)"
 
 
 def _mask(text: str) -> str:
@@ -263,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except NotebookError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"\ninterrupted while running {path.name}; it was not saved", file=sys.stderr)
+            return 130
         if args.check:
             reasons = stale_reasons(committed, nb)
             failed |= bool(reasons)

@@ -383,3 +383,21 @@ def test_resume_results_replaces_only_with_overwrite(tmp_path, capsys):
         cli.resume_results(path, "b", {"identity": "b", "records": {}})
     assert cli.resume_results(path, "b", {"identity": "b"}, overwrite=True) == {"identity": "b"}
     assert json.load(open(path)) == {"identity": "a", "records": {"x": 1}}  # replaced by the caller's next write
+
+
+def test_ctrl_c_while_a_script_imports_is_one_line():
+    """Ctrl-C before main() (torch still importing) ends the script with one
+    line and exit 130; run_main hands Ctrl-C back to KeyboardInterrupt."""
+    code = ("from modules.cli import quiet_ctrl_c_while_importing; quiet_ctrl_c_while_importing()\n"
+            "import os, signal, time; os.kill(os.getpid(), signal.SIGINT); time.sleep(30)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == cli.EXIT_INTERRUPTED and p.stderr.strip() == "interrupted while starting; nothing was done"
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        cli.quiet_ctrl_c_while_importing()
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert cli.run_main(lambda a: 0 if signal.getsignal(signal.SIGINT) is signal.default_int_handler else 5) == 0
+    finally:
+        signal.signal(signal.SIGINT, before)

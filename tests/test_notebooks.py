@@ -123,8 +123,19 @@ def test_save_executed_records_the_code_hash_and_joins_split_prints(tmp_path):
 def test_a_raising_cell_fails_with_the_error(tmp_path):
     path = tmp_path / "broken.ipynb"
     nbformat.write(_notebook("x = 1", "raise ValueError('cell two is broken')", "print('never')"), str(path))
-    with pytest.raises(en.NotebookError, match="cell two is broken"):
+    with pytest.raises(en.NotebookError) as exc:
         en.execute(path, timeout=120)
+    # one line naming the notebook, the cell and its error, not the kernel's traceback (issue 27 item 6)
+    assert str(exc.value) == ("broken.ipynb, cell 2 (`raise ValueError('cell two is broken')`) raised ValueError: "
+                              "cell two is broken")
+
+
+def test_a_cell_past_the_timeout_is_named_in_one_line(tmp_path):
+    path = tmp_path / "slow.ipynb"
+    nbformat.write(_notebook("x = 1", "import time; time.sleep(60)"), str(path))
+    with pytest.raises(en.NotebookError) as exc:
+        en.execute(path, timeout=2)
+    assert str(exc.value) == "slow.ipynb, cell 2 (`import time; time.sleep(60)`) ran longer than 2 s (--timeout)"
 
 
 # -- the real notebooks -----------------------------------------------------------------------------

@@ -32,6 +32,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch and the models import: one line, exit 130 (issue 27 item 6)
+    from modules.cli import quiet_ctrl_c_while_importing
+    quiet_ctrl_c_while_importing()
+
 from datetime import timedelta
 from typing import List, Optional
 
@@ -348,7 +353,9 @@ def _explain_batches(part: PartFile, pending: List[int], model, images, identity
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[part.batch_index(j).tolist() for j in pending],
                                          num_workers=args.num_workers)
     map_shape = tuple(identity["map_shape"])
-    for j, (index, batch, labels, errors) in tqdm(zip(pending, loader), total=len(pending), disable=rank != 0,
+    with cli.workers_ignore_sigint():  # Ctrl-C as the workers start: one line from here, no worker tracebacks
+        batches = iter(loader)
+    for j, (index, batch, labels, errors) in tqdm(zip(pending, batches), total=len(pending), disable=rank != 0,
                                                   desc=f"{identity['method']} ({identity['vis_class']})"):
         ok = np.array([e == "" for e in errors], dtype=bool)
         for i in np.flatnonzero(~ok):
