@@ -261,11 +261,11 @@ def generation_html(source_words: Sequence[str], source_scores: Sequence[Sequenc
     """One HTML page: the source sentence coloured once per generated word.
 
     ``source_scores[k]`` holds one score per source word for generated word
-    k.  Each section is :func:`BERT_explainability.text_heatmap.render_html`'s
+    k.  Each section is :func:`modules.text_heatmap.render_html`'s
     body (its colours, legend and tooltips), under a heading naming the
     generated word; the page keeps render_html's head and style.
     """
-    from BERT_explainability.text_heatmap import render_html
+    from modules.text_heatmap import render_html
     import html as _html
 
     if len(source_scores) != len(generated_words):

@@ -2,9 +2,9 @@
 text heatmaps, and one figure that puts them together (issue 11, item 7).
 
 Built on the project's two picture modules, never duplicating them:
-:mod:`baselines.ViT.visualization` (``overlay`` blends a patch map over the
+:mod:`modules.visualization` (``overlay`` blends a patch map over the
 image, ``save_grid`` writes titled panels as a PNG) and
-:mod:`BERT_explainability.text_heatmap` (``render_html`` colours words,
+:mod:`modules.text_heatmap` (``render_html`` colours words,
 ``word_scores`` takes a word's score as the maximum over its wordpieces,
 METHODS.md section 6).  What is new here: a relevance value per box drawn
 on the picture (LXMERT / VisualBERT image maps: one value per detected
@@ -17,8 +17,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from baselines.ViT.visualization import overlay, save_grid, save_png
-from BERT_explainability.text_heatmap import render_html, score_to_rgb, word_scores
+from modules.text_heatmap import render_html, score_to_rgb, word_scores
+from modules.visualization import overlay, save_grid, save_png
 
 __all__ = ["as_numpy", "place_maps", "stream_overlays", "box_map", "question_words", "words_strip", "text_html",
            "save_text_html", "save_figure"]
@@ -62,7 +62,7 @@ def stream_overlays(image: np.ndarray, maps: Mapping[str, object], alpha: float 
                     colormap: str = "jet", extents=None) -> List[Tuple[str, np.ndarray]]:
     """One heatmap overlay per image stream: ``maps`` name -> (gh, gw) map of
     one sample (upsampled bilinearly and min-max normalised by
-    :func:`baselines.ViT.visualization.overlay`).  ``extents``: the
+    :func:`modules.visualization.overlay`).  ``extents``: the
     explanation's ``pixel_extent`` (one ``(top, left, bottom, right)`` for
     every map, or a dict by name): each map is placed on the pixels its
     tokens cover (:func:`place_maps`) instead of stretched over the image,
@@ -168,7 +168,7 @@ def question_words(tokenizer, question: str, token_scores) -> Tuple[List[str], L
 def words_strip(words: Sequence[str], scores: Sequence[float], width: int = 640, font_size: int = 18,
                 title: Optional[str] = None) -> np.ndarray:
     """The words as an image, each on its relevance colour (the
-    blue - white - red scale of :func:`BERT_explainability.text_heatmap.score_to_rgb`),
+    blue - white - red scale of :func:`modules.text_heatmap.score_to_rgb`),
     wrapped to ``width`` pixels; (h, width, 3) uint8 RGB."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -204,7 +204,7 @@ def words_strip(words: Sequence[str], scores: Sequence[float], width: int = 640,
 
 
 def text_html(words: Sequence[str], scores: Sequence[float], title: Optional[str] = None) -> str:
-    """A standalone HTML text heatmap (:func:`BERT_explainability.text_heatmap.render_html`)."""
+    """A standalone HTML text heatmap (:func:`modules.text_heatmap.render_html`)."""
     return render_html(list(words), [float(s) for s in scores], title=title)
 
 
