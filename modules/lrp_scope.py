@@ -21,6 +21,18 @@ activation that neither computes by a known rule nor routes is refused with
 a one-line :class:`UnsupportedOperationError` naming it and the module it
 ran in.
 
+In-place forms (``x += y``, ``x.add_(y)``, ``x.mul_(c)``, ``x /= c``,
+``torch.relu_(x)``) are their out-of-place operation by the same rule,
+computed on a copy of ``x`` taken before the write and then written into
+``x`` (autograd routes the write), so the model sees exactly what it sees
+without the scope; an activation module that writes its input
+(``nn.ReLU(inplace=True)``) likewise; in-place routing (``masked_fill_``,
+``t[i] = v``, ``unsqueeze_``) stays autograd's.  The rules keep the values they read at
+backward time without copying them; a write of the forward into memory a
+rule keeps first gives that rule its own copy (copy on write), so each rule
+reads what its operation saw, and a write the scope could not see (after it
+closed) is refused when the rule reads the value.
+
 Which tensors are activations: inside the scope no parameter requires grad
 (their flags are put back on exit) and the explained input is a leaf that
 does, so ``requires_grad`` marks exactly the tensors that depend on the
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -92,6 +105,12 @@ class ScopeState:
         the scope decomposed, in forward order.
     ops:
         Number of operations that received a rule (for the overhead report).
+    kept:
+        The values the rules read at backward time, by storage (weak
+        references, emptied when the scope closes): an in-place write inside
+        the forward (``a += b``, ``x.mul_(c)``, ``t[i] = v``, ``masked_fill_``)
+        first gives each of them its own copy, so every rule reads the values
+        its operation saw (copy on write).
     """
 
     rule_set: str
@@ -101,6 +120,23 @@ class ScopeState:
     opaque: int = 0
     gradient: bool = True
     switch: "_Pass" = field(default_factory=lambda: _Pass(), repr=False)
+    kept: Dict[Any, List["weakref.ref[_Kept]"]] = field(default_factory=dict, repr=False)
+
+    def keep(self, t: Tensor, op: str) -> "_Kept":
+        """``t``'s value as a rule reads it at backward time, registered by
+        storage so that a write inside the forward copies it first."""
+        kept = _Kept(t, op)
+        self.kept.setdefault(_storage(t), []).append(weakref.ref(kept))
+        return kept
+
+    def before_write(self, t: Any) -> None:
+        """Copy on write: every value a rule keeps in ``t``'s storage gets its
+        own copy before an operation of the forward writes there."""
+        if isinstance(t, Tensor) and self.kept:
+            for ref in self.kept.pop(_storage(t), ()):
+                kept = ref()
+                if kept is not None:
+                    kept.own_copy()
 
     @property
     def relevance(self) -> bool:
@@ -160,6 +196,40 @@ def _switch(state: ScopeState, y: Tensor, acts: Sequence[Tensor], rule: Callable
     return _Switch.apply(state.switch, rule, y, *acts)
 
 
+def _storage(t: Tensor) -> Any:
+    """A key of the memory ``t`` lives in (views of one tensor share it)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage: never written in place here
+        return None
+
+
+class _Kept:
+    """A value a rule reads at backward time: the operation's tensor,
+    detached (no copy), until a write inside the forward gives it its own
+    copy (:meth:`ScopeState.before_write`).  A write the scope did not see
+    (after it closed, or through ``.data``) is refused when the rule reads
+    it, never misread."""
+
+    __slots__ = ("t", "version", "op", "__weakref__")
+
+    def __init__(self, t: Tensor, op: str):
+        self.t = t.detach()
+        self.version = self.t._version
+        self.op = op
+
+    def own_copy(self) -> None:
+        self.t = self.t.clone()
+        self.version = self.t._version
+
+    @property
+    def value(self) -> Tensor:
+        if self.t._version != self.version:
+            raise UnsupportedOperationError(f"LRP: a tensor the rule of torch '{self.op}' reads was modified in "
+                                            "place after the operation, where the scope could not see the write")
+        return self.t
+
+
 class _Meta(NamedTuple):
     """A tensor's shape and dtype: what :func:`sum_to` reads (a rule that
     keeps only this lets the forward free the tensor)."""
@@ -187,10 +257,6 @@ def _is_act(t: Any) -> bool:
     return isinstance(t, Tensor) and t.requires_grad
 
 
-def _value(t: Any) -> Any:
-    return t.detach() if isinstance(t, Tensor) else t
-
-
 # --------------------------------------------------------------------------
 # The rules (METHODS.md section 10's table)
 # --------------------------------------------------------------------------
@@ -206,13 +272,14 @@ def conv2d_alpha_beta_params(x: Tensor, weight: Tensor, R: Tensor, shared: bool,
     return F.fold(r_cols.transpose(1, 2), x.shape[-2:], k, dilation=dilation, padding=padding, stride=stride)
 
 
-def _identity_rule(state: ScopeState, x: Tensor, y: Tensor) -> Callable:
+def _identity_rule(state: ScopeState, x: Tensor, y: Tensor, op: str) -> Callable:
     """TA/LRP: relevance passes unchanged.  AttnLRP/CP-LRP: the identity rule
     for element-wise non-linearities, local gradient ``y / (x + 1e-10)``."""
     if not state.gradient_rules:
         return _pass_rule(x)
-    xv, yv = x.detach(), y.detach()
-    return lambda g: (sum_to(g * yv / (xv + 1e-10), x),)
+    xk, yk = state.keep(x, op), state.keep(y, op)
+    like = _meta(x)
+    return lambda g: (sum_to(g * yk.value / (xk.value + 1e-10), like),)
 
 
 def _pass_rule(x: Tensor) -> Callable:
@@ -233,64 +300,69 @@ def _product_rule(state: ScopeState, u: Tensor, v: Tensor, z: Tensor, kind: str)
     each share halved.  AttnLRP: the uniform rule (each factor half the
     gradient).  CP-LRP: the plain gradient (the attention weights are made
     constant at the softmax instead)."""
-    uv, vv = u.detach(), v.detach()
+    op = "matmul" if kind == "matmul" else "mul"
+    uk, vk = state.keep(u, op), state.keep(v, op)
     # the product itself only where the rule divides by it (not kept otherwise: the attention
     # scores are the largest tensor of a block)
-    zv = z.detach() if not state.gradient_rules and (kind != "matmul" or u.dim() != v.dim()) else None
+    zk = state.keep(z, op) if not state.gradient_rules and (kind != "matmul" or u.dim() != v.dim()) else None
     if state.gradient_rules:
         half = 0.5 if state.rule_set == "AttnLRP" else 1.0
         if kind == "matmul":
-            return lambda g: (sum_to(half * (g @ vv.transpose(-2, -1)), u), sum_to(half * (uv.transpose(-2, -1) @ g), v))
-        return lambda g: (sum_to(half * g * vv, u), sum_to(half * g * uv, v))
+            return lambda g: (sum_to(half * (g @ vk.value.transpose(-2, -1)), u),
+                              sum_to(half * (uk.value.transpose(-2, -1) @ g), v))
+        return lambda g: (sum_to(half * g * vk.value, u), sum_to(half * g * uk.value, v))
     if kind == "matmul":
         def rule(R):
+            uv, vv = uk.value, vk.value
             if uv.dim() == vv.dim():
                 ru, rv = matmul_relevance(uv, vv, R)
             else:
-                s = safe_div(R, zv)
+                s = safe_div(R, zk.value)
                 ru, rv = uv * sum_to(s @ vv.transpose(-2, -1), uv), vv * sum_to(uv.transpose(-2, -1) @ s, vv)
             return sum_to(ru / 2, u), sum_to(rv / 2, v)
         return rule
 
     def elementwise(R):
-        s = safe_div(R, zv)
+        uv, vv = uk.value, vk.value
+        s = safe_div(R, zk.value)
         return sum_to(uv * s * vv / 2, u), sum_to(vv * s * uv / 2, v)
     return elementwise
 
 
-def _linear_rule(state: ScopeState, x: Tensor, weight: Tensor, z: Optional[Tensor]) -> Callable:
+def _linear_rule(state: ScopeState, x: Tensor, weight: Tensor, z: Optional[Tensor], op: str = "linear") -> Callable:
     """Alpha-beta (TA: shared denominator; LRP: separate), bias ignored;
     ``z = x W^T`` from the forward (the shared denominator reuses it; None:
     not kept).  Gradient rule sets: LRP-0 (the plain gradient)."""
-    xv, wv = x.detach(), weight.detach()
+    wk = state.keep(weight, op)  # a parameter, or a constant operand of a matmul
     if state.gradient_rules:
-        return lambda g: (sum_to(g @ wv, x),)
+        return lambda g: (sum_to(g @ wk.value, x),)
+    xk = state.keep(x, op)
     shared = state.shared
-    zv = z.detach() if shared and z is not None else None
-    return lambda R: (sum_to(alpha_beta(xv, wv, R, shared_denominator=shared, z=zv), x),)
+    zk = state.keep(z, op) if shared and z is not None else None
+    return lambda R: (sum_to(alpha_beta(xk.value, wk.value, R, shared_denominator=shared,
+                                        z=None if zk is None else zk.value), x),)
 
 
 # --------------------------------------------------------------------------
 # Operations by name
 # --------------------------------------------------------------------------
 ROUTING = frozenset("""
-reshape view view_as permute transpose t swapaxes swapdims movedim moveaxis cat concat concatenate stack hstack vstack
-split split_with_sizes tensor_split unbind chunk __getitem__ __setitem__ gather index_select take_along_dim narrow
-select roll expand expand_as contiguous clone to type float double half bfloat16 cpu cuda flatten unflatten
-squeeze unsqueeze repeat tile flip masked_fill masked_fill_ where pad dropout dropout_ alpha_dropout feature_alpha_dropout
-detach detach_ copy_ zeros_like ones_like empty_like full_like new_zeros new_ones new_empty new_full new_tensor
-__get__ pin_memory requires_grad_ retain_grad diagonal tril triu index_put index_put_ masked_select
-broadcast_to repeat_interleave type_as fill_ zero_ view_as_real view_as_complex as_strided __deepcopy__
+reshape reshape_as view view_as permute transpose t swapaxes swapdims movedim moveaxis cat concat concatenate stack
+hstack vstack split split_with_sizes tensor_split unbind chunk __getitem__ __setitem__ gather index_select
+take_along_dim narrow select roll expand expand_as contiguous clone to type float double half bfloat16 cpu cuda
+flatten unflatten squeeze unsqueeze repeat tile flip masked_fill masked_fill_ where pad dropout dropout_ alpha_dropout
+feature_alpha_dropout detach detach_ copy_ zeros_like ones_like empty_like full_like new_zeros new_ones new_empty
+new_full new_tensor __get__ pin_memory requires_grad_ retain_grad diagonal tril triu index_put index_put_
+masked_select broadcast_to repeat_interleave type_as fill_ zero_ view_as_real view_as_complex as_strided __deepcopy__
 """.split())
 """Operations whose backward is exact relevance routing (METHODS.md section 10)."""
 
-_ACTIVATIONS = frozenset("gelu silu tanh relu relu_ gelu_ sigmoid hardtanh leaky_relu elu mish hardswish "
+_ACTIVATIONS = frozenset("gelu silu tanh relu sigmoid hardtanh leaky_relu elu mish hardswish "
                          "softplus quick_gelu".split())
 _NORMS = frozenset("layer_norm rms_norm".split())
-_ADDS = {"add": 1, "__add__": 1, "__radd__": 1, "__iadd__": 1, "sub": -1, "__sub__": -1, "__isub__": -1,
-         "subtract": -1, "__rsub__": -2, "rsub": -2}
-_MULS = frozenset("mul __mul__ __rmul__ __imul__ multiply".split())
-_DIVS = frozenset("div __truediv__ __itruediv__ divide true_divide".split())
+_ADDS = {"add": 1, "__add__": 1, "__radd__": 1, "sub": -1, "__sub__": -1, "subtract": -1, "__rsub__": -2, "rsub": -2}
+_MULS = frozenset("mul __mul__ __rmul__ multiply".split())
+_DIVS = frozenset("div __truediv__ divide true_divide".split())
 _MATMULS = frozenset("matmul __matmul__ bmm mm".split())
 _REDUCE = {"sum": False, "mean": True}
 _CONSTANT_NORMS = frozenset("norm vector_norm".split())
@@ -298,6 +370,32 @@ _CONSTANT_POWERS = frozenset("pow __pow__ sqrt rsqrt square".split())
 """Powers of an activation are constants of the relevance pass: they occur in
 norms written as torch calls (CLIP's ``_get_vector_norm``); a model that uses
 one as a feature gets no relevance through it (ours, README)."""
+_INPLACE_DUNDERS = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__",
+                    "__idiv__": "__truediv__", "__ipow__": "__pow__"}
+_NO_WRITE = frozenset("requires_grad_ detach_ share_memory_".split())
+
+
+def _writes(name: str) -> bool:
+    """Whether the operation writes its first argument in place (``x.add_(y)``,
+    ``x += y``, ``t[i] = v``, ``masked_fill_``, ``copy_``, ...)."""
+    return name == "__setitem__" or name in _INPLACE_DUNDERS or (
+        name.endswith("_") and not name.endswith("__") and name not in _NO_WRITE)
+
+
+def _base(name: str) -> str:
+    """The name of an in-place operation's out-of-place form (``add_`` ->
+    ``add``, ``__imul__`` -> ``__mul__``, ``relu_`` -> ``relu``)."""
+    return _INPLACE_DUNDERS.get(name, name[:-1])
+
+
+def _out_of_place(name: str) -> Optional[Callable]:
+    """The out-of-place form of an in-place operation, None if torch has none."""
+    base = _base(name)
+    for owner in (Tensor, torch, F):
+        f = getattr(owner, base, None)
+        if callable(f):
+            return f
+    return None
 
 
 def _name(func: Callable) -> str:
@@ -312,15 +410,26 @@ class _Scope(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.state.opaque or not _has_act(args, kwargs):
+            if self.state.kept and args and _writes(_name(func)):  # a value a rule keeps may live there
+                self.state.before_write(args[0])
             return func(*args, **kwargs)
         return self.dispatch(func, args, kwargs)
 
     # -- the table ----------------------------------------------------------
-    def dispatch(self, func, args, kwargs):
+    def dispatch(self, func, args, kwargs, label: Optional[str] = None):
+        """``func`` by its rule; ``label``: the name refusals give (an in-place form's)."""
         s = self.state
         name = _name(func)
-        if name in ROUTING or (s.gradient_rules and name in _LINEAR_IN_GRADIENT_RULES and _linear_use(name, args)):
+        if isinstance(kwargs.get("out"), Tensor):
+            return self.refuse(label or name, "an operation writing to out=")
+        writes = _writes(name)
+        if name in ROUTING or (writes and _base(name) in ROUTING) or \
+                (s.gradient_rules and name in _LINEAR_IN_GRADIENT_RULES and _linear_use(name, args)):
+            if writes:  # masked_fill_, t[i] = v, copy_, unsqueeze_, ...: autograd routes the write
+                s.before_write(args[0])
             return func(*args, **kwargs)
+        if writes:
+            return self.inplace(name, args, kwargs)
         if name == "linear":
             return self.linear(*args, **kwargs)
         if name == "conv2d":
@@ -338,15 +447,15 @@ class _Scope(TorchFunctionMode):
         if name in _DIVS:
             a, b = args[0], args[1]
             if not _is_act(a) or kwargs.get("rounding_mode"):
-                return self.refuse(name, "a division of a constant by an activation")
+                return self.refuse(label or name, "a division of a constant by an activation")
             y = self.call(func, args, kwargs)
             if not _is_act(b):  # by a constant: identity (gradient rule sets: the plain gradient)
                 return y if s.gradient_rules else _switch(s, y, [a], _pass_rule(a))
             # by an activation (a norm computed by hand, CLIP's x / ||x||): the divisor is a
             # constant (ours, as LayerNorm's std): identity; gradient rule sets: g / b
-            bv = b.detach()
+            bk = s.keep(b, name) if s.gradient_rules else None
             like = _meta(a)
-            rule = (lambda g: (sum_to(g / bv, like), None)) if s.gradient_rules else \
+            rule = (lambda g: (sum_to(g / bk.value, like), None)) if s.gradient_rules else \
                 (lambda R: (sum_to(R, like), None))
             return _switch(s, y, [a, b], rule)
         if name in _CONSTANT_POWERS:  # the pieces of a norm computed by hand: constants (ours)
@@ -369,7 +478,7 @@ class _Scope(TorchFunctionMode):
         if name in _ACTIVATIONS:
             x = args[0]
             y = self.call(func, args, kwargs)
-            return _switch(s, y, [x], _identity_rule(s, x, y))
+            return _switch(s, y, [x], _identity_rule(s, x, y, name))
         if name in _REDUCE:
             return self.reduce(func, name, args, kwargs)
         if name in _CONSTANT_NORMS:
@@ -378,7 +487,7 @@ class _Scope(TorchFunctionMode):
         if name == "normalize":  # x / ||x||: the norm a constant (ours)
             x = args[0]
             y = self.call(func, args, kwargs)
-            return _switch(s, y, [x], _identity_rule(s, x, y) if s.gradient_rules else _pass_rule(x))
+            return _switch(s, y, [x], _identity_rule(s, x, y, name))
         if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):  # a global average pool: a mean
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             n = 1 if name.endswith("1d") else 2
@@ -393,14 +502,30 @@ class _Scope(TorchFunctionMode):
         y = func(*args, **kwargs)
         if not isinstance(y, Tensor) or not y.is_floating_point() or not y.requires_grad:
             return y  # shapes, comparisons, indices: nothing to propagate
-        return self.refuse(name)
+        return self.refuse(label or name)
+
+    def inplace(self, name: str, args: tuple, kwargs: dict) -> Tensor:
+        """``a.op_(b)``, ``a op= b``: the out-of-place operation by its rule on
+        a copy of ``a`` (with ``a``'s graph), its result written into ``a``
+        (autograd routes the write: ``CopyBackwards``), so the model sees what
+        it sees without the scope and every rule reads the values its
+        operation saw (METHODS.md section 10: the in-place form's rule is the
+        out-of-place form's)."""
+        a = args[0]
+        out_of_place = _out_of_place(name)
+        if out_of_place is None or not isinstance(a, Tensor):
+            return self.refuse(name)
+        before = a.clone() if a.requires_grad else a  # routing; a constant target is copied on write below
+        y = self.dispatch(out_of_place, (before,) + tuple(args[1:]), kwargs, label=name)
+        self.state.before_write(a)
+        return a.copy_(y)
 
     def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A computing operation's own value: with its autograd graph when a
         gradient pass or a gradient rule set reads it, else without (the
         switch connects the activations; nothing is saved for a backward that
-        never runs).  In-place operations keep the graph."""
-        if self.state.graph_free and not _name(func).startswith("__i"):
+        never runs)."""
+        if self.state.graph_free:
             with torch.no_grad():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
@@ -425,7 +550,7 @@ class _Scope(TorchFunctionMode):
             return self.refuse("addmm", "addmm other than bias + x @ W")
         z = self.call(torch.matmul, (x, w), {})
         y = self.call(torch.add, (z, bias), {})
-        return _switch(self.state, y, [x], _linear_rule(self.state, x, w.t(), z))
+        return _switch(self.state, y, [x], _linear_rule(self.state, x, w.t(), z, "addmm"))
 
     def conv2d(self, func, args, kwargs):
         s = self.state
@@ -442,15 +567,18 @@ class _Scope(TorchFunctionMode):
         elif isinstance(padding, str):
             return self.refuse("conv2d", f"a convolution with padding={padding!r}")
         y = self.call(func, args, kwargs)
-        xv, wv = x.detach(), w.detach()
+        wk, shape = s.keep(w, "conv2d"), x.shape
         shared = s.shared
         if s.gradient_rules:
-            rule = lambda g: (torch.nn.grad.conv2d_input(xv.shape, wv, g, stride, padding, dilation, groups),)
-        elif x.is_leaf:  # the explained pixels: z^B with per-sample bounds
-            conv = lambda inp, weight: F.conv2d(inp, weight, None, stride, padding, dilation, groups)
-            rule = lambda R: (z_beta(xv, wv, R, conv),)
+            rule = lambda g: (torch.nn.grad.conv2d_input(shape, wk.value, g, stride, padding, dilation, groups),)
         else:
-            rule = lambda R: (conv2d_alpha_beta_params(xv, wv, R, shared, stride, padding, dilation, groups),)
+            xk = s.keep(x, "conv2d")
+            if x.is_leaf:  # the explained pixels: z^B with per-sample bounds
+                conv = lambda inp, weight: F.conv2d(inp, weight, None, stride, padding, dilation, groups)
+                rule = lambda R: (z_beta(xk.value, wk.value, R, conv),)
+            else:
+                rule = lambda R: (conv2d_alpha_beta_params(xk.value, wk.value, R, shared, stride, padding, dilation,
+                                                           groups),)
         return _switch(s, y, [x], rule)
 
     def matmul(self, u, v, func=torch.matmul):
@@ -462,12 +590,12 @@ class _Scope(TorchFunctionMode):
         if _is_act(u):  # x @ C: a linear map with weight C^T (C may be batched: a learned query)
             if v.dim() < 2:
                 return self.refuse(_name(func), "a product of an activation with a vector")
-            return _switch(s, z, [u], _linear_rule(s, u, v.transpose(-2, -1), z))
+            return _switch(s, z, [u], _linear_rule(s, u, v.transpose(-2, -1), z, _name(func)))
         if u.dim() < 2 or v.dim() < 2:
             return self.refuse(_name(func), "a product of a constant with an activation vector")
         # C @ x: transpose to x^T @ C^T
         vt = v.transpose(-2, -1)
-        rule_t = _linear_rule(s, vt, u, z.transpose(-2, -1))
+        rule_t = _linear_rule(s, vt, u, z.transpose(-2, -1), _name(func))
         return _switch(s, z, [v], lambda R: (rule_t(R.transpose(-2, -1))[0].transpose(-2, -1),))
 
     def einsum(self, func, args, kwargs):
@@ -479,13 +607,14 @@ class _Scope(TorchFunctionMode):
         u, v = ops
         z = self.call(func, args, kwargs)
         s = self.state
-        uv, vv, zv = u.detach(), v.detach(), z.detach()
+        uk, vk = s.keep(u, "einsum"), s.keep(v, "einsum")
+        zk = None if s.gradient_rules else s.keep(z, "einsum")
 
         def grads(S):
             """The einsum's vector-Jacobian products (it is bilinear: exact for any S)."""
             with torch.enable_grad():
-                u_ = uv.detach().requires_grad_(True)
-                v_ = vv.detach().requires_grad_(True)
+                u_ = uk.value.detach().requires_grad_(True)
+                v_ = vk.value.detach().requires_grad_(True)
                 zz = torch.einsum(eq, u_, v_)
                 return torch.autograd.grad(zz, (u_, v_), S)
 
@@ -494,8 +623,8 @@ class _Scope(TorchFunctionMode):
             return _switch(s, z, [u, v], lambda g: tuple(half * t for t in grads(g)))
 
         def rule(R):
-            gu, gv = grads(safe_div(R, zv))
-            return uv * gu / 2, vv * gv / 2
+            gu, gv = grads(safe_div(R, zk.value))
+            return uk.value * gu / 2, vk.value * gv / 2
         return _switch(s, z, [u, v], rule)
 
     def add(self, func, args, kwargs, sign):
@@ -515,7 +644,10 @@ class _Scope(TorchFunctionMode):
         x = a if _is_act(a) else b
         # times a scalar, a constant or a parameter (attention scale, masks, LayerScale): identity
         if s.gradient_rules:
-            c = _value(b if x is a else a)
+            c = b if x is a else a
+            if isinstance(c, Tensor):
+                ck = s.keep(c, "mul")
+                return _switch(s, y, [x], lambda g: (sum_to(g * ck.value, x),))
             return _switch(s, y, [x], lambda g: (sum_to(g * c, x),))
         return _switch(s, y, [x], _pass_rule(x))
 
@@ -528,7 +660,7 @@ class _Scope(TorchFunctionMode):
         if not s.gradient_rules:
             return _switch(s, y, [x], _pass_rule(x))
         if name == "rms_norm":  # the rms a constant: y = x * (w / rms), local gradient y / x
-            return _switch(s, y, [x], _identity_rule(s, x, y))
+            return _switch(s, y, [x], _identity_rule(s, x, y, name))
         # layer_norm with the standard deviation a constant (METHODS.md section 9)
         names = ("input", "normalized_shape", "weight", "bias", "eps")
         p = dict(zip(names, args))
@@ -539,9 +671,10 @@ class _Scope(TorchFunctionMode):
         xv = x.detach()
         std = torch.sqrt(xv.var(dim=dims, unbiased=False, keepdim=True) + p.get("eps", 1e-5))
         w = p.get("weight")
+        wk = None if w is None else s.keep(w, name)
 
         def rule(g):
-            gw = g if w is None else g * w.detach()
+            gw = g if wk is None else g * wk.value
             gx = gw / std
             return (gx - gx.mean(dim=dims, keepdim=True),)
         return _switch(s, y, [x], rule)
@@ -564,12 +697,17 @@ class _Scope(TorchFunctionMode):
                     t = t.unsqueeze(d)
             return t
 
-        xv = x.detach()
         if s.gradient_rules:
             scale = 1.0 / math.prod(x.shape[d] for d in red) if _REDUCE[name] else 1.0
-            return _switch(s, y, [x], lambda g: (expand(g).expand_as(xv) * scale,))
-        total = xv.sum(dim=red, keepdim=True)
-        return _switch(s, y, [x], lambda R: (xv * safe_div(expand(R).to(xv.dtype), total),))
+            shape = x.shape
+            return _switch(s, y, [x], lambda g: (expand(g).expand(shape) * scale,))
+        xk = s.keep(x, name)
+        total = x.detach().sum(dim=red, keepdim=True)
+
+        def rule(R):
+            xv = xk.value
+            return (xv * safe_div(expand(R).to(xv.dtype), total),)
+        return _switch(s, y, [x], rule)
 
     def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
@@ -619,16 +757,16 @@ def _has_act(args: tuple, kwargs: dict) -> bool:
     return False
 
 
-_LINEAR_IN_GRADIENT_RULES = frozenset("linear conv2d addmm add __add__ __radd__ __iadd__ sub __sub__ __isub__ subtract "
+_LINEAR_IN_GRADIENT_RULES = frozenset("linear conv2d addmm add __add__ __radd__ sub __sub__ subtract "
                                       "__rsub__ rsub sum mean adaptive_avg_pool1d adaptive_avg_pool2d matmul "
-                                      "__matmul__ bmm mm mul __mul__ __rmul__ __imul__ multiply".split())
+                                      "__matmul__ bmm mm mul __mul__ __rmul__ multiply".split())
 """Operations that are linear in their one activation: under the gradient rule
 sets (LRP-0) their plain gradient is the rule, so they run unintercepted."""
 
 
 def _linear_use(name: str, args: tuple) -> bool:
     """A product is linear only with one activation factor (two: the product rule)."""
-    if name in ("matmul", "__matmul__", "bmm", "mm", "mul", "__mul__", "__rmul__", "__imul__", "multiply"):
+    if name in ("matmul", "__matmul__", "bmm", "mm", "mul", "__mul__", "__rmul__", "multiply"):
         return sum(isinstance(a, Tensor) and a.requires_grad for a in args[:2]) == 1
     if name in ("linear", "conv2d", "addmm"):
         return not any(isinstance(a, Tensor) and a.requires_grad for a in args[1:])
@@ -643,19 +781,16 @@ def _add_rule(state: ScopeState, a: Any, b: Any, coeffs: Tuple[float, float], y:
     keep = [(t, c) for t, c in zip((a, b), coeffs) if _is_act(t)]
     if state.gradient_rules:
         return lambda g: tuple(sum_to(g * c, t) for t, c in keep)
-    # the terms' values as they are now (an in-place add has already written its result);
+    # the terms as the add read them (kept, not copied: a later write copies them first);
     # scaled by their coefficient only in the relevance pass (no copies kept by the forward)
-    inplace = y is a
-    values = [(t.detach().clone() if inplace else t.detach()) if isinstance(t, Tensor) else
-              torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (a, b)]
-    versions = [v._version for v in values]
+    values = [state.keep(t, "add") if isinstance(t, Tensor) else torch.as_tensor(t, dtype=y.dtype, device=y.device)
+              for t in (a, b)]
     likes = [_meta(t) if _is_act(t) else None for t in (a, b)]  # the parameters' flags are restored by backward time
     shared = state.shared
 
     def rule(R):
-        if [v._version for v in values] != versions:
-            raise UnsupportedOperationError("LRP: a term of an add was modified in place after the add")
-        ta, tb = ((v if c == 1 else v * c).to(R.dtype).expand(R.shape) for v, c in zip(values, coeffs))
+        terms = [v.value if isinstance(v, _Kept) else v for v in values]
+        ta, tb = ((v if c == 1 else v * c).to(R.dtype).expand(R.shape) for v, c in zip(terms, coeffs))
         ra, rb = add_relevance(ta, tb, R, rescale=shared)
         return tuple(sum_to(r, like) for r, like in zip((ra, rb), likes) if like is not None)
     return rule
@@ -696,30 +831,39 @@ def relevance_scope(model: nn.Module, rule_set: str, state: Optional[ScopeState]
     names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
     params = [p for p in model.parameters() if p.requires_grad]
     mode = _Scope(state)
-    opened: List[Tuple[nn.Module, bool, bool]] = []  # (module, one operation, grad mode before)
+    # (module, one operation, grad mode before, the input of a module that writes its input)
+    opened: List[Tuple[nn.Module, bool, bool, Optional[Tensor]]] = []
 
     def pre(module, args):
         state.module_stack.append(names.get(id(module), type(module).__name__))
         opaque = bool(args) and _is_act(args[0]) and module_rule(module) is not None and not state.opaque
-        opened.append((module, opaque, torch.is_grad_enabled()))
+        # nn.ReLU(inplace=True) writes its input: it writes a copy (routing), the rule reads the input,
+        # and the result is written into the input after it (as the in-place forms)
+        written = args[0] if opaque and getattr(module, "inplace", False) is True else None
+        opened.append((module, opaque, torch.is_grad_enabled(), written))
         if opaque:
             state.opaque += 1
             if state.graph_free:  # its inner calls' graph would never be read
                 torch._C._set_grad_enabled(False)
+        return None if written is None else (written.clone(),) + tuple(args[1:])
 
     def post(module, args, output):
         state.module_stack.pop()
-        _, opaque, grad_mode = opened.pop()
+        _, opaque, grad_mode, written = opened.pop()
         if not opaque:
             return None
         state.opaque -= 1
         torch._C._set_grad_enabled(grad_mode)
-        x = args[0]
+        x = args[0] if written is None else written
         if not isinstance(output, Tensor):
             raise UnsupportedOperationError(f"LRP: module '{names.get(id(module))}' ({type(module).__name__}) "
                                             "returned no tensor")
         with torch.overrides._pop_mode_temporarily() if _mode_active(mode) else contextlib.nullcontext():
-            return _switch(state, output, [x], _identity_rule(state, x, output))
+            y = _switch(state, output, [x], _identity_rule(state, x, output, type(module).__name__))
+            if written is None:
+                return y
+            state.before_write(written)
+            return written.copy_(y)
 
     for p in params:
         p.requires_grad_(False)
@@ -729,7 +873,7 @@ def relevance_scope(model: nn.Module, rule_set: str, state: Optional[ScopeState]
         with mode:
             yield state
     finally:
-        for _, opaque, grad_mode in opened:  # a module that raised: its grad mode as it found it
+        for _, opaque, grad_mode, _ in opened:  # a module that raised: its grad mode as it found it
             if opaque:
                 torch._C._set_grad_enabled(grad_mode)
                 break
@@ -740,6 +884,7 @@ def relevance_scope(model: nn.Module, rule_set: str, state: Optional[ScopeState]
             p.requires_grad_(True)
         state.module_stack.clear()
         state.opaque = 0
+        state.kept.clear()  # no write of the forward left to see
 
 
 def _mode_active(mode: TorchFunctionMode) -> bool:

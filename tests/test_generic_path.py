@@ -16,7 +16,6 @@ import transformers as tf
 from modules.adapters import adapter_for, hf_models
 from modules.attention_capture import UnsupportedModelError
 from modules.explain import explain
-from modules.lrp_scope import UnsupportedOperationError
 from modules.methods import ATTENTION_METHODS, METHOD_NAMES
 from tests.test_engine_coverage import (B, GRID, IMAGE_FAMILIES, SEQ, TEXT_FAMILIES, TOL64, VOCAB, _hf, _text,
                                         _vision, images, text_batch)
@@ -25,7 +24,8 @@ from tests.test_generic import _assert_unchanged, _snapshot
 tf.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# name -> (builder, every method runs (True) or the LRP ones are refused in one line (False))
+# name -> (builder, every method here (True) or the attention methods here and the LRP ones in
+# tests/test_lrp_scope_inplace.py (False): their forwards write in place or use reshape_as)
 FAMILIES = {
     "data2vec_vision_mean": (lambda: _hf(tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig,
                                          **_vision(use_mean_pooling=True, attn_implementation="eager")), True),
@@ -43,9 +43,6 @@ FAMILIES = {
                  False),
     "megatron_bert": (lambda: _hf(tf.MegatronBertForSequenceClassification, tf.MegatronBertConfig, **_text()),
                       False),
-    # ops without an LRP rule yet (in-place adds: MPNet's position bias, BigBird's embeddings, Megatron-BERT;
-    # RoFormer's reshape_as)
-    # have no LRP rule: the LRP methods are refused in one line, the attention methods run
     "mpnet": (lambda: _hf(tf.MPNetForSequenceClassification, tf.MPNetConfig, **_text(pad_token_id=1)), False),
     "bigbird_full": (lambda: _hf(tf.BigBirdForSequenceClassification, tf.BigBirdConfig,
                                  **_text(attention_type="original_full", pad_token_id=0)), False),
@@ -84,11 +81,6 @@ def test_generic_path_family(name):
             one = explain(model, sample(i), method)
             tol = dict(atol=1e-6 * float(one.abs().max()), rtol=0) if method == "lrp" else TOL64
             torch.testing.assert_close(got[i:i + 1, ..., :one.shape[-1]], one, **tol, msg=method)
-    if not every:
-        with pytest.raises(UnsupportedOperationError) as err:
-            explain(model, x, "transformer_attribution")
-        msg = str(err.value)  # the op without a rule and its module named
-        assert "\n" not in msg and "torch '" in msg and "in module '" in msg
     _assert_unchanged(before, _snapshot(model))
 
 
