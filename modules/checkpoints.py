@@ -359,6 +359,27 @@ def check_model_dir(directory: str, flag: str = "--model-dir") -> str:
     return weights
 
 
+def hf_model_config(directory: str, flag: str = "--model-dir", model_types: Optional[Sequence[str]] = None,
+                    what: str = ""):
+    """The ``transformers`` config of a Hugging Face folder that
+    :func:`check_model_dir` accepts, read before any weights; one line
+    (:class:`CheckpointError`) when it cannot be read or, with
+    ``model_types``, when its ``model_type`` is none of them (``what`` names
+    the kind of model expected)."""
+    check_model_dir(directory, flag)
+    import transformers
+
+    label = f"{flag} {directory}" if flag else directory
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises several error types for a bad config
+        raise CheckpointError(f"{label}: unreadable config.json ({_first_line(exc)})") from None
+    kind = getattr(config, "model_type", None)
+    if model_types is not None and kind not in model_types:
+        raise CheckpointError(f"{label}: a {kind!r} model, not {what or 'one of'} ({', '.join(model_types)})")
+    return config
+
+
 def _quiet_transformers():
     """Context manager: transformers' warnings and progress bars off (one-line errors only)."""
     import contextlib

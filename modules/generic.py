@@ -347,10 +347,12 @@ def _load_timm_dir(path: str, cfg: dict, weights: Optional[str]) -> LoadedModel:
 def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises several error types for bad directories
-        raise GenericModelError(f"{path}: not a loadable Hugging Face directory ({exc})") from None
+    from modules.checkpoints import CheckpointError, hf_model_config, load_pretrained
+
+    try:  # the folder checked, then its config read before any weights
+        config = hf_model_config(path, flag="")
+    except CheckpointError as exc:
+        raise GenericModelError(str(exc)) from None
     arch = next((a for a in (getattr(config, "architectures", None) or []) if a in _HF_KINDS), None)
     if arch is None and getattr(config, "model_type", None) == "siglip":
         arch = "SiglipModel"
@@ -359,8 +361,6 @@ def _load_hf_dir(path: str, weights: Optional[str]) -> LoadedModel:
     if arch is None:
         held = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise GenericModelError(f"{path} holds {held}; supported: {', '.join(SUPPORTED_HF_CLASSES)}")
-    from modules.checkpoints import CheckpointError, load_pretrained
-
     try:  # the one loader: safe file kinds, one-line errors, finite weights
         model = load_pretrained(getattr(transformers, arch), path, flag="")
     except CheckpointError as exc:

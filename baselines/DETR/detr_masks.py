@@ -90,18 +90,12 @@ def output_paths(out: str, n: int) -> Tuple[List[str], str]:
 
 def load_detr(model_dir: str, device: torch.device):
     """(model, image processor or None) of a local directory; :class:`CLIError` otherwise."""
-    from modules.checkpoints import check_model_dir, load_pretrained
-
-    check_model_dir(model_dir, "--model-dir")  # before the config is read: the folder, config and weights
+    from modules.checkpoints import hf_model_config, load_pretrained
     import transformers as tf
 
-    try:
-        config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"--model-dir {model_dir}: unreadable config ({one_line(exc)})") from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in DETR_TYPES:
-        raise CLIError(f"--model-dir {model_dir}: a {model_type!r} model, not DETR (detr, conditional_detr)")
+    # the folder, its config and weights checked, the config read before any weights
+    config = hf_model_config(model_dir, "--model-dir", tuple(DETR_TYPES), "DETR")
+    model_type = config.model_type
     config.use_pretrained_backbone = False  # the directory's weights hold the backbone: never fetch others
     sub = getattr(config, "backbone_config", None)
     if sub is not None and hasattr(sub, "use_pretrained_backbone"):

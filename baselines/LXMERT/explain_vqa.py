@@ -122,20 +122,11 @@ def load_regions(path: str, kind: str, width: int, height: int) -> Tuple[np.ndar
 def model_type(model_dir: str) -> str:
     """The folder's ``model_type`` (one of :data:`MODEL_CLASSES`), read from
     its config.json before any weights are loaded."""
-    import transformers as tf
+    from modules.checkpoints import hf_model_config
 
-    from modules.checkpoints import check_model_dir
-
-    check_model_dir(model_dir, "--model-dir")  # the folder, its config and weights, before the config is read
-    try:
-        config = tf.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CLIError(f"--model-dir {model_dir}: cannot read config.json ({str(exc).splitlines()[0]})") from None
-    kind = getattr(config, "model_type", None)
-    if kind not in MODEL_CLASSES:
-        raise CLIError(f"--model-dir {model_dir}: model type {kind!r} is not one of "
-                       f"{', '.join(MODEL_CLASSES)} (LXMERT, VisualBERT, ViLT VQA models)")
-    return kind
+    # the folder, its config and weights checked, the config read before any weights
+    return hf_model_config(model_dir, "--model-dir", tuple(MODEL_CLASSES), "a VQA model of LXMERT, VisualBERT, ViLT"
+                           ).model_type
 
 
 def load_vqa_model(model_dir: str, device: torch.device):
