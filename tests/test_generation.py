@@ -24,7 +24,7 @@ import torch
 import transformers as tf
 
 from BERT_explainability import explain_generation as cli
-from modules.adapters import InputsError
+from modules.adapters import InputsError, UnsupportedMethodError
 from modules.explain import explain, explain_trace
 from modules.generation import explain_generation, generation_html, left_pad
 from tests.test_generic import _assert_unchanged, _randomize, _snapshot
@@ -486,6 +486,10 @@ def test_explain_generation_methods_and_bad_arguments():
         explain_generation(model, inputs, max_new_tokens=0)
     with pytest.raises(ValueError, match="takes no option"):
         explain_generation(model, inputs, max_new_tokens=1, bogus=True)
+    for method in ("transformer_attribution", "lrp"):  # refused in one line that says why
+        with pytest.raises(UnsupportedMethodError, match=r"LRP pass, which BartForConditionalGeneration does not "
+                                                         r"offer yet: the LRP read-outs of generation .* not built"):
+            explain_generation(model, inputs, max_new_tokens=1, method=method)
     with pytest.raises(InputsError, match="no generation model"):
         explain_generation(tf.BertForSequenceClassification(tf.BertConfig(vocab_size=V, hidden_size=32,
                                                                           num_hidden_layers=1, num_attention_heads=4,

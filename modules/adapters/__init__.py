@@ -158,6 +158,7 @@ class Adapter:
         raise NotImplementedError
 
     lrp: ClassVar[bool] = False  # True: an unmodified family the LRP scope covers (every method)
+    no_lrp_because: ClassVar[str] = ""  # why a family without the LRP methods lacks them (said when one is asked)
 
     @classmethod
     def method_names(cls) -> Tuple[str, ...]:
@@ -180,7 +181,8 @@ class Adapter:
                              + (f" (it takes {', '.join(m.options)})" if m.options else ""))
         if m.name not in self.methods():
             name = type(self.model).__name__
-            why = (f" needs an LRP pass, which {name} does not offer yet (families that do: "
+            because = f": {self.no_lrp_because}" if self.no_lrp_because else ""
+            why = (f" needs an LRP pass, which {name} does not offer yet{because} (families that do: "
                    f"{'; '.join(copies_offering(m.name))})" if m.needs_copy else f" does not run on {name}")
             raise UnsupportedMethodError(f"{m.name}{why}; {name} supports {', '.join(self.methods())}")
         return m

@@ -171,6 +171,8 @@ class GenerationAdapter(HookAdapter):
     library = "huggingface"
     examples: Tuple[str, ...] = ()
     classes: Tuple[str, ...] = ()
+    no_lrp_because = ("the LRP read-outs of generation (relevance per generated token, down to the source's "
+                      "and the earlier targets' token embeddings) are not built")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
