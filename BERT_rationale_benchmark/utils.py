@@ -127,33 +127,44 @@ def write_jsonl(records: Iterable[Dict[str, Any]], path: PathLike) -> None:
 
 def _as_int(value: Any, field: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ERASERFormatError(f"{where}: evidence field {field!r} must be an integer, got {value!r}")
+        raise ERASERFormatError(f"{where}: {field} must be an integer, got {value!r}")
     return value
 
 
-def _evidence_from_dict(d: Any, where: str) -> Evidence:
+def _check_docid(value: Any, field: str, where: str) -> str:
+    """A docid names a file of ``docs/``: a non-empty string without a path separator."""
+    if not isinstance(value, str):
+        raise ERASERFormatError(f"{where}: {field} must be a string, got {value!r}")
+    if value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ERASERFormatError(f"{where}: {field} {value!r} is not a file name of docs/ (empty, '.', '..' or "
+                                "a path separator)")
+    return value
+
+
+def _evidence_from_dict(d: Any, where: str, field: str = "evidence") -> Evidence:
     if not isinstance(d, dict):
-        raise ERASERFormatError(f"{where}: an evidence must be an object, got {d!r}")
-    for field in ("docid", "start_token", "end_token"):
-        if field not in d:
-            raise ERASERFormatError(f"{where}: evidence lacks field {field!r}")
-    if not isinstance(d["docid"], str):
-        raise ERASERFormatError(f"{where}: evidence docid must be a string, got {d['docid']!r}")
-    start = _as_int(d["start_token"], "start_token", where)
-    end = _as_int(d["end_token"], "end_token", where)
-    if not 0 <= start <= end:
-        raise ERASERFormatError(f"{where}: evidence span [{start}, {end}) of {d['docid']!r} is not 0 <= start <= end")
+        raise ERASERFormatError(f"{where}: {field} must be an object, got {d!r}")
+    for name in ("docid", "start_token", "end_token"):
+        if name not in d:
+            raise ERASERFormatError(f"{where}: {field} lacks field {name!r}")
+    docid = _check_docid(d["docid"], f"{field}.docid", where)
+    start = _as_int(d["start_token"], f"{field}.start_token", where)
+    end = _as_int(d["end_token"], f"{field}.end_token", where)
+    if start < 0:
+        raise ERASERFormatError(f"{where}: {field}.start_token: {start} < 0 (not 0 <= start <= end)")
+    if end < start:
+        raise ERASERFormatError(f"{where}: {field}.end_token: {end} < start_token {start} (not 0 <= start <= end)")
     text = d.get("text")
     if text is None:
         text = ""
     elif not isinstance(text, str):
         if not isinstance(text, list):
-            raise ERASERFormatError(f"{where}: evidence text must be a string or a list of tokens, got {text!r}")
+            raise ERASERFormatError(f"{where}: {field}.text must be a string or a list of tokens, got {text!r}")
         text = " ".join(map(str, text))
     return Evidence(
-        docid=d["docid"], start_token=start, end_token=end, text=text,
-        start_sentence=_optional_int(d.get("start_sentence"), "start_sentence", where),
-        end_sentence=_optional_int(d.get("end_sentence"), "end_sentence", where),
+        docid=docid, start_token=start, end_token=end, text=text,
+        start_sentence=_optional_int(d.get("start_sentence"), f"{field}.start_sentence", where),
+        end_sentence=_optional_int(d.get("end_sentence"), f"{field}.end_sentence", where),
     )
 
 
@@ -163,28 +174,35 @@ def _optional_int(value: Any, field: str, where: str) -> int:
 
 
 def _annotation_from_dict(d: Dict[str, Any], where: str) -> Annotation:
+    """One annotation line, every field checked; a message names the field
+    (``evidences[g][i].end_token``) after ``file:line``."""
     for field in ("annotation_id", "classification"):
         if field not in d:
             raise ERASERFormatError(f"{where}: annotation lacks field {field!r}")
-    if not isinstance(d["annotation_id"], str) or not isinstance(d["classification"], str):
-        raise ERASERFormatError(f"{where}: annotation_id and classification must be strings")
+        if not isinstance(d[field], str):
+            raise ERASERFormatError(f"{where}: {field} must be a string, got {d[field]!r}")
     raw = d.get("evidences") or []
     if not isinstance(raw, list):
-        raise ERASERFormatError(f"{where}: evidences must be a list")
+        raise ERASERFormatError(f"{where}: evidences must be a list, got {raw!r}")
     groups = []
-    for group in raw:
+    for g, group in enumerate(raw):
         # ERASER writes a list of groups; a bare evidence object is a group of one
-        items = group if isinstance(group, list) else [group]
-        groups.append(tuple(_evidence_from_dict(e, where) for e in items))
+        if isinstance(group, list):
+            groups.append(tuple(_evidence_from_dict(e, where, f"evidences[{g}][{i}]") for i, e in enumerate(group)))
+        else:
+            groups.append((_evidence_from_dict(group, where, f"evidences[{g}]"),))
     docids = d.get("docids")
     if docids is not None:
-        if not isinstance(docids, list) or not all(isinstance(x, str) for x in docids):
-            raise ERASERFormatError(f"{where}: docids must be a list of strings or null")
-        docids = tuple(docids)
+        if not isinstance(docids, list):
+            raise ERASERFormatError(f"{where}: docids must be a list of strings or null, got {docids!r}")
+        docids = tuple(_check_docid(x, f"docids[{i}]", where) for i, x in enumerate(docids))
     query = d.get("query") or ""
+    query_type = d.get("query_type")
+    if query_type is not None and not isinstance(query_type, str):
+        raise ERASERFormatError(f"{where}: query_type must be a string or null, got {query_type!r}")
     return Annotation(
         annotation_id=d["annotation_id"], classification=d["classification"], evidences=tuple(groups),
-        query=query if isinstance(query, str) else str(query), query_type=d.get("query_type"), docids=docids,
+        query=query if isinstance(query, str) else str(query), query_type=query_type, docids=docids,
     )
 
 
@@ -229,6 +247,14 @@ def _tokenize_lines(text: str) -> List[List[str]]:
     return [[t for t in line.split(" ") if t] for line in lines if line]
 
 
+def _read_document(path: Path) -> str:
+    """A document's text; a file that is not UTF-8 is an :class:`ERASERFormatError` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ERASERFormatError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def load_documents(data_dir: PathLike, docids: Optional[Iterable[str]] = None) -> Dict[str, List[List[str]]]:
     """Documents as sentences of tokens, keyed by docid.
 
@@ -251,15 +277,18 @@ def load_documents(data_dir: PathLike, docids: Optional[Iterable[str]] = None) -
             path = docs_dir / docid
             if not path.is_file():
                 raise MissingDocumentError(f"document {docid!r} not found: {path} does not exist")
-            out[docid] = _tokenize_lines(path.read_text(encoding="utf-8"))
+            out[docid] = _tokenize_lines(_read_document(path))
         return out
     jsonl = data_dir / "docs.jsonl"
     if not jsonl.is_file():
         raise FileNotFoundError(f"{data_dir} has neither a docs/ directory nor docs.jsonl")
     texts: Dict[str, str] = {}
-    for lineno, record in enumerate(load_jsonl(jsonl), start=1):
-        if not isinstance(record.get("docid"), str) or not isinstance(record.get("document"), str):
-            raise ERASERFormatError(f"{jsonl}: record {lineno} needs string fields 'docid' and 'document'")
+    for where, record in _jsonl_objects(jsonl):
+        for field in ("docid", "document"):
+            if not isinstance(record.get(field), str):
+                raise ERASERFormatError(f"{where}: {field} must be a string, got {record.get(field)!r}")
+        if record["docid"] in texts:
+            raise ERASERFormatError(f"{where}: docid {record['docid']!r} repeats an earlier record")
         texts[record["docid"]] = record["document"]
     for docid in (wanted if wanted is not None else sorted(texts)):
         if docid not in texts:
