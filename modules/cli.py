@@ -81,7 +81,7 @@ __all__ = [
     "positive_int", "non_negative_int", "int_range", "finite_float", "positive_float", "non_negative_float",
     "fraction", "probability", "float_range", "existing_file", "existing_dir", "existing_path",
     "check_number", "add_device_arg", "add_weights_arg", "add_threads_arg", "add_seed_arg", "apply_threads",
-    "default_device", "resolve_device", "set_tf32", "check_finite", "check_output_dir", "check_output_file",
+    "default_device", "resolve_device", "set_tf32", "check_finite", "check_array", "check_output_dir", "check_output_file",
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory", "publish_dir",
     "remove_stale_temporaries", "file_lock", "open_image", "MAX_THREADS", "resume_results", "prepare_run_folder",
     "files_sha256", "check_memory", "workers_ignore_sigint", "quiet_ctrl_c_while_importing",
@@ -461,6 +461,37 @@ def check_finite(x: Any, what: str) -> Any:
         raise NonFiniteError(f"{what}: {bad} of {n} values are NaN or Inf; refusing to write a meaningless result "
                              "(check the weights and the input)")
     return x
+
+
+_ARRAY_KINDS = {"f": ("a float", "f"), "i": ("an integer", "iu")}
+
+
+def check_array(arr: Any, name: str, where: str, *, kind: str = "f", ndim: Optional[int] = None,
+                shape: Optional[Sequence[Optional[int]]] = None, finite: bool = True) -> Any:
+    """An array read from a file (``.npz``, HDF5), checked on read: its dtype
+    kind (``"f"`` float, ``"i"`` integer; bool is neither), its rank or its
+    ``shape`` (``None`` entries free) and, for floats, that every value is
+    finite.  Returns ``arr``; raises :class:`CLIError` ``"<where>: <name> ..."``
+    in one line."""
+    import numpy as np
+
+    noun, kinds = _ARRAY_KINDS[kind]
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in kinds:
+        raise CLIError(f"{where}: {name} must be {noun} array, got dtype {arr.dtype}")
+    want = len(shape) if shape is not None else ndim
+    if want is not None and arr.ndim != want:
+        raise CLIError(f"{where}: {name} must have {want} dimensions, got shape {tuple(arr.shape)}")
+    if shape is not None and any(s is not None and s != n for s, n in zip(shape, arr.shape)):
+        expect = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise CLIError(f"{where}: {name} must have shape {expect}, got {tuple(arr.shape)}")
+    if finite and arr.dtype.kind == "f":
+        flat = arr.reshape(-1)
+        step = 1 << 22  # in pieces: a feature file of many GiB needs no mask of its size
+        bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step]))) for i in range(0, flat.size, step))
+        if bad:
+            raise CLIError(f"{where}: {name}: {bad} of {arr.size} values are NaN or Inf")
+    return arr
 
 
 # --------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from modules.checkpoints import load_pretrained, load_pretrained_part  # noqa: E402
-from modules.cli import CLIError, add_device_arg, check_output_file, open_image, resolve_device, run_main
+from modules.cli import CLIError, add_device_arg, check_array, check_output_file, open_image, resolve_device, run_main
 from modules.methods import ALIASES, ATTENTION_METHODS, resolve_method
 
 __all__ = ["build_parser", "main", "load_regions", "model_type", "load_vqa_model", "explain_vqa"]
@@ -87,15 +87,22 @@ def load_regions(path: str, kind: str, width: int, height: int) -> Tuple[np.ndar
                 missing = [k for k in ("features", "boxes") if k not in data.files]
                 if missing:
                     raise CLIError(f"{path}: no array {', '.join(missing)} (has {', '.join(data.files) or 'none'})")
-                feats, boxes = data["features"], data["boxes"]
-                normalized = bool(data["normalized"]) if "normalized" in data.files else False
+                # the arrays' dtypes checked as stored (an integer or bool array is not features)
+                feats = check_array(data["features"], "features", path, finite=False)
+                boxes = check_array(data["boxes"], "boxes", path, finite=False)
+                normalized = data["normalized"] if "normalized" in data.files else False
+                if "normalized" in data.files and (normalized.shape != () or normalized.dtype.kind != "b"):
+                    raise CLIError(f"{path}: normalized must be one boolean, got {normalized.dtype} shape {normalized.shape}")
+                normalized = bool(normalized)
         else:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
             if not isinstance(data, dict) or "features" not in data or "boxes" not in data:
                 raise CLIError(f"{path}: expected a JSON object with 'boxes' and 'features'")
             feats, boxes = data["features"], data["boxes"]
-            normalized = bool(data.get("normalized", False))
+            normalized = data.get("normalized", False)
+            if not isinstance(normalized, bool):
+                raise CLIError(f"{path}: normalized must be true or false, got {normalized!r}")
         feats = np.asarray(feats, dtype=np.float32)
         boxes = np.asarray(boxes, dtype=np.float32)
     except CLIError:
@@ -108,8 +115,8 @@ def load_regions(path: str, kind: str, width: int, height: int) -> Tuple[np.ndar
         raise CLIError(f"{path}: features must be (K, D) with K >= 1, got shape {feats.shape}")
     if boxes.shape != (feats.shape[0], 4):
         raise CLIError(f"{path}: boxes must be ({feats.shape[0]}, 4) (x1, y1, x2, y2), got shape {boxes.shape}")
-    if not (np.isfinite(feats).all() and np.isfinite(boxes).all()):
-        raise CLIError(f"{path}: features and boxes must be finite")
+    check_array(feats, "features", path)
+    check_array(boxes, "boxes", path)
     if not normalized:
         boxes = boxes / np.array([width, height, width, height], dtype=np.float32)
     if (boxes < -1e-6).any() or (boxes > 1 + 1e-6).any():

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from data.scenes import scene_count_arg  # noqa: E402
-from modules.cli import (CLIError, add_device_arg, atomic_write_json, atomic_write_text, check_memory, check_output_dir,
+from modules.cli import (CLIError, add_device_arg, atomic_write_json, check_array, atomic_write_text, check_memory, check_output_dir,
                          existing_dir, existing_file, file_lock, files_sha256, positive_int, resolve_device, resume_results, run_main)
 from modules.explain import explain
 from modules.ranking import DEFAULT_TIE_BREAK, TIE_BREAKS, top_k_masks
@@ -116,20 +116,118 @@ def scene_items(count: int, seed: int, split: str = "val") -> List[dict]:
     return items
 
 
-def real_items(questions: str, annotations: str, features: str, limit: Optional[int]) -> List[dict]:
-    """VQA v2 questions/annotations joined with the features file (see the module docstring)."""
+def _read_json(path: str, key: str) -> list:
+    """``json[key]`` of a VQA file, which must be a list of objects."""
     try:
-        with open(questions) as f:
-            qs = json.load(f)["questions"]
-        with open(annotations) as f:
-            anns = {a["question_id"]: a for a in json.load(f)["annotations"]}
-        data = np.load(features)
-        ids, feats, boxes = data["image_ids"], data["features"], data["boxes"]
-        counts = data["num_boxes"] if "num_boxes" in data else np.full(len(ids), feats.shape[1])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CLIError(f"cannot read the VQA data: {type(exc).__name__}: {exc}") from None
-    if feats.ndim != 3 or boxes.shape[:2] != feats.shape[:2] or boxes.shape[-1] != 4:
-        raise CLIError(f"{features}: features (N, K, F) and boxes (N, K, 4) expected, got {feats.shape}, {boxes.shape}")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: file not found") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise CLIError(f"{path}: needs a list {key!r} (VQA v2 layout)")
+    for i, r in enumerate(data[key]):
+        if not isinstance(r, dict):
+            raise CLIError(f"{path}: {key}[{i}] must be an object, got {str(r)[:80]}")
+    return data[key]
+
+
+def _field(record: dict, name: str, kind: type, path: str, field: str):
+    if name not in record:
+        raise CLIError(f"{path}: {field} lacks field {name!r}")
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        noun = "an integer" if kind is int else "a string"
+        raise CLIError(f"{path}: {field}.{name} must be {noun}, got {value!r}")
+    return value
+
+
+def read_vqa_questions(path: str) -> List[dict]:
+    """The ``questions`` of a VQA v2 questions file, each with an integer
+    ``question_id`` (unique) and ``image_id`` and a string ``question``."""
+    qs = _read_json(path, "questions")
+    seen = set()
+    for i, q in enumerate(qs):
+        qid = _field(q, "question_id", int, path, f"questions[{i}]")
+        _field(q, "image_id", int, path, f"questions[{i}]")
+        _field(q, "question", str, path, f"questions[{i}]")
+        if qid in seen:
+            raise CLIError(f"{path}: questions[{i}].question_id: {qid} repeats an earlier question")
+        seen.add(qid)
+    return qs
+
+
+def read_vqa_annotations(path: str) -> Dict[int, dict]:
+    """The ``annotations`` of a VQA v2 annotations file by question id: each
+    an integer ``question_id`` (unique), ``answers`` a list of objects with a
+    string ``answer`` (or, without answers, a string ``multiple_choice_answer``),
+    ``answer_type`` a string when given."""
+    anns: Dict[int, dict] = {}
+    for i, a in enumerate(_read_json(path, "annotations")):
+        field = f"annotations[{i}]"
+        qid = _field(a, "question_id", int, path, field)
+        answers = a.get("answers", [])
+        if not isinstance(answers, list):
+            raise CLIError(f"{path}: {field}.answers must be a list, got {str(answers)[:80]}")
+        for j, x in enumerate(answers):
+            if not isinstance(x, dict):
+                raise CLIError(f"{path}: {field}.answers[{j}] must be an object, got {x!r}")
+            _field(x, "answer", str, path, f"{field}.answers[{j}]")
+        if not answers:
+            _field(a, "multiple_choice_answer", str, path, field)
+        if "answer_type" in a:
+            _field(a, "answer_type", str, path, field)
+        if qid in anns:
+            raise CLIError(f"{path}: {field}.question_id: {qid} repeats an earlier annotation")
+        anns[qid] = a
+    return anns
+
+
+def read_box_features(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image_ids (N,), features (N, K, F), boxes (N, K, 4), num_boxes (N,)) of
+    a features ``.npz`` (module docstring), every array checked: present,
+    integer/float, shapes consistent, finite, image ids unique, boxes in
+    [0, 1] with x0 <= x1 and y0 <= y1 for the counted boxes, 0 <= num_boxes <= K."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("image_ids", "features", "boxes") if k not in data.files]
+            if missing:
+                raise CLIError(f"{path}: no array {', '.join(missing)} (has {', '.join(data.files) or 'none'})")
+            arrays = {k: data[k] for k in ("image_ids", "features", "boxes", "num_boxes") if k in data.files}
+    except CLIError:
+        raise
+    except FileNotFoundError:
+        raise CLIError(f"{path}: file not found") from None
+    except (OSError, ValueError, EOFError) as exc:  # not a zip, truncated, an object array
+        raise CLIError(f"{path}: not a readable .npz of arrays ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    feats = check_array(arrays["features"], "features", path, kind="f", ndim=3)
+    N, K = feats.shape[:2]
+    ids = check_array(arrays["image_ids"], "image_ids", path, kind="i", shape=(N,))
+    boxes = check_array(arrays["boxes"], "boxes", path, kind="f", shape=(N, K, 4))
+    counts = (check_array(arrays["num_boxes"], "num_boxes", path, kind="i", shape=(N,)) if "num_boxes" in arrays
+              else np.full(N, K))
+    if len(np.unique(ids)) != N:
+        raise CLIError(f"{path}: image_ids: {N - len(np.unique(ids))} ids repeat")
+    bad = np.flatnonzero((counts < 0) | (counts > K))
+    if bad.size:
+        raise CLIError(f"{path}: num_boxes[{bad[0]}]: {counts[bad[0]]} outside 0..{K}")
+    used = np.arange(K)[None, :] < counts[:, None]
+    b = boxes[used]
+    if ((b < -1e-6) | (b > 1 + 1e-6)).any():
+        raise CLIError(f"{path}: boxes must be divided by the image width/height, in [0, 1] "
+                       f"(found values in [{b.min():.4g}, {b.max():.4g}])")
+    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise CLIError(f"{path}: boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
+    return ids, feats, boxes, counts
+
+
+def real_items(questions: str, annotations: str, features: str, limit: Optional[int]) -> List[dict]:
+    """VQA v2 questions/annotations joined with the features file (see the module docstring);
+    every file checked on read (one-line error naming the file and the field)."""
+    qs = read_vqa_questions(questions)
+    anns = read_vqa_annotations(annotations)
+    ids, feats, boxes, counts = read_box_features(features)
     where = {int(i): n for n, i in enumerate(ids)}
     items = []
     for q in qs:
@@ -311,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _identity(args: argparse.Namespace, n_items: int) -> str:
+    # --batch-size changes results: the random reference draws (B, T) and (B, K) maps per batch from --seed,
+    # and T, K (the padding) are the batch's longest question and box set
     keys = ("scenes", "scene_seed", "questions", "annotations", "features", "limit", "max_length", "tie_break",
-            "tie_seed", "seed")
+            "tie_seed", "seed", "batch_size")
     from modules.checkpoints import model_dir_sha256
 
     # content, not only paths: other weights or data under the same names are another run
