@@ -68,7 +68,7 @@ from modules.explain import supported_methods
 from modules.generic import UNMODIFIED_MODEL_HELP, model_logits, require_methods
 from modules.methods import EVAL_START_LAYER, METHOD_NAMES, METHODS, UnknownMethodError, resolve_method
 
-__all__ = ["TABLE_ORDER", "PairDataError", "Pair", "read_pairs", "load_pair", "explain_pair_batch",
+__all__ = ["TABLE_ORDER", "PairDataError", "Pair", "check_coco", "read_pairs", "load_pair", "explain_pair_batch",
            "summarize", "format_table", "build_parser", "main"]
 
 TABLE_ORDER: Tuple[str, ...] = ("rollout", "attn_last_layer", "attn_gradcam", "lrp", "lrp_last_layer",
@@ -128,15 +128,11 @@ def read_pairs(annotations: str, image_dir: str, class_names: Sequence[str] = ()
             data = json.load(fh)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PairDataError(f"{annotations}: not JSON ({exc})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise PairDataError(f"{annotations}: needs lists 'images', 'annotations' and 'categories' (COCO layout)")
     index_of = {name: i for i, name in enumerate(class_names)}
+    _, anns_by_image, _ = check_coco(data, annotations)
     cats: Dict[int, Tuple[int, str]] = {}
-    for c in data["categories"]:
-        try:
-            cid, name = int(c["id"]), str(c.get("name", c["id"]))
-        except (KeyError, TypeError, ValueError):
-            raise PairDataError(f"{annotations}: a category without an integer 'id': {c}") from None
+    for i, c in enumerate(data["categories"]):
+        cid, name = c["id"], str(c.get("name", c["id"]))
         if "model_index" in c:
             idx = c["model_index"]
         elif name in index_of:
@@ -144,26 +140,14 @@ def read_pairs(annotations: str, image_dir: str, class_names: Sequence[str] = ()
         else:
             raise PairDataError(f"{annotations}: category {cid} ({name!r}) has no 'model_index' and the model has "
                                 "no class of that name")
-        if not isinstance(idx, int) or idx < 0 or (num_classes is not None and idx >= num_classes):
-            raise PairDataError(f"{annotations}: category {cid} ({name!r}) maps to output {idx!r}, outside the "
-                                f"model's 0..{(num_classes or 1) - 1}")
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0 or (num_classes is not None and idx >= num_classes):
+            raise PairDataError(f"{annotations}: categories[{i}].model_index: category {cid} ({name!r}) maps to output "
+                                f"{idx!r}, outside the model's 0..{(num_classes or 1) - 1}")
         cats[cid] = (idx, name)
-    by_image: Dict[int, List[Dict]] = {}
-    for a in data["annotations"]:
-        try:
-            by_image.setdefault(int(a["image_id"]), []).append(a)
-        except (KeyError, TypeError, ValueError):
-            raise PairDataError(f"{annotations}: an annotation without an integer 'image_id': {a.get('id')}") from None
-    pairs, skipped = [], {"not_two_classes": 0, "unknown_category": 0}
+    pairs, skipped = [], {"not_two_classes": 0}
     for img in data["images"]:
-        try:
-            iid, fname = int(img["id"]), str(img["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise PairDataError(f"{annotations}: an image without 'id' and 'file_name': {img}") from None
-        anns = by_image.get(iid, [])
-        if any(int(a.get("category_id", -1)) not in cats for a in anns):
-            skipped["unknown_category"] += 1
-            continue
+        iid, fname = img["id"], img["file_name"]
+        anns = anns_by_image.get(iid, [])
         groups: Dict[int, List[Dict]] = {}
         for a in anns:
             groups.setdefault(cats[int(a["category_id"])][0], []).append(a)
@@ -173,8 +157,100 @@ def read_pairs(annotations: str, image_dir: str, class_names: Sequence[str] = ()
         (ca, la), (cb, lb) = sorted(groups.items())
         name_of = {idx: name for idx, name in cats.values()}
         pairs.append(Pair(iid, os.path.join(image_dir, fname), (ca, cb), (name_of[ca], name_of[cb]), (la, lb),
-                          int(img.get("height", 0)), int(img.get("width", 0))))
+                          img.get("height", 0), img.get("width", 0)))
     return pairs, skipped
+
+
+def _int_field(value, field: str, where: str, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PairDataError(f"{where}: {field} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise PairDataError(f"{where}: {field}: {value} < {minimum}")
+    return value
+
+
+def _number_list(value, n: Optional[int], field: str, where: str, what: str) -> None:
+    ok = isinstance(value, list) and (n is None or len(value) == n) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    if not ok:
+        raise PairDataError(f"{where}: {field} must be {what}, got {str(value)[:80]}")
+
+
+def _check_segmentation(seg, field: str, where: str) -> None:
+    """Polygons (lists of >= 3 finite (x, y) pairs) or an RLE {"size": [h, w], "counts": str or list of ints}."""
+    if isinstance(seg, list):
+        for k, poly in enumerate(seg):
+            _number_list(poly, None, f"{field}[{k}]", where, "a polygon: a list of finite numbers")
+            if len(poly) < 6 or len(poly) % 2:
+                raise PairDataError(f"{where}: {field}[{k}] must hold >= 3 (x, y) pairs, got {len(poly)} numbers")
+    elif isinstance(seg, dict):
+        size = seg.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
+            raise PairDataError(f"{where}: {field}.size must be [height, width] non-negative integers, got {size!r}")
+        counts = seg.get("counts")
+        if not (isinstance(counts, str) or (isinstance(counts, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts))):
+            raise PairDataError(f"{where}: {field}.counts must be a string or a list of non-negative integers")
+    else:
+        raise PairDataError(f"{where}: {field} must be polygons (a list) or an RLE (an object), got {seg!r}")
+
+
+def _record(item, field: str, where: str, required: Sequence[str]) -> None:
+    if not isinstance(item, dict):
+        raise PairDataError(f"{where}: {field} must be an object, got {str(item)[:80]}")
+    for name in required:
+        if name not in item:
+            raise PairDataError(f"{where}: {field} lacks field {name!r}")
+
+
+def check_coco(data, where: str) -> Tuple[Dict[int, Dict], Dict[int, List[Dict]], Dict[int, Dict]]:
+    """Check a COCO instances dict field by field (one-line :class:`PairDataError`
+    naming ``where`` and the field, e.g. ``annotations[3].bbox``); returns
+    (images by id, annotations by image id, categories by id)."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise PairDataError(f"{where}: needs lists 'images', 'annotations' and 'categories' (COCO layout)")
+    categories: Dict[int, Dict] = {}
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or "id" not in c:
+            raise PairDataError(f"{where}: categories[{i}] must be an object with an integer 'id', got {str(c)[:80]}")
+        cid = _int_field(c["id"], f"categories[{i}].id", where)
+        if "name" in c and not isinstance(c["name"], str):
+            raise PairDataError(f"{where}: categories[{i}].name must be a string, got {c['name']!r}")
+        if cid in categories:
+            raise PairDataError(f"{where}: categories[{i}].id: {cid} repeats an earlier category")
+        categories[cid] = c
+    images: Dict[int, Dict] = {}
+    for i, img in enumerate(data["images"]):
+        _record(img, f"images[{i}]", where, ("id", "file_name"))
+        iid = _int_field(img["id"], f"images[{i}].id", where)
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise PairDataError(f"{where}: images[{i}].file_name must be a non-empty string, got {img['file_name']!r}")
+        for field in ("height", "width"):
+            if field in img:
+                _int_field(img[field], f"images[{i}].{field}", where, minimum=0)
+        if iid in images:
+            raise PairDataError(f"{where}: images[{i}].id: {iid} repeats an earlier image")
+        images[iid] = img
+    by_image: Dict[int, List[Dict]] = {}
+    for i, a in enumerate(data["annotations"]):
+        _record(a, f"annotations[{i}]", where, ("image_id", "category_id"))
+        iid = _int_field(a["image_id"], f"annotations[{i}].image_id", where)
+        cid = _int_field(a["category_id"], f"annotations[{i}].category_id", where)
+        if iid not in images:
+            raise PairDataError(f"{where}: annotations[{i}].image_id: {iid} is no image's id")
+        if cid not in categories:
+            raise PairDataError(f"{where}: annotations[{i}].category_id: {cid} is no category's id")
+        if "bbox" in a:
+            _number_list(a["bbox"], 4, f"annotations[{i}].bbox", where, "4 finite numbers [x, y, width, height]")
+            if a["bbox"][2] < 0 or a["bbox"][3] < 0:
+                raise PairDataError(f"{where}: annotations[{i}].bbox: negative width or height {a['bbox'][2:]}")
+        if a.get("segmentation"):
+            _check_segmentation(a["segmentation"], f"annotations[{i}].segmentation", where)
+        elif "bbox" not in a:
+            raise PairDataError(f"{where}: annotations[{i}] has neither a segmentation nor a bbox")
+        by_image.setdefault(iid, []).append(a)
+    return images, by_image, categories
 
 
 def _region(anns: List[Dict], h: int, w: int) -> np.ndarray:
@@ -391,15 +467,28 @@ def _write_json(path: str, obj) -> None:
 
 
 def _read_done(path: str) -> Dict[int, Dict]:
+    """The records of ``per_image.jsonl`` by image id, for ``--resume``.
+
+    Only newline-terminated lines count: a run stopped while writing leaves
+    its last line cut short (or whole but without its newline), and the file
+    is truncated after its last newline before the resumed run appends, so
+    that picture is scored again and no appended record joins a torn one on
+    one line (which would make both unreadable to the next resume).
+    """
     done: Dict[int, Dict] = {}
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    r = json.loads(line)
-                    done[int(r["image_id"])] = r
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by an interruption
+    if not os.path.isfile(path):
+        return done
+    with open(path, "r+b") as fh:
+        data = fh.read()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):
+            fh.truncate(whole)
+    for line in data[:whole].splitlines():
+        try:
+            r = json.loads(line)
+            done[int(r["image_id"])] = r
+        except (ValueError, KeyError, TypeError):
+            continue  # not a record of ours
     return done
 
 
