@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "RULE_SETS",
+    "RULES",
+    "RuleSet",
     "GRADIENT_RULE_SETS",
     "IdentityRule",
     "UniformProduct",
@@ -54,7 +56,33 @@ __all__ = [
     "TokenSelect",
 ]
 
-RULE_SETS = ("TA", "LRP", "AttnLRP", "CPLRP")
+@dataclass(frozen=True)
+class RuleSet:
+    """What a rule set does, for the rules to read (no rule tests a rule set's name).
+
+    ``shared``: alpha-beta with one shared denominator and rescaled residual
+    adds (TA), else separate denominators and plain adds.  ``gradient``: one
+    modified backward pass whose gradient times the input is the relevance,
+    instead of ``relprop``.  ``products``: the products of two activations and
+    the softmax - ``"relevance"`` (the LRP rules), ``"uniform"`` (AttnLRP: each
+    factor half the gradient, the softmax its plain gradient) or
+    ``"constant"`` (CP-LRP: the attention weights constants)."""
+
+    name: str
+    shared: bool = False
+    gradient: bool = False
+    products: str = "relevance"
+
+
+RULES: Dict[str, RuleSet] = {r.name: r for r in (
+    RuleSet("TA", shared=True),
+    RuleSet("LRP"),
+    RuleSet("AttnLRP", gradient=True, products="uniform"),
+    RuleSet("CPLRP", gradient=True, products="constant"),
+)}
+"""The rule sets by name: the one place their differences are written."""
+
+RULE_SETS = tuple(RULES)
 """``TA``: the rules of transformer attribution (alpha-beta with a shared
 denominator, rescaled residual adds).  ``LRP``: the LRP baselines (separate
 denominators, plain adds).  ``AttnLRP`` and ``CPLRP``: the gradient rule sets
@@ -62,7 +90,7 @@ denominators, plain adds).  ``AttnLRP`` and ``CPLRP``: the gradient rule sets
 times the input is the relevance (AttnLRP, Achtibat et al. 2024; CP-LRP, Ali
 et al. 2022; ../shared/METHODS.md section 9)."""
 
-GRADIENT_RULE_SETS = ("AttnLRP", "CPLRP")
+GRADIENT_RULE_SETS = tuple(name for name, r in RULES.items() if r.gradient)
 """Rule sets that change the forward's autograd graph instead of running ``relprop``:
 LayerNorm with a constant standard deviation, the identity rule for GELU and
 tanh, linear layers and convolutions as they are (LRP-0), and in attention
@@ -295,10 +323,11 @@ class Identity(nn.Identity, RelProp):
     pass
 
 
-def _gradient_rules() -> Optional[str]:
+def _gradient_rules() -> Optional[RuleSet]:
     """The active gradient rule set (AttnLRP / CP-LRP), else None."""
     state = _STATE.get()
-    return state.rule_set if state is not None and state.rule_set in GRADIENT_RULE_SETS else None
+    rules = RULES[state.rule_set] if state is not None else None
+    return rules if rules is not None and rules.gradient else None
 
 
 class IdentityRule(torch.autograd.Function):
@@ -393,7 +422,7 @@ class Linear(nn.Linear, RelProp):
         state = _STATE.get()
         if state is None or not state.save_inputs:
             return F.linear(x, self.weight, self.bias)
-        if state.rule_set != "TA":
+        if not RULES[state.rule_set].shared:
             state.inputs[self] = (x,)
             return F.linear(x, self.weight, self.bias)
         # rule set TA: keep x W^T as well, which alpha_beta reuses
@@ -404,7 +433,7 @@ class Linear(nn.Linear, RelProp):
     def relprop(self, R: Tensor) -> Tensor:
         state = _require_state()
         saved = state.saved(self)
-        return alpha_beta(saved[0], self.weight, R, shared_denominator=state.rule_set == "TA",
+        return alpha_beta(saved[0], self.weight, R, shared_denominator=RULES[state.rule_set].shared,
                           z=saved[1] if len(saved) > 1 else None)
 
 
@@ -423,7 +452,7 @@ class Conv2d(nn.Conv2d, RelProp):
         (x,) = state.saved(self)
         if x.shape[1] == 3:
             return z_beta(x, self.weight, R, self._conv)
-        return conv2d_alpha_beta(self, x, R, shared_denominator=state.rule_set == "TA")
+        return conv2d_alpha_beta(self, x, R, shared_denominator=RULES[state.rule_set].shared)
 
 
 class Add(RelProp):
@@ -436,7 +465,7 @@ class Add(RelProp):
     def relprop(self, R: Tensor) -> Tuple[Tensor, Tensor]:
         state = _require_state()
         a, b = state.saved(self)
-        return add_relevance(a.expand_as(R), b.expand_as(R), R, rescale=state.rule_set == "TA")
+        return add_relevance(a.expand_as(R), b.expand_as(R), R, rescale=RULES[state.rule_set].shared)
 
 
 class Clone(RelProp):
@@ -465,7 +494,7 @@ class MatMul(RelProp):
             self._record(u, v)
             return u @ (v.transpose(-2, -1) if self.transpose_v else v)
         v = v.transpose(-2, -1) if self.transpose_v else v
-        if rules == "AttnLRP":
+        if rules.products == "uniform":
             return UniformProduct.apply(u, v)
         # CP-LRP: the attention weights are constants (the scores' factors q, k detached)
         return u.detach() @ v.detach() if self.transpose_v else u @ v

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from modules.layers import GRADIENT_RULE_SETS, RULE_SETS, add_relevance, alpha_beta, matmul_relevance, safe_div, z_beta
+from modules.layers import RULE_SETS, RULES, add_relevance, alpha_beta, matmul_relevance, safe_div, z_beta
 from modules.mha import multi_head_attention
 
 __all__ = ["ScopeState", "UnsupportedOperationError", "relevance_scope", "ROUTING", "module_rule",
@@ -153,12 +153,12 @@ class ScopeState:
 
     @property
     def gradient_rules(self) -> bool:
-        return self.rule_set in GRADIENT_RULE_SETS
+        return RULES[self.rule_set].gradient
 
     @property
     def shared(self) -> bool:
         """TA: shared alpha-beta denominator and rescaled adds."""
-        return self.rule_set == "TA"
+        return RULES[self.rule_set].shared
 
     def where(self) -> str:
         return self.module_stack[-1] if self.module_stack else "the model's forward"
@@ -306,7 +306,7 @@ def _product_rule(state: ScopeState, u: Tensor, v: Tensor, z: Tensor, kind: str)
     # scores are the largest tensor of a block)
     zk = state.keep(z, op) if not state.gradient_rules and (kind != "matmul" or u.dim() != v.dim()) else None
     if state.gradient_rules:
-        half = 0.5 if state.rule_set == "AttnLRP" else 1.0
+        half = 0.5 if RULES[state.rule_set].products == "uniform" else 1.0
         if kind == "matmul":
             return lambda g: (sum_to(half * (g @ vk.value.transpose(-2, -1)), u),
                               sum_to(half * (uk.value.transpose(-2, -1) @ g), v))
@@ -468,9 +468,9 @@ class _Scope(TorchFunctionMode):
         if name in ("softmax", "_softmax", "log_softmax"):
             x = args[0]
             y = self.call(func, args, kwargs)
-            if s.rule_set == "CPLRP":
+            if RULES[s.rule_set].products == "constant":
                 return y.detach()  # constant attention weights: nothing below the softmax is visited
-            if s.rule_set == "AttnLRP":
+            if RULES[s.rule_set].products == "uniform":
                 return y  # the plain gradient
             return _switch(s, y, [x], _pass_rule(x))
         if name in _NORMS:
@@ -619,7 +619,7 @@ class _Scope(TorchFunctionMode):
                 return torch.autograd.grad(zz, (u_, v_), S)
 
         if s.gradient_rules:
-            half = 0.5 if s.rule_set == "AttnLRP" else 1.0
+            half = 0.5 if RULES[s.rule_set].products == "uniform" else 1.0
             return _switch(s, z, [u, v], lambda g: tuple(half * t for t in grads(g)))
 
         def rule(R):
